@@ -1,0 +1,1 @@
+"""Datasets registered in vlp_codebook.registry.DATASETS."""

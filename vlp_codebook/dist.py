@@ -1,0 +1,133 @@
+"""Every cross-rank communication of vlp_codebook goes through this module.
+
+The functions work without a process group (single process: they return their input), so
+components call them unconditionally. With ``torch.distributed`` initialised (gloo on CPU,
+nccl on GPU) they implement the three patterns the method needs:
+
+* :func:`all_reduce_sum` / :func:`all_reduce_max` -- sums (maxima) over instances sharded
+  across ranks (the Sinkhorn solver's column sums, codeword usage); no gradient.
+* :func:`gather_no_grad` -- the joint batch of detached tensors, e.g. teacher features before
+  they are enqueued, targets, instance ids. Ranks may hold different batch sizes.
+* :func:`gather_with_grad` -- the joint batch of a tensor that a loss differentiates through;
+  the backward pass sums, over ranks, the gradient each rank's loss sends to every slice and
+  hands each rank the gradient of its own slice (as ``torch.distributed.nn.all_gather``).
+
+Convention (the usual DDP one): each rank's loss is the mean over its *local* queries, so the
+gradients that DDP averages over ranks equal the gradients of the loss on the joint batch,
+and the mean over ranks of the per-rank losses equals the joint-batch loss.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as torch_dist
+
+__all__ = ['is_distributed', 'get_world_size', 'get_rank', 'all_reduce_sum', 'all_reduce_max', 'gather_no_grad',
+           'gather_with_grad', 'batch_sizes', 'local_slice']
+
+
+def is_distributed(group: Optional[object] = None) -> bool:
+    """True when a process group with more than one rank is initialised."""
+    return (torch_dist.is_available() and torch_dist.is_initialized()
+            and torch_dist.get_world_size(group) > 1)
+
+
+def get_world_size(group: Optional[object] = None) -> int:
+    return torch_dist.get_world_size(group) if is_distributed(group) else 1
+
+
+def get_rank(group: Optional[object] = None) -> int:
+    return torch_dist.get_rank(group) if is_distributed(group) else 0
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
+    """Sum of ``tensor`` over ranks (a new tensor; the input is left untouched)."""
+    if not is_distributed(group):
+        return tensor
+    out = tensor.detach().clone()
+    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM, group=group)
+    return out
+
+
+@torch.no_grad()
+def all_reduce_max(tensor: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over ranks (a new tensor)."""
+    if not is_distributed(group):
+        return tensor
+    out = tensor.detach().clone()
+    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX, group=group)
+    return out
+
+
+@torch.no_grad()
+def batch_sizes(local_size: int, device: torch.device, group: Optional[object] = None) -> List[int]:
+    """The leading-dimension size of every rank, in rank order."""
+    if not is_distributed(group):
+        return [int(local_size)]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(get_world_size(group))]
+    torch_dist.all_gather(sizes, torch.tensor([local_size], dtype=torch.long, device=device),
+                          group=group)
+    return [int(s.item()) for s in sizes]
+
+
+def _gather_padded(tensor: torch.Tensor, sizes: List[int], group: Optional[object]) -> List[torch.Tensor]:
+    """all_gather of tensors whose first dimensions differ across ranks (padded, then cut)."""
+    max_size = max(sizes)
+    padded = tensor.new_zeros((max_size,) + tuple(tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    chunks = [torch.empty_like(padded) for _ in sizes]
+    torch_dist.all_gather(chunks, padded.contiguous(), group=group)
+    return [chunk[:size] for chunk, size in zip(chunks, sizes)]
+
+
+@torch.no_grad()
+def gather_no_grad(tensor: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
+    """Concatenate ``tensor`` (N_r, ...) from every rank along dim 0, detached.
+
+    Shape: (sum_r N_r, ...), rank 0's rows first.
+    """
+    tensor = tensor.detach()
+    if not is_distributed(group):
+        return tensor
+    sizes = batch_sizes(tensor.shape[0], tensor.device, group)
+    return torch.cat(_gather_padded(tensor, sizes, group), dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: Optional[object]) -> torch.Tensor:
+        sizes = batch_sizes(tensor.shape[0], tensor.device, group)
+        ctx.group = group
+        ctx.sizes = sizes
+        ctx.rank = get_rank(group)
+        return torch.cat(_gather_padded(tensor.detach(), sizes, group), dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad = grad_output.contiguous().clone()
+        torch_dist.all_reduce(grad, op=torch_dist.ReduceOp.SUM, group=ctx.group)
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None
+
+
+def gather_with_grad(tensor: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
+    """Concatenate ``tensor`` (N_r, ...) from every rank along dim 0, keeping the gradient.
+
+    The gradient reaching rank r's input is the sum over ranks of the gradients of their
+    losses with respect to rank r's rows. Shape: (sum_r N_r, ...).
+    """
+    if not is_distributed(group):
+        return tensor
+    return _GatherWithGrad.apply(tensor, group)
+
+
+def local_slice(num_local: int, group: Optional[object] = None, device=None) -> slice:
+    """The rows of a gathered tensor (see :func:`gather_no_grad`) that belong to this rank."""
+    if not is_distributed(group):
+        return slice(0, num_local)
+    sizes = batch_sizes(num_local, device or torch.device('cpu'), group)
+    start = sum(sizes[:get_rank(group)])
+    return slice(start, start + num_local)

@@ -1,0 +1,1 @@
+"""Runner extensions: hooks, checkpoint loading."""

@@ -1,0 +1,1 @@
+"""Metrics registered in vlp_codebook.registry.METRICS."""

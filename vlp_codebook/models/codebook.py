@@ -1,0 +1,105 @@
+r"""A learnable multimodal codebook: K codewords shared by image and text features.
+
+CODIS (Duan et al., CVPR 2022) aligns both modalities to one set of codewords
+:math:`C \in \mathbb{R}^{K \times d}`; rows are L2-normalised whenever they are used, so the
+cost of assigning a unit-norm feature ``z`` to codeword ``k`` is :math:`1 - z \cdot c_k`.
+
+Usage statistics: :meth:`Codebook.update_usage` takes an assignment matrix (a transport plan or
+soft assignments, rows = instances) and keeps an exponential moving average of the mass each
+codeword receives; :meth:`Codebook.perplexity` is :math:`\exp(H(\text{mass}))`, between 1 (one
+codeword used) and K (all used equally).
+
+Example::
+
+    >>> import torch
+    >>> from vlp_codebook.models.codebook import Codebook
+    >>> codebook = Codebook(num_codewords=128, embed_dim=32)
+    >>> z = torch.nn.functional.normalize(torch.randn(8, 32), dim=1)
+    >>> cost = codebook.cost(z)              # (8, 128), values in [0, 2]
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vlp_codebook import dist
+from vlp_codebook.registry import MODELS
+
+__all__ = ['Codebook', 'check_features']
+
+
+def check_features(name: str, feats: torch.Tensor, embed_dim: int) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``feats`` is a finite (N, embed_dim) tensor."""
+    if not isinstance(feats, torch.Tensor) or feats.dim() != 2:
+        raise ValueError(f'{name} must be a 2-D tensor (batch, embed_dim), got '
+                         f'{type(feats).__name__} of shape {tuple(getattr(feats, "shape", ()))}')
+    if feats.shape[1] != embed_dim:
+        raise ValueError(f'{name} has feature dimension {feats.shape[1]}, but the codebook expects '
+                         f'embed_dim={embed_dim} (shape {tuple(feats.shape)})')
+    if not torch.isfinite(feats).all():
+        raise ValueError(f'{name} contains NaN or inf values (shape {tuple(feats.shape)})')
+
+
+@MODELS.register_module()
+class Codebook(nn.Module):
+    """K learnable codewords of dimension d, L2-normalised when used.
+
+    Args:
+        num_codewords: K. The paper does not state its K; its ablation brackets it between 500
+            (worse) and 3000 codewords. Default 1024.
+        embed_dim: d, the dimension of the shared image-text embedding.
+        usage_momentum: EMA momentum of the per-codeword usage statistics.
+    """
+
+    def __init__(self, num_codewords: int = 1024, embed_dim: int = 256, usage_momentum: float = 0.99):
+        super().__init__()
+        if num_codewords < 1 or embed_dim < 1:
+            raise ValueError(f'num_codewords and embed_dim must be positive, got {num_codewords}, {embed_dim}')
+        if not 0.0 <= usage_momentum < 1.0:
+            raise ValueError(f'usage_momentum must be in [0, 1), got {usage_momentum}')
+        self.num_codewords = num_codewords
+        self.embed_dim = embed_dim
+        self.usage_momentum = usage_momentum
+        # Random unit vectors: a uniform spread over the sphere, as SwAV's prototypes.
+        self.weight = nn.Parameter(F.normalize(torch.randn(num_codewords, embed_dim), dim=1))
+        self.register_buffer('usage', torch.full((num_codewords,), 1.0 / num_codewords))
+
+    def forward(self) -> torch.Tensor:
+        """The L2-normalised codewords, (K, d), in fp32."""
+        return F.normalize(self.weight.float(), dim=1)
+
+    def similarity(self, feats: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity ``z c_k`` of L2-normalised ``feats`` (N, d) to every codeword: (N, K)."""
+        check_features('feats', feats, self.embed_dim)
+        return F.normalize(feats.float(), dim=1) @ self().T
+
+    def cost(self, feats: torch.Tensor) -> torch.Tensor:
+        """Transport cost ``1 - z c_k`` of (N, d) features to every codeword: (N, K), in [0, 2]."""
+        return 1.0 - self.similarity(feats)
+
+    @torch.no_grad()
+    def update_usage(self, assignments: torch.Tensor) -> torch.Tensor:
+        """Fold the mass per codeword of ``assignments`` (N, K; rows = instances, summed over
+        all ranks) into the EMA ``usage``; returns this batch's normalised mass (K,)."""
+        if assignments.dim() != 2 or assignments.shape[1] != self.num_codewords:
+            raise ValueError(f'assignments must have shape (N, {self.num_codewords}), got '
+                             f'{tuple(assignments.shape)}')
+        mass = dist.all_reduce_sum(assignments.float().sum(0))
+        mass = mass / mass.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        self.usage.mul_(self.usage_momentum).add_(mass, alpha=1.0 - self.usage_momentum)
+        return mass
+
+    @staticmethod
+    def mass_perplexity(mass: torch.Tensor) -> torch.Tensor:
+        """``exp(H(mass))`` of a distribution over codewords (zeros contribute nothing)."""
+        p = mass.float() / mass.float().sum()
+        entropy = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum()
+        return entropy.exp()
+
+    def perplexity(self) -> torch.Tensor:
+        """Perplexity of the EMA usage: 1 (collapsed) to K (uniform)."""
+        return self.mass_perplexity(self.usage)
+
+    def extra_repr(self) -> str:
+        return f'num_codewords={self.num_codewords}, embed_dim={self.embed_dim}'

@@ -1,0 +1,1 @@
+"""Registered encoders of vlp_codebook."""

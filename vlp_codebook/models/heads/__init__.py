@@ -1,0 +1,1 @@
+"""Registered heads of vlp_codebook."""

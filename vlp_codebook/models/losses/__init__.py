@@ -1,0 +1,2 @@
+"""Registered losses. One concept per module; each returns a dict of named terms."""
+from .codebook_ot_loss import CodebookOTLoss  # noqa: F401

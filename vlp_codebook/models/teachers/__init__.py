@@ -1,0 +1,1 @@
+"""Registered teachers of vlp_codebook."""

@@ -1,0 +1,1 @@
+"""Command-line tools: python -m vlp_codebook.tools.train / .test."""
