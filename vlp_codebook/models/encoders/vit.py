@@ -1,0 +1,146 @@
+r"""ViT image encoder: images (N, 3, H, W) -> tokens (N, 1 + P, D), [CLS] first.
+
+The Vision Transformer of Dosovitskiy et al. (ICLR 2021), as used by ALBEF/CODIS (ViT-B/16:
+D = 768, 12 layers, 12 heads): the image is cut into :math:`P = (H/p)(W/p)` patches of
+:math:`p \times p` pixels, each linearly embedded, a [CLS] token is prepended, learned position
+embeddings are added and pre-norm transformer layers follow, then a final LayerNorm. The
+[CLS] token (row 0) feeds the image projection; all tokens feed the fusion encoder's
+cross-attention.
+
+Built on transformers' ``ViTModel`` (no pooling layer); no torchvision/timm.
+
+Pretrained weights come from a LOCAL path only (``pretrained=``): a transformers ViT
+directory (``config.json`` + weights; its sizes are used) or a state-dict file of a
+``ViTModel`` (sizes from the arguments). When ``image_size`` differs from the checkpoint's,
+the position embeddings are resized bicubically (as ALBEF's ``interpolate_pos_embed``);
+inputs of another size than ``image_size`` are handled the same way on the fly.
+
+Example::
+
+    >>> import torch
+    >>> from vlp_codebook.registry import MODELS
+    >>> vit = MODELS.build(dict(type='ViTImageEncoder', image_size=32, patch_size=8,
+    ...                         hidden_size=32, num_layers=1, num_heads=4))
+    >>> vit(torch.randn(2, 3, 32, 32)).shape          # 1 + (32/8)**2 tokens
+    torch.Size([2, 17, 32])
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import ViTConfig, ViTModel
+
+from vlp_codebook.registry import MODELS
+
+from .pretrained import load_matching, read_config, read_state_dict, resolve_architecture, strip_prefix
+
+__all__ = ['ViTImageEncoder']
+
+VIT_B16 = dict(image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_ratio=4)
+CONFIG_KEYS = dict(patch_size='patch_size', hidden_size='hidden_size', num_layers='num_hidden_layers',
+                   num_heads='num_attention_heads')
+
+
+@MODELS.register_module()
+class ViTImageEncoder(nn.Module):
+    """Vision Transformer returning all tokens.
+
+    Args:
+        image_size: input side length in pixels (default 224; ALBEF pretrains at 256).
+        patch_size: p (default 16).
+        hidden_size: D, the token width (default 768).
+        num_layers: transformer layers (default 12).
+        num_heads: attention heads (default 12).
+        mlp_ratio: MLP hidden size / D (default 4).
+        pretrained: LOCAL directory or file with weights (see module docstring); ``None`` for a
+            random initialisation. Sizes left ``None`` are taken from the checkpoint's
+            config.json when there is one, else the ViT-B/16 defaults above.
+        drop_rate: dropout on hidden states (default 0).
+        layer_norm_eps: LayerNorm epsilon (default 1e-6, as timm/ALBEF; a checkpoint's config wins).
+
+    Shapes:
+        forward: images (N, 3, H, W) float -> (N, 1 + (H/p)(W/p), D).
+
+    Attributes:
+        width: D.
+        num_patches: P at ``image_size``.
+    """
+
+    def __init__(self, image_size: Optional[int] = None, patch_size: Optional[int] = None,
+                 hidden_size: Optional[int] = None, num_layers: Optional[int] = None,
+                 num_heads: Optional[int] = None, mlp_ratio: Optional[float] = None,
+                 pretrained: Optional[str] = None, drop_rate: float = 0.0, layer_norm_eps: float = 1e-6):
+        super().__init__()
+        state, ckpt_config = None, None
+        if pretrained is not None:
+            state = read_state_dict(pretrained)
+            ckpt_config = read_config(pretrained)
+        given = dict(patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads)
+        sizes = resolve_architecture(given, ckpt_config, VIT_B16, CONFIG_KEYS, pretrained)
+        if mlp_ratio is None:
+            if ckpt_config is not None and 'intermediate_size' in ckpt_config:
+                mlp_ratio = ckpt_config['intermediate_size'] / sizes['hidden_size']
+            else:
+                mlp_ratio = VIT_B16['mlp_ratio']
+        image_size = image_size if image_size is not None else VIT_B16['image_size']
+        if image_size % sizes['patch_size']:
+            raise ValueError(f'image_size={image_size} is not a multiple of patch_size={sizes["patch_size"]}')
+        if sizes['hidden_size'] % sizes['num_heads']:
+            raise ValueError(f'hidden_size={sizes["hidden_size"]} is not divisible by num_heads={sizes["num_heads"]}')
+
+        config = ViTConfig.from_dict(dict(ckpt_config or {}))
+        config.update(dict(
+            image_size=image_size, patch_size=sizes['patch_size'], hidden_size=sizes['hidden_size'],
+            num_hidden_layers=sizes['num_layers'], num_attention_heads=sizes['num_heads'],
+            intermediate_size=int(round(mlp_ratio * sizes['hidden_size'])), num_channels=3))
+        if ckpt_config is None:
+            config.update(dict(hidden_dropout_prob=drop_rate, attention_probs_dropout_prob=drop_rate,
+                               layer_norm_eps=layer_norm_eps, qkv_bias=True))
+        self.vit = ViTModel(config, add_pooling_layer=False)
+        self.image_size = image_size
+        self.patch_size = sizes['patch_size']
+        self.width = sizes['hidden_size']
+        self.num_patches = (image_size // self.patch_size) ** 2
+        if state is not None:
+            self._load(state, pretrained)
+
+    def _load(self, state, source: str) -> None:
+        expected = self.vit.state_dict().keys()
+        state = strip_prefix(state, expected, ('vit.', 'visual_encoder.', 'image_encoder.vit.', 'model.'))
+        key = 'embeddings.position_embeddings'
+        if key in state and state[key].shape != self.vit.embeddings.position_embeddings.shape:
+            state = dict(state)
+            state[key] = resize_position_embeddings(state[key], self.num_patches)
+        load_matching(self.vit, state, source)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) float images (normalised) -> (N, 1 + P, D) tokens, [CLS] first."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f'images must be a (N, 3, H, W) tensor, got shape {tuple(getattr(images, "shape", ()))}')
+        if not images.is_floating_point():
+            raise ValueError(f'images must be float (normalised by the data preprocessor), got {images.dtype}')
+        height, width = images.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f'image size {height}x{width} is not a multiple of patch_size={self.patch_size}')
+        other_size = (height, width) != (self.image_size, self.image_size)
+        images = images.to(self.vit.embeddings.patch_embeddings.projection.weight.dtype)
+        out = self.vit(pixel_values=images, interpolate_pos_encoding=other_size)
+        return out.last_hidden_state
+
+
+def resize_position_embeddings(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(1, 1 + P_old, D) -> (1, 1 + num_patches, D): bicubic resize of the patch grid, [CLS] kept."""
+    cls_pos, grid = pos[:, :1], pos[:, 1:]
+    old_side, new_side = int(math.isqrt(grid.shape[1])), int(math.isqrt(num_patches))
+    if old_side ** 2 != grid.shape[1] or new_side ** 2 != num_patches:
+        raise ValueError(f'cannot resize position embeddings of {grid.shape[1]} patches to {num_patches}: '
+                         'both must be square grids')
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, old_side, old_side, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, num_patches, dim).to(pos.dtype)
+    return torch.cat([cls_pos, grid], dim=1)
