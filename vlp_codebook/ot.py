@@ -189,7 +189,7 @@ def _solve(M, eps, a, b, max_iters, tol, omega, group):
     # from the row minimum of the cost keeps every kernel entry <= 1 with a 1 in each row.
     f = M.min(dim=1).values
     g = torch.zeros_like(b)
-    Kmat = (M - f[:, None]).mul_(-1.0 / eps).exp_()
+    Kmat = torch.add(f[:, None] / eps, M, alpha=-1.0 / eps).exp_()
     u = torch.ones_like(a)
     v = torch.ones_like(b)
     absorptions = 0
@@ -228,7 +228,10 @@ def _solve(M, eps, a, b, max_iters, tol, omega, group):
             f, g, u, v, Kmat = _absorb(f, g, u, v, M, eps, log_a, log_b, group, full=False)
             absorptions += 1
 
-    row_err = dist.all_reduce_sum((u * (Kmat @ v) - a).abs().sum(), group).item()
+    if not col_err <= tol:  # stopped by max_iters: v moved after the last row update
+        Kv = Kmat @ v
+        col_err = (v * dist.all_reduce_sum(Kmat.T @ u, group) - b).abs().sum().item()
+    row_err = dist.all_reduce_sum((u * Kv - a).abs().sum(), group).item()
     plan = Kmat.mul_(u[:, None]).mul_(v[None, :])
     err = max(row_err, col_err)
     info = SinkhornInfo(iterations=iters, marginal_error=err, row_error=row_err, col_error=col_err,

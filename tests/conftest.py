@@ -1,0 +1,13 @@
+import os
+
+# Tests are tiny: more threads only add contention on the 2-core CI machine.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+torch.set_num_threads(1)
+
+settings.register_profile('vlp', deadline=None, max_examples=40,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'vlp'))

@@ -1,0 +1,153 @@
+"""CodebookOTLoss and Codebook: values against POT, gradient flow, softmax normalisation, errors."""
+import numpy as np
+import ot
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.nn import functional as F
+
+from vlp_codebook.models.codebook import Codebook
+from vlp_codebook.models.losses.codebook_ot_loss import CodebookOTLoss
+from vlp_codebook.registry import MODELS
+
+
+def _feats(seed, B, d, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(B, d, generator=g), dim=1).requires_grad_(requires_grad)
+
+
+def _pot_assignments(feats, codewords, eps):
+    cost = (1 - feats.double() @ codewords.double().T).numpy()
+    B, K = cost.shape
+    plan = ot.sinkhorn(np.full(B, 1 / B), np.full(K, 1 / K), cost, eps, stopThr=1e-12, numItermax=100000)
+    return torch.tensor(plan * B)
+
+
+def test_builds_from_registry_by_name():
+    loss = MODELS.build(dict(type='CodebookOTLoss', num_codewords=16, embed_dim=8, epsilon=0.1))
+    assert isinstance(loss, CodebookOTLoss) and loss.codebook.weight.shape == (16, 8)
+    loss = MODELS.build(dict(type='CodebookOTLoss', codebook=dict(type='Codebook', num_codewords=5, embed_dim=3)))
+    assert loss.codebook.num_codewords == 5
+
+
+def test_unknown_type_lists_known_types():
+    with pytest.raises(KeyError) as err:
+        MODELS.build(dict(type='CodebookOTLos'))
+    msg = str(err.value)
+    assert "'CodebookOTLos'" in msg and 'CodebookOTLoss' in msg and 'Known types' in msg
+
+
+@pytest.mark.parametrize('plan_from_teacher', [False, True])
+def test_terms_match_independent_float64_reference(plan_from_teacher):
+    B, K, d, eps, tau = 24, 12, 8, 0.1, 0.2
+    loss_fn = CodebookOTLoss(num_codewords=K, embed_dim=d, epsilon=eps, temperature=tau,
+                             sinkhorn_tol=1e-7, sinkhorn_max_iters=20000)
+    zv, zt = _feats(0, B, d), _feats(1, B, d)
+    tv, tt = (_feats(2, B, d), _feats(3, B, d)) if plan_from_teacher else (zv, zt)
+    out = loss_fn(zv, zt, tv if plan_from_teacher else None, tt if plan_from_teacher else None)
+    C = F.normalize(loss_fn.codebook.weight.detach(), dim=1)
+    q_v, q_t = _pot_assignments(tv, C, eps), _pot_assignments(tt, C, eps)
+    logp_v = torch.log_softmax(zv.double() @ C.double().T / tau, 1)
+    logp_t = torch.log_softmax(zt.double() @ C.double().T / tau, 1)
+    # Swapped prediction: the image is scored against the text's plan and vice versa.
+    assert out['loss_i2p'].item() == pytest.approx(-(q_t * logp_v).sum(1).mean().item(), rel=1e-4)
+    assert out['loss_t2p'].item() == pytest.approx(-(q_v * logp_t).sum(1).mean().item(), rel=1e-4)
+    # <T, M> with M from the student features and T the plan of that modality.
+    cost_v = 1 - zv.double() @ C.double().T
+    cost_t = 1 - zt.double() @ C.double().T
+    assert out['loss_ot_v'].item() == pytest.approx((q_v / B * cost_v).sum().item(), rel=1e-4)
+    assert out['loss_ot_t'].item() == pytest.approx((q_t / B * cost_t).sum().item(), rel=1e-4)
+
+
+def test_teacher_and_student_plans_differ():
+    loss_fn = CodebookOTLoss(num_codewords=10, embed_dim=8)
+    zv, zt = _feats(0, 16, 8), _feats(1, 16, 8)
+    student = loss_fn(zv, zt)
+    teacher = loss_fn(zv, zt, _feats(2, 16, 8), _feats(3, 16, 8))
+    assert student['loss_i2p'].item() != pytest.approx(teacher['loss_i2p'].item(), rel=1e-3)
+
+
+def test_gradients_reach_codebook_and_students_never_plans():
+    loss_fn = CodebookOTLoss(num_codewords=10, embed_dim=8)
+    zv, zt = _feats(0, 16, 8, True), _feats(1, 16, 8, True)
+    tv, tt = _feats(2, 16, 8, True), _feats(3, 16, 8, True)
+    sum(loss_fn(zv, zt, tv, tt).values()).backward()
+    assert zv.grad is not None and zv.grad.abs().sum() > 0
+    assert zt.grad is not None and zt.grad.abs().sum() > 0
+    assert loss_fn.codebook.weight.grad.abs().sum() > 0
+    assert tv.grad is None and tt.grad is None
+
+
+@given(B=st.integers(1, 32), K=st.integers(1, 24), seed=st.integers(0, 10**6),
+       tau=st.floats(0.01, 1.0), eps=st.floats(0.03, 1.0))
+def test_assignment_and_prediction_rows_are_distributions(B, K, seed, tau, eps):
+    loss_fn = CodebookOTLoss(num_codewords=K, embed_dim=6, epsilon=eps, temperature=tau,
+                             sinkhorn_tol=1e-5, sinkhorn_max_iters=20000)
+    z = _feats(seed, B, 6)
+    q = loss_fn.assignments(z)
+    assert (q >= 0).all()
+    assert torch.allclose(q.sum(1), torch.ones(B), atol=1e-5)
+    p = torch.softmax(loss_fn.codebook.similarity(z) / tau, dim=1)
+    assert (p >= 0).all() and torch.allclose(p.sum(1), torch.ones(B), atol=1e-5)
+    out = loss_fn(z, z)
+    assert all(torch.isfinite(v) for v in out.values())
+
+
+def test_weights_scale_terms_and_zero_weight_drops_them():
+    zv, zt = _feats(0, 16, 8), _feats(1, 16, 8)
+    torch.manual_seed(0)
+    base = CodebookOTLoss(num_codewords=10, embed_dim=8)
+    torch.manual_seed(0)
+    scaled = CodebookOTLoss(num_codewords=10, embed_dim=8, loss_weight=2.0, term_weights=dict(ot_t=0, i2p=0.5))
+    a, b = base(zv, zt), scaled(zv, zt)
+    assert set(b) == {'loss_i2p', 'loss_t2p', 'loss_ot_v'}
+    assert b['loss_i2p'].item() == pytest.approx(a['loss_i2p'].item())          # 2.0 * 0.5
+    assert b['loss_t2p'].item() == pytest.approx(2 * a['loss_t2p'].item())
+    assert b['loss_ot_v'].item() == pytest.approx(2 * a['loss_ot_v'].item())
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_outputs_fp32_under_autocast(dtype):
+    loss_fn = CodebookOTLoss(num_codewords=10, embed_dim=8)
+    zv, zt = _feats(0, 16, 8).to(dtype), _feats(1, 16, 8).to(dtype)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = loss_fn(zv, zt)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+
+
+def test_usage_statistics_and_perplexity():
+    cb = Codebook(num_codewords=4, embed_dim=3, usage_momentum=0.0)
+    uniform = torch.full((8, 4), 0.25)
+    cb.update_usage(uniform)
+    assert cb.perplexity().item() == pytest.approx(4.0)
+    one_hot = torch.zeros(8, 4)
+    one_hot[:, 2] = 1
+    mass = cb.update_usage(one_hot)
+    assert mass.tolist() == [0, 0, 1, 0]
+    assert cb.perplexity().item() == pytest.approx(1.0)
+    loss_fn = CodebookOTLoss(num_codewords=6, embed_dim=4).train()
+    loss_fn(_feats(0, 12, 4), _feats(1, 12, 4))
+    # Equipartition: plans spread mass evenly, so the batch perplexity is K.
+    assert loss_fn.last_stats['code_perplexity'] == pytest.approx(6.0, rel=1e-3)
+
+
+@pytest.mark.parametrize('call, match', [
+    (lambda f: f(torch.randn(4, 7), torch.randn(4, 8)), 'image_feats has feature dimension 7.*embed_dim=8'),
+    (lambda f: f(torch.randn(4, 8), torch.randn(5, 8)), 'paired'),
+    (lambda f: f(torch.full((4, 8), float('nan')), torch.randn(4, 8)), 'image_feats contains NaN'),
+    (lambda f: f(torch.randn(4, 8), torch.randn(4, 8), torch.randn(3, 8)), 'image_plan_feats must have one row'),
+    (lambda f: f(torch.randn(8), torch.randn(8)), 'image_feats must be a 2-D tensor'),
+])
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(CodebookOTLoss(num_codewords=5, embed_dim=8))
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match='unknown keys'):
+        CodebookOTLoss(num_codewords=5, embed_dim=8, term_weights=dict(i2t=1))
+    with pytest.raises(ValueError, match='epsilon and temperature'):
+        CodebookOTLoss(num_codewords=5, embed_dim=8, epsilon=0)
+    with pytest.raises(TypeError, match='codebook must be'):
+        CodebookOTLoss(codebook=torch.nn.Linear(2, 2))

@@ -1,0 +1,154 @@
+"""Properties of vlp_codebook.ot.sinkhorn, checked against float64 references and POT."""
+import warnings
+
+import numpy as np
+import ot
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vlp_codebook.ot import sinkhorn, transport_cost
+
+
+def _problem(seed, B, K, scale=2.0, marginals=False):
+    rng = np.random.default_rng(seed)
+    cost = rng.uniform(0.0, scale, size=(B, K))
+    if marginals:
+        a = rng.uniform(0.1, 1.0, size=B)
+        b = rng.uniform(0.1, 1.0, size=K)
+        a, b = a / a.sum(), b / b.sum()
+    else:
+        a, b = np.full(B, 1.0 / B), np.full(K, 1.0 / K)
+    return cost, a, b
+
+
+def _errors(plan, a, b):
+    plan = plan.double().numpy()
+    return np.abs(plan.sum(1) - a).sum(), np.abs(plan.sum(0) - b).sum()
+
+
+shapes = st.tuples(st.integers(1, 48), st.integers(1, 48))
+
+
+@given(shape=shapes, eps=st.floats(0.02, 1.0), seed=st.integers(0, 2**31 - 1),
+       marginals=st.booleans(), scale=st.sampled_from([0.5, 2.0, 5.0]))
+def test_plan_is_nonnegative_and_meets_marginals(shape, eps, seed, marginals, scale):
+    cost, a, b = _problem(seed, *shape, scale=scale, marginals=marginals)
+    tol = 1e-5
+    plan, info = sinkhorn(torch.tensor(cost, dtype=torch.float32), eps,
+                          torch.tensor(a) if marginals else None,
+                          torch.tensor(b) if marginals else None,
+                          tol=tol, max_iters=20000, return_info=True)
+    assert plan.dtype == torch.float32 and plan.shape == shape
+    assert (plan >= 0).all()
+    row_err, col_err = _errors(plan, a, b)
+    # fp32 sums add a rounding error of order 1e-7 on top of the solver's tolerance.
+    assert info.converged
+    assert row_err <= tol + 1e-6 and col_err <= tol + 1e-6
+    assert abs(info.marginal_error - max(row_err, col_err)) < 1e-6
+
+
+@given(shape=shapes, eps=st.floats(0.05, 1.0), seed=st.integers(0, 2**31 - 1), marginals=st.booleans())
+def test_plan_agrees_with_pot_float64(shape, eps, seed, marginals):
+    cost, a, b = _problem(seed, *shape, marginals=marginals)
+    ref = ot.sinkhorn(a, b, cost, eps, stopThr=1e-12, numItermax=200000)
+    ours = sinkhorn(torch.tensor(cost), eps, torch.tensor(a), torch.tensor(b), tol=1e-6, max_iters=20000)
+    # Both are the same Gibbs-form plan; the L1 distance is bounded by the marginal tolerances.
+    assert np.abs(ours.double().numpy() - ref).sum() < 2e-4
+
+
+@given(shape=shapes, eps=st.floats(0.02, 1.0), seed=st.integers(0, 2**31 - 1),
+       shift=st.floats(-3.0, 3.0), row=st.integers(0, 47))
+def test_constant_added_to_a_row_leaves_plan_unchanged(shape, eps, seed, shift, row):
+    cost, _, _ = _problem(seed, *shape)
+    row = row % shape[0]
+    shifted = cost.copy()
+    shifted[row] += shift
+    p1 = sinkhorn(torch.tensor(cost), eps, tol=1e-6, max_iters=20000)
+    p2 = sinkhorn(torch.tensor(shifted), eps, tol=1e-6, max_iters=20000)
+    assert torch.allclose(p1, p2, atol=2e-6 / max(shape), rtol=1e-3)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize('eps', [1e-3, 0.05, 1.0])
+def test_low_precision_inputs_and_tiny_epsilon_stay_finite(dtype, eps):
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(24, 16, generator=g), dim=1)
+    cost = (1 - z @ c.T).to(dtype)
+    plan, info = sinkhorn(cost, eps, tol=1e-4, max_iters=50000, return_info=True)
+    assert plan.dtype == torch.float32
+    assert torch.isfinite(plan).all() and (plan >= 0).all()
+    assert info.converged, info
+    # At ε = 1e-3 the plan is nearly a permutation-like assignment; marginals still hold.
+    row_err, col_err = _errors(plan, np.full(40, 1 / 40), np.full(24, 1 / 24))
+    assert max(row_err, col_err) <= 1e-4 + 1e-6
+
+
+def test_extreme_cost_ranges_use_absorption_and_stay_exact():
+    # exp(-M/ε) spans e^-20000 here: plain scaling would underflow to zero rows.
+    g = torch.Generator().manual_seed(1)
+    cost = torch.rand(30, 20, generator=g) * 20.0
+    plan, info = sinkhorn(cost, 1e-3, tol=1e-4, max_iters=50000, return_info=True)
+    assert torch.isfinite(plan).all()
+    assert info.converged and info.absorptions > 0
+
+
+def test_under_autocast_plan_is_fp32():
+    cost = torch.rand(8, 6)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        plan = sinkhorn(cost.bfloat16(), 0.1)
+    assert plan.dtype == torch.float32
+
+
+def test_plan_carries_no_gradient():
+    cost = torch.rand(8, 6, requires_grad=True)
+    plan = sinkhorn(cost, 0.1)
+    assert not plan.requires_grad
+
+
+def test_not_converged_warns_and_reports():
+    cost = torch.rand(50, 40) * 5
+    with pytest.warns(RuntimeWarning, match='marginal error'):
+        _, info = sinkhorn(cost, 1e-3, max_iters=2, return_info=True)
+    assert info.iterations == 2 and not info.converged and info.marginal_error > 1e-4
+
+
+def test_fixed_three_iterations_do_not_meet_marginals():
+    # The reason this module exists: SwAV's 3 iterations leave a visible marginal error.
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(256, 32, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(64, 32, generator=g), dim=1)
+    cost = 1 - z @ c.T
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        _, truncated = sinkhorn(cost, 0.05, max_iters=3, overrelaxation=1.0, return_info=True)
+    _, converged = sinkhorn(cost, 0.05, return_info=True)
+    assert truncated.marginal_error > 1e-3 > 1e-4 >= converged.marginal_error
+
+
+def test_transport_cost_is_frobenius_product():
+    plan = torch.tensor([[0.25, 0.25], [0.0, 0.5]])
+    cost = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert transport_cost(plan, cost).item() == pytest.approx(0.25 + 0.5 + 2.0)
+    with pytest.raises(ValueError, match='same shape'):
+        transport_cost(plan, cost[:1])
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(cost=torch.tensor([[0.1, float('nan')]]), epsilon=0.1), 'cost must be finite'),
+    (dict(cost=torch.tensor([[0.1, float('inf')]]), epsilon=0.1), 'cost must be finite'),
+    (dict(cost=torch.rand(3), epsilon=0.1), 'cost must be a 2-D tensor'),
+    (dict(cost=torch.rand(3, 0), epsilon=0.1), 'at least one column'),
+    (dict(cost=torch.rand(3, 2), epsilon=0.0), 'epsilon must be a positive'),
+    (dict(cost=torch.rand(3, 2), epsilon=-1.0), 'epsilon must be a positive'),
+    (dict(cost=torch.rand(3, 2), epsilon=float('nan')), 'epsilon must be a positive'),
+    (dict(cost=torch.rand(3, 2), epsilon=0.1, a=torch.ones(4) / 4), r'a must have shape \(3,\)'),
+    (dict(cost=torch.rand(3, 2), epsilon=0.1, b=torch.tensor([1.5, -0.5])), 'b must be non-negative'),
+    (dict(cost=torch.rand(3, 2), epsilon=0.1, b=torch.tensor([1.0, 1.0])), 'equal total mass'),
+    (dict(cost=torch.rand(3, 2), epsilon=0.1, overrelaxation=2.5), 'overrelaxation'),
+])
+def test_bad_inputs_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sinkhorn(**kwargs)
