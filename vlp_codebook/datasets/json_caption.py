@@ -1,0 +1,241 @@
+"""Image-caption datasets for the ALBEF / LAVIS JSON annotation format.
+
+Pretraining / training files are a JSON list of entries ::
+
+    [{"image": "coco/train2014/1.jpg", "caption": "A man riding a horse.", "image_id": 12}, ...]
+
+``caption`` may be a string or a list of strings (ALBEF's pretraining files use both); ``image_id``
+is optional. Retrieval evaluation files (ALBEF ``coco_test.json``, ``flickr30k_test.json``, LAVIS
+``*_test.json``) are a JSON list of ``{"image": ..., "caption": [str, ...]}``, one entry per image.
+Image paths are joined to ``image_root`` (absolute paths are used as they are).
+
+* :class:`CaptionPretrainDataset` yields one item per (image, caption) pair:
+  ``dict(image=FloatTensor (3, H, W) in [0, 1], text=str, image_id=int)``.
+* :class:`CaptionRetrievalDataset` yields one item per image:
+  ``dict(image=FloatTensor (3, H, W), texts=list[str], image_id=int)`` and exposes ALBEF's
+  ``txt2img`` (caption index -> image index) and ``img2txt`` (image index -> caption indices),
+  captions numbered in file order.
+
+Captions are cleaned by :func:`~vlp_codebook.datasets.caption_text.clean_caption` when the
+dataset is built, so a caption that cleans to nothing is reported at once with its entry index.
+Batch them with ``collate_fn=dict(type='vlp_collate')``.
+
+Example (an mmengine dataloader config)::
+
+    train_dataloader = dict(
+        batch_size=64, num_workers=4,
+        sampler=dict(type='DefaultSampler', shuffle=True),
+        collate_fn=dict(type='vlp_collate'),
+        dataset=dict(type='CaptionPretrainDataset', ann_file='data/emoji/train.json',
+                     image_root='data/emoji', image_size=64, horizontal_flip_prob=0.5))
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any, Dict, Hashable, List, Sequence, Tuple, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from vlp_codebook.datasets.caption_text import clean_caption, swap_left_right
+from vlp_codebook.datasets.image_loading import load_image
+from vlp_codebook.registry import DATASETS
+
+__all__ = ['load_annotations', 'CaptionPretrainDataset', 'CaptionRetrievalDataset']
+
+AnnFiles = Union[str, Sequence[str]]
+
+
+def load_annotations(ann_file: AnnFiles) -> List[Tuple[str, int, dict]]:
+    """Entries of one or several JSON annotation files as ``(file, index in file, entry)``.
+
+    Raises:
+        FileNotFoundError: an annotation file is missing (absolute path in the message).
+        ValueError: a file is not valid JSON.
+        TypeError: a file's top level is not a list, or an entry is not an object.
+    """
+    files = [ann_file] if isinstance(ann_file, (str, os.PathLike)) else list(ann_file)
+    if not files:
+        raise ValueError('ann_file is an empty list; give at least one JSON annotation file')
+    entries = []
+    for path in files:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'annotation file not found: {os.path.abspath(path)}')
+        with open(path, encoding='utf-8') as handle:
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f'annotation file {os.path.abspath(path)} is not valid JSON: {error}') from error
+        if not isinstance(data, list):
+            raise TypeError(f'annotation file {os.path.abspath(path)} must hold a JSON list of entries '
+                            f'like {{"image": ..., "caption": ...}}, got a JSON {type(data).__name__}')
+        for index, entry in enumerate(data):
+            if not isinstance(entry, dict):
+                raise TypeError(f'entry {index} of {path} must be a JSON object with "image" and '
+                                f'"caption", got {type(entry).__name__}: {entry!r:.80}')
+            entries.append((path, index, entry))
+    return entries
+
+
+def _field(path: str, index: int, entry: dict, name: str) -> Any:
+    if name not in entry:
+        raise KeyError(f'entry {index} of {path} has no "{name}" field (it has: {sorted(entry)})')
+    return entry[name]
+
+
+def _captions(path: str, index: int, entry: dict, max_words: int) -> List[str]:
+    raw = _field(path, index, entry, 'caption')
+    raw_list = [raw] if isinstance(raw, str) else raw
+    if not isinstance(raw_list, list) or not all(isinstance(c, str) for c in raw_list):
+        raise TypeError(f'entry {index} of {path}: "caption" must be a str or a list of str, got {raw!r:.80}')
+    if not raw_list:
+        raise ValueError(f'entry {index} of {path}: "caption" is an empty list')
+    captions = [clean_caption(c, max_words) for c in raw_list]
+    for caption, original in zip(captions, raw_list):
+        if not caption:
+            raise ValueError(f'entry {index} of {path}: caption {original!r} is empty after cleaning')
+    return captions
+
+
+def _image_path(path: str, index: int, entry: dict, image_root: str) -> str:
+    image = _field(path, index, entry, 'image')
+    if not isinstance(image, str) or not image:
+        raise TypeError(f'entry {index} of {path}: "image" must be a non-empty path string, got {image!r}')
+    return os.path.join(image_root, image)
+
+
+def _check_files(paths: Sequence[str]) -> None:
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'image file not found: {os.path.abspath(path)}')
+
+
+class _CaptionImages(Dataset):
+    """Shared image handling: root, size, optional flip augmentation."""
+
+    def __init__(self, image_root: str, image_size: int, horizontal_flip_prob: float):
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f'image_size must be a positive int, got {image_size!r}')
+        if not 0.0 <= horizontal_flip_prob <= 1.0:
+            raise ValueError(f'horizontal_flip_prob must be in [0, 1], got {horizontal_flip_prob}')
+        self.image_root = image_root
+        self.image_size = image_size
+        self.horizontal_flip_prob = horizontal_flip_prob
+        self.metainfo: Dict[str, Any] = {}
+
+    def _load(self, path: str) -> torch.Tensor:
+        return load_image(path, self.image_size)
+
+    def _maybe_flip(self, image: torch.Tensor, text: str) -> Tuple[torch.Tensor, str]:
+        # Python's global RNG: mmengine seeds it per worker. With probability 0 nothing random runs.
+        if self.horizontal_flip_prob > 0 and random.random() < self.horizontal_flip_prob:
+            return image.flip(-1), swap_left_right(text)
+        return image, text
+
+
+@DATASETS.register_module()
+class CaptionPretrainDataset(_CaptionImages):
+    """One sample per (image, caption) pair of ALBEF/LAVIS JSON annotation files.
+
+    Args:
+        ann_file: a JSON file, or a list of them, each a list of
+            ``{"image": path, "caption": str | list[str], "image_id"?: any}``.
+        image_root: directory that relative ``image`` paths are joined to.
+        image_size: output side length; images are resized to ``image_size`` squared.
+        max_words: captions are cut to this many words after cleaning (ALBEF: 30).
+        horizontal_flip_prob: probability of a random horizontal flip, which also swaps the words
+            "left" and "right" in the caption. 0 (default): items are deterministic.
+        check_images: check at construction that every image file exists (one ``stat`` per image;
+            off by default for large corpora, where a missing file is reported when read).
+
+    Item: ``dict(image=(3, image_size, image_size) float32 in [0, 1], text=str, image_id=int)``.
+    ``image_id`` is the annotation's ``image_id`` when every entry has an ``int`` one; otherwise
+    (string ids, or none) the images are numbered 0, 1, ... in order of first appearance, by
+    ``image_id`` where given, else by image path — so all captions of one image share one id.
+
+    Raises:
+        FileNotFoundError, KeyError, TypeError, ValueError: see :func:`load_annotations`; a missing
+            ``image``/``caption`` field (``KeyError`` naming the field, the entry index and file).
+    """
+
+    def __init__(self, ann_file: AnnFiles, image_root: str = '', image_size: int = 224,
+                 max_words: int = 30, horizontal_flip_prob: float = 0.0, check_images: bool = False):
+        super().__init__(image_root, image_size, horizontal_flip_prob)
+        self.ann_file = ann_file
+        self.max_words = max_words
+        entries = load_annotations(ann_file)
+        keys: List[Hashable] = []
+        self.samples: List[Tuple[str, str, Hashable]] = []  # (image path, caption, id key)
+        for path, index, entry in entries:
+            image = _image_path(path, index, entry, image_root)
+            key = entry.get('image_id', image)
+            if not isinstance(key, Hashable) or isinstance(key, (bool, float)):
+                raise TypeError(f'entry {index} of {path}: "image_id" must be an int or a str, got {key!r}')
+            keys.append(key)
+            for caption in _captions(path, index, entry, max_words):
+                self.samples.append((image, caption, key))
+        if all(isinstance(e.get('image_id'), int) for _, _, e in entries):
+            self._id_of = {key: key for key in keys}
+        else:
+            self._id_of = {}
+            for key in keys:
+                self._id_of.setdefault(key, len(self._id_of))
+        if check_images:
+            _check_files(sorted({image for image, _, _ in self.samples}))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        image_path, text, key = self.samples[index]
+        image, text = self._maybe_flip(self._load(image_path), text)
+        return dict(image=image, text=text, image_id=self._id_of[key])
+
+
+@DATASETS.register_module()
+class CaptionRetrievalDataset(_CaptionImages):
+    """One item per image of an ALBEF/LAVIS retrieval file (``{"image", "caption": [...]}``).
+
+    Args:
+        ann_file: a JSON file (or a list of them) with one entry per image.
+        image_root, image_size, max_words, check_images: as :class:`CaptionPretrainDataset`.
+
+    Item: ``dict(image=(3, image_size, image_size) float32, texts=list[str], image_id=int)`` where
+    ``image_id`` is the image's index (entry order over all files), as ALBEF's ``re_eval_dataset``.
+
+    Attributes:
+        text: all cleaned captions, numbered in file order.
+        img2txt: ``img2txt[i]`` = indices into ``text`` of image ``i``'s captions.
+        txt2img: ``txt2img[j]`` = index of the image caption ``j`` describes.
+    """
+
+    def __init__(self, ann_file: AnnFiles, image_root: str = '', image_size: int = 224,
+                 max_words: int = 30, check_images: bool = False):
+        super().__init__(image_root, image_size, horizontal_flip_prob=0.0)
+        self.ann_file = ann_file
+        self.max_words = max_words
+        self.images: List[str] = []
+        self.captions: List[List[str]] = []
+        self.text: List[str] = []
+        self.img2txt: Dict[int, List[int]] = {}
+        self.txt2img: Dict[int, int] = {}
+        for image_index, (path, index, entry) in enumerate(load_annotations(ann_file)):
+            self.images.append(_image_path(path, index, entry, image_root))
+            captions = _captions(path, index, entry, max_words)
+            self.captions.append(captions)
+            self.img2txt[image_index] = []
+            for caption in captions:
+                self.img2txt[image_index].append(len(self.text))
+                self.txt2img[len(self.text)] = image_index
+                self.text.append(caption)
+        if check_images:
+            _check_files(self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        return dict(image=self._load(self.images[index]), texts=list(self.captions[index]), image_id=index)
