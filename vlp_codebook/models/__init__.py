@@ -4,3 +4,5 @@ Importing this package registers all entries (the registry does it lazily on fir
 """
 from . import encoders, heads, losses, teachers  # noqa: F401
 from .codebook import Codebook  # noqa: F401
+from . import tokenizers  # noqa: F401
+from .data_preprocessor import VLPDataPreprocessor  # noqa: F401
