@@ -1,0 +1,84 @@
+"""Evaluate a checkpoint with the mmengine Runner's test loop.
+
+Usage::
+
+    python -m vlp_codebook.tools.test CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options KEY=VALUE ...]
+        [--launcher none|pytorch]
+    mim run vlp_codebook test CONFIG CHECKPOINT ...      # from a regular (non-editable) install
+
+``CONFIG`` is a path or a shipped config's name (as for the train tool); it must define
+``test_dataloader``, ``test_evaluator`` and ``test_cfg``. Prints and returns the metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+import sys
+from typing import Dict, List, Optional
+
+import vlp_codebook.engine  # noqa: F401  (registers the torch >= 2.6 checkpoint loader, hooks)
+from mmengine.config import Config, DictAction
+
+from vlp_codebook.engine.config import load_config
+from vlp_codebook.engine.distributed import LAUNCHERS
+from vlp_codebook.engine.registry_errors import explain_unknown_types
+from vlp_codebook.tools.train import build_runner, default_work_dir
+
+__all__ = ['parse_args', 'build_test_config', 'main']
+
+_TEST_KEYS = ('test_dataloader', 'test_evaluator', 'test_cfg')
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='vlp_codebook.tools.test', description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('config', help='config file path, or the name of a shipped config')
+    parser.add_argument('checkpoint', help='checkpoint file (a trusted .pth written by the train tool)')
+    parser.add_argument('--work-dir', help='directory for the test logs (default: the config\'s work_dir, '
+                        'else ./work_dirs/<config name>)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                        help='override config entries, e.g. test_dataloader.batch_size=8')
+    parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
+                        help='"pytorch" when started by torchrun (gloo on CPU, nccl on GPU)')
+    parser.add_argument('--local-rank', '--local_rank', type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def build_test_config(args: argparse.Namespace) -> Config:
+    """The config for testing ``args.checkpoint``.
+
+    Raises:
+        FileNotFoundError: the checkpoint (a local path) does not exist.
+        ValueError: the config lacks one of ``test_dataloader``, ``test_evaluator``, ``test_cfg``.
+    """
+    checkpoint = osp.expanduser(args.checkpoint)
+    if '://' not in checkpoint and not osp.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint {args.checkpoint!r} does not exist '
+                                f'(resolved path: {osp.abspath(checkpoint)})')
+    cfg = load_config(args.config, cfg_options=args.cfg_options)
+    missing = [key for key in _TEST_KEYS if cfg.get(key) is None]
+    if missing:
+        raise ValueError(f'config {args.config!r} cannot be tested: it has no {", ".join(missing)} '
+                         f'(the test tool needs {", ".join(_TEST_KEYS)})')
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or default_work_dir(cfg)
+    cfg.load_from = checkpoint
+    cfg.resume = False
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
+    """Test; returns the metrics dict of ``runner.test()``."""
+    args = parse_args(argv)
+    cfg = build_test_config(args)
+    runner = build_runner(cfg, args.launcher)
+    with explain_unknown_types():
+        metrics = runner.test()
+    return metrics
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

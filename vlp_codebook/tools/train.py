@@ -1,0 +1,143 @@
+"""Train any vlp_codebook config with the mmengine Runner.
+
+Usage::
+
+    python -m vlp_codebook.tools.train CONFIG [--work-dir DIR] [--resume [CKPT|auto]] [--amp]
+        [--cfg-options KEY=VALUE ...] [--launcher none|pytorch]
+    mim run vlp_codebook train CONFIG ...          # from a regular (non-editable) install
+    torchrun --nproc_per_node 2 -m vlp_codebook.tools.train CONFIG --launcher pytorch   # 2 CPU procs
+
+``CONFIG`` is a path or the name of a shipped config (``codis_demo``, ``configs/codis_demo.py``;
+see :func:`vlp_codebook.engine.config.resolve_config`). ``--resume`` alone (or ``auto``)
+continues from the latest checkpoint in the work dir; ``--resume PATH`` from that file.
+``--amp``: fp16 ``AmpOptimWrapper`` with CUDA, bfloat16 autocast on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+import sys
+from typing import List, Optional
+
+# registers the torch >= 2.6 checkpoint loader, the hooks and optim wrappers before anything loads
+import vlp_codebook.engine  # noqa: F401  (import for its registrations)
+from mmengine.config import Config, DictAction
+
+from vlp_codebook.engine.config import load_config
+from vlp_codebook.engine.distributed import LAUNCHERS, setup_launcher
+from vlp_codebook.engine.random_state import RandomStateHook
+from vlp_codebook.engine.registry_errors import explain_unknown_types
+
+__all__ = ['parse_args', 'build_train_config', 'build_runner', 'main']
+
+_AMP_WRAPPERS = ('AmpOptimWrapper', 'BF16AutocastOptimWrapper')
+_runs_in_this_process = 0
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='vlp_codebook.tools.train', description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('config', help='config file path, or the name of a shipped config')
+    parser.add_argument('--work-dir', help='directory for logs and checkpoints '
+                        '(default: the config\'s work_dir, else ./work_dirs/<config name>)')
+    parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT|auto',
+                        help='resume from CKPT, or (no value / "auto") from the latest checkpoint '
+                        'in the work dir')
+    parser.add_argument('--amp', action='store_true', help='mixed precision (fp16 with CUDA, bf16 on CPU)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                        help='override config entries, e.g. train_cfg.max_iters=10 '
+                        'optim_wrapper.optimizer.lr=1e-4')
+    parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
+                        help='"pytorch" when started by torchrun (gloo on CPU, nccl on GPU)')
+    # torch.distributed.launch (deprecated) passes --local-rank; torchrun sets LOCAL_RANK
+    parser.add_argument('--local-rank', '--local_rank', type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def default_work_dir(cfg: Config) -> str:
+    return osp.join('./work_dirs', osp.splitext(osp.basename(cfg.filename))[0])
+
+
+def enable_amp(cfg: Config) -> None:
+    """Switch ``cfg.optim_wrapper`` to mixed precision (fp16 + loss scaling on CUDA, bf16 on CPU)."""
+    import torch
+
+    wrapper = cfg.get('optim_wrapper')
+    if wrapper is None:
+        raise ValueError('--amp: the config has no optim_wrapper to switch to mixed precision')
+    current = wrapper.get('type', 'OptimWrapper')
+    if current in _AMP_WRAPPERS:
+        return
+    if current != 'OptimWrapper':
+        raise ValueError(f'--amp: optim_wrapper.type={current!r}; --amp can only replace '
+                         f'\'OptimWrapper\' (set one of {_AMP_WRAPPERS} in the config instead)')
+    if torch.cuda.is_available():
+        wrapper['type'] = 'AmpOptimWrapper'
+        wrapper.setdefault('loss_scale', 'dynamic')
+    else:
+        wrapper['type'] = 'BF16AutocastOptimWrapper'
+
+
+def add_random_state_hook(cfg: Config) -> None:
+    """Append ``RandomStateHook`` (exact resumption, see :mod:`vlp_codebook.engine.random_state`)."""
+    hooks = list(cfg.get('custom_hooks') or [])
+    if not any(isinstance(hook, dict) and hook.get('type') in ('RandomStateHook', RandomStateHook)
+               for hook in hooks):
+        hooks.append(dict(type='RandomStateHook'))
+    cfg.custom_hooks = hooks
+
+
+def build_train_config(args: argparse.Namespace) -> Config:
+    """The config the Runner is built from: file + options + command-line flags."""
+    cfg = load_config(args.config, cfg_options=args.cfg_options)
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or default_work_dir(cfg)
+    if args.amp:
+        enable_amp(cfg)
+    add_random_state_hook(cfg)
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        checkpoint = osp.expanduser(args.resume)
+        if '://' not in checkpoint and not osp.isfile(checkpoint):
+            raise FileNotFoundError(f'--resume {args.resume!r}: no such checkpoint file '
+                                    f'(resolved path: {osp.abspath(checkpoint)})')
+        cfg.resume = True
+        cfg.load_from = checkpoint
+    return cfg
+
+
+def build_runner(cfg: Config, launcher: str = 'none'):
+    """Set up the launcher (gloo on CPU) and build the Runner, with readable unknown-type errors."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    global _runs_in_this_process
+    setup_launcher(cfg, launcher)
+    if _runs_in_this_process and not cfg.get('experiment_name'):
+        # mmengine keys its global MessageHub/logger instances by experiment name + timestamp
+        # (1 s resolution): a second run in the same process must not reuse the first's state
+        cfg.experiment_name = f'{osp.splitext(osp.basename(cfg.filename))[0]}_run{_runs_in_this_process}'
+    _runs_in_this_process += 1
+    with explain_unknown_types():
+        if 'runner_type' in cfg:
+            return RUNNERS.build(cfg)
+        return Runner.from_cfg(cfg)
+
+
+def main(argv: Optional[List[str]] = None):
+    """Train; returns the Runner (its ``message_hub`` holds the logged scalars)."""
+    args = parse_args(argv)
+    cfg = build_train_config(args)
+    runner = build_runner(cfg, args.launcher)
+    with explain_unknown_types():
+        runner.train()
+    return runner
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
