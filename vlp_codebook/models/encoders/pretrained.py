@@ -96,20 +96,27 @@ def read_config(path: str) -> Optional[dict]:
 
 
 def strip_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str],
-                 prefixes: Sequence[str]) -> Dict[str, torch.Tensor]:
-    """Remove the first of ``prefixes`` under which the checkpoint holds any ``expected`` key.
+                 prefixes: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+    """Keys of ``state`` relative to the module that expects ``expected`` keys.
 
-    ``bert.embeddings.word_embeddings.weight`` -> ``embeddings.word_embeddings.weight`` when the
-    module expects the latter. Keys that do not carry the prefix are dropped with it.
+    The prefix is found from the data: every checkpoint key ending in an expected key proposes
+    the part before it (``bert.``, ``visual_encoder.vit.``, ``text_encoder.bert.``...); the
+    prefix matching the most expected keys wins; ties go to the first of ``prefixes``, then to
+    the alphabetically first (``text_encoder.`` before ``text_encoder_m.``, ALBEF's momentum
+    copy). Keys without the chosen prefix are dropped.
     """
     expected = set(expected)
-    if expected & set(state):
+    counts: Dict[str, int] = {}
+    for key in state:
+        for name in expected:
+            if key == name or key.endswith('.' + name):
+                prefix = key[:len(key) - len(name)]
+                counts[prefix] = counts.get(prefix, 0) + 1
+    if not counts:
         return dict(state)
-    for prefix in prefixes:
-        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if expected & set(stripped):
-            return stripped
-    return dict(state)
+    preference = {p: i for i, p in enumerate(prefixes)}
+    best = min(counts, key=lambda p: (-counts[p], preference.get(p, len(preference)), p))
+    return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
 
 
 def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
