@@ -68,7 +68,7 @@ def test_hard_negatives_deterministic_and_flag_rows_without_candidates():
     a = sample_hard_negatives(sim, torch.arange(4), ids, ids, torch.Generator().manual_seed(5))
     b = sample_hard_negatives(sim, torch.arange(4), ids, ids, torch.Generator().manual_seed(5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    # every row has a different-id key except none: row 0 -> {1,2,3}; rows 1-3 -> {0}
+    # allowed keys: row 0 (id 0) -> {1, 2, 3}; rows 1-3 (id 1) -> only key 0
     assert a[1].all() and (a[0][1:] == 0).all()
     single = sample_hard_negatives(torch.randn(1, 1), torch.zeros(1, dtype=torch.long))
     assert not single[1].any()

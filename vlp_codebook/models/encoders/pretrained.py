@@ -12,10 +12,10 @@ prefix (``bert.``, ``vit.``, ``text_encoder.``...), renames nothing else, and ra
 weight the module needs is missing or has the wrong shape -- a partially initialised encoder
 would silently train from noise.
 
-Example::
+Example (paths are placeholders)::
 
-    >>> state = read_state_dict('/path/to/bert_dir')          # dict name -> tensor
-    >>> config = read_config('/path/to/bert_dir')             # dict from config.json, or None
+    state = read_state_dict('/path/to/bert_dir')          # dict name -> tensor
+    config = read_config('/path/to/bert_dir')             # dict from config.json, or None
 """
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ Example::
     >>> itm = MODELS.build(dict(type='ImageTextMatchingLoss'))
     >>> text, mask, image = torch.randn(4, 7, 32), torch.ones(4, 7), torch.randn(4, 17, 32)
     >>> sim = torch.randn(4, 4)
-    >>> itm(fusion, head, text, mask, image, sim, sim.T, ids=torch.arange(4))['loss_itm']
+    >>> loss = itm(fusion, head, text, mask, image, sim, sim.T, ids=torch.arange(4))['loss_itm']
+    >>> loss.backward()
 """
 from __future__ import annotations
 
