@@ -294,7 +294,7 @@ class MultiDirectionalDistillationLoss(nn.Module):
     def extra_repr(self) -> str:
         learnable = isinstance(self.temperature, nn.Parameter)
         return (f'directions={self.directions}, weights={self.weights}, alpha={self.alpha}, '
-                f'temperature={float(self.temperature):.4g} ({"learnable" if learnable else "fixed"}, '
+                f'temperature={self.temperature.item():.4g} ({"learnable" if learnable else "fixed"}, '
                 f'range {self.temperature_range})')
 
 
