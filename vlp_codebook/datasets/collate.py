@@ -10,7 +10,7 @@ mmengine's ``default_collate`` would transpose the lists of captions, hence this
 
 Example (mmengine dataloader config)::
 
-    val_dataloader = dict(batch_size=32, collate_fn=dict(type='vlp_collate'),
+    val_dataloader = dict(batch_size=32, collate_fn=dict(type='vlp_codebook.vlp_collate'),
                           sampler=dict(type='DefaultSampler', shuffle=False),
                           dataset=dict(type='SyntheticShapesDataset', split='test'))
 """

@@ -7,9 +7,12 @@ white (emoji PNGs are RGBA), converts to RGB, resizes to ``image_size`` x ``imag
 
 Example::
 
-    >>> img = load_image('data/emoji/images/1f600.png', image_size=32)
-    >>> img.shape, img.dtype
-    (torch.Size([3, 32, 32]), torch.float32)
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), 'red.png')
+    >>> Image.new('RGBA', (64, 48), (255, 0, 0, 255)).save(path)
+    >>> img = load_image(path, image_size=32)
+    >>> img.shape, img.dtype, img[:, 0, 0].tolist()
+    (torch.Size([3, 32, 32]), torch.float32, [1.0, 0.0, 0.0])
 """
 from __future__ import annotations
 

@@ -18,14 +18,15 @@ Image paths are joined to ``image_root`` (absolute paths are used as they are).
 
 Captions are cleaned by :func:`~vlp_codebook.datasets.caption_text.clean_caption` when the
 dataset is built, so a caption that cleans to nothing is reported at once with its entry index.
-Batch them with ``collate_fn=dict(type='vlp_collate')``.
+Batch them with ``collate_fn=dict(type='vlp_codebook.vlp_collate')`` (the scoped name: the Runner
+looks collate functions up in mmengine's root registry).
 
 Example (an mmengine dataloader config)::
 
     train_dataloader = dict(
         batch_size=64, num_workers=4,
         sampler=dict(type='DefaultSampler', shuffle=True),
-        collate_fn=dict(type='vlp_collate'),
+        collate_fn=dict(type='vlp_codebook.vlp_collate'),
         dataset=dict(type='CaptionPretrainDataset', ann_file='data/emoji/train.json',
                      image_root='data/emoji', image_size=64, horizontal_flip_prob=0.5))
 """

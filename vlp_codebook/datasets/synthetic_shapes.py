@@ -30,7 +30,7 @@ Example::
     >>> train = SyntheticShapesDataset(num_images=200, image_size=32, split='train', seed=0)
     >>> item = train[0]
     >>> item['image'].shape, item['text']
-    (torch.Size([3, 32, 32]), 'a large green square above a small red triangle')
+    (torch.Size([3, 32, 32]), 'there is a small green triangle below a small blue circle')
 """
 from __future__ import annotations
 
