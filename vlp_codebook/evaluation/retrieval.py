@@ -199,12 +199,14 @@ class RetrievalMetric(BaseMetric):
                     score_i2t=torch.as_tensor(_get(sample, 'score_i2t')).detach().cpu(),
                     score_t2i=None if score_t2i is None else torch.as_tensor(score_t2i).detach().cpu(),
                     img2txt=[[int(j) for j in texts] for texts in
-                             (img2txt.values() if isinstance(img2txt, Mapping) else img2txt)]))
+                             ([img2txt[i] for i in range(len(img2txt))] if isinstance(img2txt, Mapping)
+                              else img2txt)]))
                 continue
             missing = [key for key in ('image_embed', 'text_embeds', 'image_id') if _get(sample, key) is None]
             if missing:
+                got = sorted(sample) if isinstance(sample, Mapping) else type(sample).__name__
                 raise KeyError(f'RetrievalMetric needs {missing} in every data sample (or a whole '
-                               f"'score_i2t' matrix); got keys {sorted(sample) if isinstance(sample, Mapping) else sample}")
+                               f"'score_i2t' matrix); got {got}")
             image_embed = torch.as_tensor(_get(sample, 'image_embed')).detach().float().cpu()
             text_embeds = torch.as_tensor(_get(sample, 'text_embeds')).detach().float().cpu()
             if text_embeds.dim() == 1:

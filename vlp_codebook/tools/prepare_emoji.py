@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import os
