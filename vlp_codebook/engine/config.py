@@ -35,12 +35,14 @@ def shipped_configs_dir() -> Path:
 
 
 def list_shipped_configs() -> List[str]:
-    """Names of the shipped configs (paths relative to :func:`shipped_configs_dir`, no ``.py``)."""
+    """Names of the shipped configs (relative to :func:`shipped_configs_dir`, no ``.py``; no ``_*``)."""
     root = shipped_configs_dir()
     if not root.is_dir():
         return []
-    return sorted(p.relative_to(root).with_suffix('').as_posix() for p in root.rglob('*.py')
-                  if not p.name.startswith('_') and '__pycache__' not in p.parts)
+    names = (path.relative_to(root) for path in root.rglob('*.py'))
+    # '_base_/...' fragments and private files are not meant to be trained on their own
+    return sorted(name.with_suffix('').as_posix() for name in names
+                  if not any(part.startswith('_') for part in name.parts))
 
 
 def resolve_config(config: str) -> Path:

@@ -26,7 +26,7 @@ from mmengine.config import Config, DictAction
 
 from vlp_codebook.engine.config import load_config
 from vlp_codebook.engine.distributed import LAUNCHERS, setup_launcher
-from vlp_codebook.engine.random_state import RandomStateHook
+from vlp_codebook.engine.iteration_seed import IterationSeedHook
 from vlp_codebook.engine.registry_errors import explain_unknown_types
 
 __all__ = ['parse_args', 'build_train_config', 'build_runner', 'main']
@@ -82,12 +82,12 @@ def enable_amp(cfg: Config) -> None:
         wrapper['type'] = 'BF16AutocastOptimWrapper'
 
 
-def add_random_state_hook(cfg: Config) -> None:
-    """Append ``RandomStateHook`` (exact resumption, see :mod:`vlp_codebook.engine.random_state`)."""
+def add_iteration_seed_hook(cfg: Config) -> None:
+    """Append ``IterationSeedHook`` (exact resumption, see :mod:`vlp_codebook.engine.iteration_seed`)."""
     hooks = list(cfg.get('custom_hooks') or [])
-    if not any(isinstance(hook, dict) and hook.get('type') in ('RandomStateHook', RandomStateHook)
+    if not any(isinstance(hook, dict) and hook.get('type') in ('IterationSeedHook', IterationSeedHook)
                for hook in hooks):
-        hooks.append(dict(type='RandomStateHook'))
+        hooks.append(dict(type='IterationSeedHook'))
     cfg.custom_hooks = hooks
 
 
@@ -97,7 +97,7 @@ def build_train_config(args: argparse.Namespace) -> Config:
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or default_work_dir(cfg)
     if args.amp:
         enable_amp(cfg)
-    add_random_state_hook(cfg)
+    add_iteration_seed_hook(cfg)
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None

@@ -1,0 +1,326 @@
+"""The train/test tools and engine pieces, run on a toy model (tests/fixtures/toy_modules.py).
+
+One uninterrupted 8-iteration training run (checkpoints + validation at 4 and 8) is shared by
+the tests; resumed runs are compared with it.
+"""
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+FIXTURES = Path(__file__).resolve().parent / 'fixtures'
+TOY_CONFIG = str(FIXTURES / 'toy_config.py')
+REPO = Path(__file__).resolve().parents[1]
+if str(FIXTURES) not in sys.path:
+    sys.path.insert(0, str(FIXTURES))
+
+from mmengine.logging import MessageHub  # noqa: E402
+from mmengine.runner import CheckpointLoader  # noqa: E402
+from mmengine.runner import checkpoint as mmengine_checkpoint  # noqa: E402
+
+import vlp_codebook.engine  # noqa: E402,F401
+from vlp_codebook.engine import config as config_module  # noqa: E402
+from vlp_codebook.engine.checkpoint import load_from_trusted_local  # noqa: E402
+from vlp_codebook.engine.distributed import cpu_model_wrapper_cfg, init_cpu_process_group, setup_launcher  # noqa: E402
+from vlp_codebook.engine.hooks import ModelScalarsLoggerHook, MomentumTeacherHook  # noqa: E402
+from vlp_codebook.engine.optim_wrapper import BF16AutocastOptimWrapper  # noqa: E402
+from vlp_codebook.tools import test as test_tool  # noqa: E402
+from vlp_codebook.tools import train as train_tool  # noqa: E402
+
+MAX_ITERS = 8
+
+
+def train_losses(runner):
+    """The logged per-iteration total losses, oldest first (resumed runs include the restored ones)."""
+    values, _ = runner.message_hub.get_scalar('train/loss').data
+    return np.asarray(values, dtype=np.float64)
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory):
+    """The uninterrupted reference run."""
+    work_dir = tmp_path_factory.mktemp('full_run')
+    runner = train_tool.main([TOY_CONFIG, '--work-dir', str(work_dir)])
+    return SimpleNamespace(runner=runner, work_dir=work_dir, losses=train_losses(runner))
+
+
+# ---------------------------------------------------------------- checkpoint loader
+
+def test_our_checkpoint_loader_is_registered_and_needed(full_run):
+    checkpoint = str(full_run.work_dir / 'iter_4.pth')
+    assert CheckpointLoader._get_checkpoint_loader(checkpoint) is load_from_trusted_local
+    # mmengine's own local loader (torch.load with the torch >= 2.6 default weights_only=True)
+    # refuses the pickled message hub / optimizer state of an mmengine checkpoint
+    with pytest.raises(pickle.UnpicklingError):
+        mmengine_checkpoint.load_from_local(checkpoint, map_location='cpu')
+    loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+    assert loaded['meta']['iter'] == 4
+    assert {'state_dict', 'optimizer', 'message_hub', 'param_schedulers'} <= set(loaded)
+
+
+def test_checkpoint_loader_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / 'nope' / 'iter_3.pth'
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        CheckpointLoader.load_checkpoint(str(missing))
+    with pytest.raises(FileNotFoundError, match='directory'):
+        load_from_trusted_local(str(tmp_path))
+
+
+# ---------------------------------------------------------------- training run + hooks
+
+def test_training_writes_checkpoints_and_runs_the_hooks(full_run):
+    assert sorted(p.name for p in full_run.work_dir.glob('*.pth')) == ['iter_4.pth', 'iter_8.pth']
+    assert len(full_run.losses) == MAX_ITERS and np.isfinite(full_run.losses).all()
+    model = full_run.runner.model
+    # MomentumTeacherHook: progress before each iteration (iteration-based loop: epoch 0), EMA after
+    assert model.progress_calls == [(0, i, MAX_ITERS) for i in range(MAX_ITERS)]
+    assert model.momentum_updates == MAX_ITERS
+    # ModelScalarsLoggerHook: the scalars reach the message hub and the log's scalars.json
+    hub = full_run.runner.message_hub
+    assert hub.get_scalar('train/toy_alpha').current() == pytest.approx((MAX_ITERS - 1) / MAX_ITERS)
+    # logged after the EMA update of the last iteration: the final teacher's norm
+    assert hub.get_scalar('train/toy_teacher_norm').current() == pytest.approx(
+        float(model.teacher[0].weight.norm()), rel=1e-6)
+    scalars_files = list(full_run.work_dir.glob('*/vis_data/scalars.json'))
+    assert len(scalars_files) == 1
+    records = [json.loads(line) for line in scalars_files[0].read_text().splitlines()]
+    logged_alpha = [r['toy_alpha'] for r in records if 'toy_alpha' in r]
+    assert logged_alpha == pytest.approx([i / MAX_ITERS for i in range(MAX_ITERS)])
+
+
+def test_unknown_model_type_lists_known_types(tmp_path):
+    with pytest.raises(KeyError) as error:
+        train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path), '--cfg-options', 'model.type=ToyRegresor'])
+    message = error.value.args[0]
+    assert "type='ToyRegresor'" in message
+    assert "Did you mean 'ToyRegressor'" in message
+    assert 'Known types:' in message and 'ToyRegressor' in message.split('Known types:')[1]
+
+
+def test_unknown_config_name_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as error:
+        train_tool.main(['no_such_config_xyz'])
+    message = str(error.value)
+    assert str(tmp_path / 'no_such_config_xyz') in message
+    assert str(config_module.shipped_configs_dir() / 'no_such_config_xyz.py') in message
+
+
+def test_shipped_config_names_resolve(tmp_path, monkeypatch):
+    shipped = tmp_path / 'shipped'
+    (shipped / 'ablations').mkdir(parents=True)
+    (shipped / '_base_').mkdir()
+    (shipped / 'ablations' / 'row_a.py').write_text('x = 1\n')
+    (shipped / '_base_' / 'runtime.py').write_text('y = 2\n')
+    monkeypatch.setattr(config_module, 'shipped_configs_dir', lambda: shipped)
+    monkeypatch.chdir(tmp_path)
+    target = (shipped / 'ablations' / 'row_a.py').resolve()
+    for name in ('ablations/row_a', 'ablations/row_a.py', 'configs/ablations/row_a.py'):
+        assert config_module.resolve_config(name) == target
+    assert config_module.list_shipped_configs() == ['ablations/row_a']
+    cfg = config_module.load_config('ablations/row_a', cfg_options={'x': 3})
+    assert (cfg.x, cfg.default_scope) == (3, 'vlp_codebook')
+
+
+def test_packaged_configs_are_the_repository_configs():
+    shipped = config_module.shipped_configs_dir()
+    assert shipped.is_dir(), f'{shipped} missing: vlp_codebook/.mim/configs must link to configs/'
+    assert shipped.resolve() == (REPO / 'configs').resolve()
+
+
+# ---------------------------------------------------------------- resume
+
+def test_resume_gives_the_same_next_losses(full_run, tmp_path):
+    runner = train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path),
+                              '--resume', str(full_run.work_dir / 'iter_4.pth')])
+    resumed = train_losses(runner)
+    # the first 4 come from the checkpoint's message hub, the last 4 were computed again
+    assert len(resumed) == MAX_ITERS
+    np.testing.assert_allclose(resumed, full_run.losses, rtol=1e-6, atol=0)
+    final_full = torch.load(full_run.work_dir / 'iter_8.pth', weights_only=False)['state_dict']
+    final_resumed = torch.load(tmp_path / 'iter_8.pth', weights_only=False)['state_dict']
+    for name, value in final_full.items():
+        torch.testing.assert_close(final_resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_resume_auto_picks_the_latest_checkpoint(full_run, tmp_path):
+    shutil.copy(full_run.work_dir / 'iter_4.pth', tmp_path / 'iter_4.pth')
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_4.pth'))
+    runner = train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path), '--resume'])
+    np.testing.assert_allclose(train_losses(runner), full_run.losses, rtol=1e-6, atol=0)
+
+
+def test_without_iteration_seed_hook_resume_differs(full_run, tmp_path):
+    """The toy model's dropout makes the losses depend on the generators: without the hook
+    the resumed run draws other masks (so the exact match above is the hook's doing)."""
+    args = train_tool.parse_args([TOY_CONFIG, '--work-dir', str(tmp_path),
+                                  '--resume', str(full_run.work_dir / 'iter_4.pth')])
+    cfg = train_tool.build_train_config(args)
+    cfg.custom_hooks = [h for h in cfg.custom_hooks if h['type'] != 'IterationSeedHook']
+    runner = train_tool.build_runner(cfg)
+    runner.train()
+    resumed = train_losses(runner)
+    np.testing.assert_array_equal(resumed[:4], full_run.losses[:4])
+    assert np.abs(resumed[4:] - full_run.losses[4:]).max() > 1e-3
+
+
+def test_resume_from_missing_checkpoint_names_it(tmp_path):
+    missing = tmp_path / 'iter_99.pth'
+    with pytest.raises(FileNotFoundError, match='iter_99.pth'):
+        train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path), '--resume', str(missing)])
+
+
+# ---------------------------------------------------------------- test tool
+
+def test_test_tool_evaluates_the_checkpoint(full_run, tmp_path):
+    from toy_modules import ToyRegressionDataset
+
+    checkpoint = full_run.work_dir / 'iter_8.pth'
+    metrics = test_tool.main([TOY_CONFIG, str(checkpoint), '--work-dir', str(tmp_path)])
+    # the same number by hand: the checkpoint's student weights on the test split (seed 1)
+    state = torch.load(checkpoint, weights_only=False)['state_dict']
+    data = ToyRegressionDataset(num_samples=16, seed=1)
+    hidden = torch.relu(data.inputs @ state['student.0.weight'].T + state['student.0.bias'])
+    prediction = (hidden @ state['student.3.weight'].T + state['student.3.bias']).squeeze(-1)
+    expected = float(((prediction - data.targets) ** 2).mean())
+    assert metrics['mse'] == pytest.approx(expected, rel=1e-5)
+
+
+def test_test_tool_errors(tmp_path, full_run):
+    with pytest.raises(FileNotFoundError, match='missing.pth'):
+        test_tool.main([TOY_CONFIG, str(tmp_path / 'missing.pth')])
+    no_test = tmp_path / 'no_test.py'
+    no_test.write_text(f"_base_ = [{TOY_CONFIG!r}]\ntest_dataloader = None\ntest_evaluator = None\n")
+    with pytest.raises(ValueError, match='test_dataloader, test_evaluator'):
+        test_tool.main([str(no_test), str(full_run.work_dir / 'iter_4.pth')])
+
+
+# ---------------------------------------------------------------- hooks on their own
+
+def _fake_runner(model):
+    return SimpleNamespace(model=model, message_hub=MessageHub(name=f'hooks_{id(model)}'),
+                           epoch=2, iter=5, max_iters=10)
+
+
+def test_hooks_skip_models_without_the_methods():
+    runner = _fake_runner(torch.nn.Linear(2, 2))
+    MomentumTeacherHook().before_train_iter(runner, 0)
+    MomentumTeacherHook().after_train_iter(runner, 0)
+    ModelScalarsLoggerHook().after_train_iter(runner, 0)
+    assert runner.message_hub.log_scalars == {}
+
+
+@pytest.mark.parametrize('scalars, error, pattern', [
+    ([1.0], TypeError, 'must return a dict'),
+    ({'t': 'warm'}, TypeError, r"\['t'\] must be a number"),
+    ({'t': torch.ones(2)}, TypeError, r'shape \(2,\)'),
+    ({'t': float('nan')}, ValueError, r"\['t'\] is nan"),
+    ({3: 1.0}, TypeError, 'keys must be str'),
+])
+def test_scalars_hook_rejects_bad_values(scalars, error, pattern):
+    model = torch.nn.Linear(2, 2)
+    model.extra_log_scalars = lambda: scalars
+    with pytest.raises(error, match=pattern):
+        ModelScalarsLoggerHook().after_train_iter(_fake_runner(model), 0)
+
+
+def test_scalars_hook_accepts_tensors_and_ints():
+    model = torch.nn.Linear(2, 2)
+    model.extra_log_scalars = lambda: {'temp': torch.tensor(0.07), 'usage': 3}
+    runner = _fake_runner(model)
+    ModelScalarsLoggerHook().after_train_iter(runner, 0)
+    assert runner.message_hub.get_scalar('train/temp').current() == pytest.approx(0.07)
+    assert runner.message_hub.get_scalar('train/usage').current() == 3.0
+
+
+# ---------------------------------------------------------------- amp, launcher
+
+def test_amp_on_cpu_uses_bf16_autocast(tmp_path):
+    args = train_tool.parse_args([TOY_CONFIG, '--work-dir', str(tmp_path), '--amp'])
+    cfg = train_tool.build_train_config(args)
+    expected = 'AmpOptimWrapper' if torch.cuda.is_available() else 'BF16AutocastOptimWrapper'
+    assert cfg.optim_wrapper.type == expected
+    layer = torch.nn.Linear(4, 4)
+    wrapper = BF16AutocastOptimWrapper(optimizer=torch.optim.SGD(layer.parameters(), lr=0.1), device_type='cpu')
+    with wrapper.optim_context(layer):
+        out = layer(torch.randn(2, 4))
+    assert out.dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
+
+
+def test_amp_refuses_an_unknown_wrapper(tmp_path):
+    args = train_tool.parse_args([TOY_CONFIG, '--work-dir', str(tmp_path), '--amp',
+                                  '--cfg-options', 'optim_wrapper.type=MyWrapper'])
+    with pytest.raises(ValueError, match="optim_wrapper.type='MyWrapper'"):
+        train_tool.build_train_config(args)
+
+
+def test_cpu_model_wrapper_cfg_sets_device_ids_none():
+    wrapper = cpu_model_wrapper_cfg(dict(find_unused_parameters=True, device_ids=[0]))
+    assert wrapper == dict(type='MMDistributedDataParallel', find_unused_parameters=True,
+                           broadcast_buffers=False, device_ids=None)
+
+
+def test_setup_launcher_none_leaves_the_config_alone():
+    cfg = dict(model_wrapper_cfg=None)
+    setup_launcher(cfg, 'none')
+    assert cfg == dict(model_wrapper_cfg=None, launcher='none')
+    with pytest.raises(ValueError, match="launcher='slurm'"):
+        setup_launcher(cfg, 'slurm')
+
+
+def test_pytorch_launcher_without_torchrun_env_says_so(monkeypatch):
+    for name in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match='missing: RANK, WORLD_SIZE.*torchrun'):
+        init_cpu_process_group()
+
+
+def run_process_group(command, timeout, **kwargs):
+    """Run ``command`` in its own session; on timeout kill the whole group (torchrun's workers too)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, **kwargs)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f'{" ".join(command)} ran over {timeout} s:\n{output[-5000:]}')
+    return process.returncode, output
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU (gloo) launcher path')
+def test_two_cpu_processes_match_one_process_on_the_joint_batch(tmp_path):
+    """torchrun, 2 ranks x batch 2 vs 1 process x batch 4 (no dropout): DefaultSampler deals the
+    same shuffled samples, DDP averages the gradients -> the same weights after 4 steps."""
+    options = ['--cfg-options', 'model.dropout=0.0', 'train_cfg.max_iters=4', 'train_cfg.val_interval=2']
+    one = train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path / 'one'), *options,
+                           'train_dataloader.batch_size=4'])
+    assert one.train_loop.iter == 4
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FIXTURES), str(REPO)]), OMP_NUM_THREADS='1')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr',
+               '127.0.0.1', '--master_port', str(_free_port()), '-m', 'vlp_codebook.tools.train', TOY_CONFIG,
+               '--launcher', 'pytorch', '--work-dir', str(tmp_path / 'two'), *options,
+               'train_dataloader.batch_size=2']
+    returncode, output = run_process_group(command, env=env, timeout=180)
+    assert returncode == 0, output[-5000:]
+    assert 'Distributed training is not used' not in output
+    weights_one = torch.load(tmp_path / 'one' / 'iter_4.pth', weights_only=False)['state_dict']
+    weights_two = torch.load(tmp_path / 'two' / 'iter_4.pth', weights_only=False)['state_dict']
+    for name, value in weights_one.items():
+        torch.testing.assert_close(weights_two[name], value, rtol=1e-5, atol=1e-6, msg=name)
