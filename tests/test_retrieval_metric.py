@@ -261,3 +261,47 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         result = torch.load(tmp_path / f'rank{rank}.pt')
         for key, value in EXPECTED_K123.items():
             assert math.isclose(result[f'retrieval/{key}'], value, rel_tol=1e-9), (rank, key)
+
+
+# ---- ITM re-ranking --------------------------------------------------------------------------------
+
+def test_itm_rerank_scores_only_the_top_k_pairs():
+    from vlp_codebook.evaluation import itm_rerank
+    sim = torch.tensor([[0.9, 0.8, 0.1],
+                        [0.2, 0.7, 0.6]])
+    itm = torch.tensor([[1.0, 3.0, 9.0],
+                        [2.0, 4.0, 5.0]])
+    calls = []
+
+    def scorer(images, texts):
+        calls.extend(zip(images.tolist(), texts.tolist()))
+        return itm[images, texts]
+
+    score_i2t, score_t2i = itm_rerank(sim, scorer, k=2, batch_size=3)
+    # i2t: image 0's top-2 texts are 0, 1; image 1's are 1, 2.  t2i: k = 2 covers both images.
+    assert sorted(set(calls)) == sorted({(0, 0), (0, 1), (1, 1), (1, 2), (0, 2), (1, 0)})
+    assert len(calls) == 2 * 2 + 3 * 2
+    # Text 2 (ITM 9 for image 0) is outside image 0's top 2: it gets the floor, below ITM 1 and 3.
+    assert score_i2t[0, :2].tolist() == [1.0, 3.0] and score_i2t[0, 2] < 1.0
+    assert score_i2t[1, 1:].tolist() == [4.0, 5.0] and score_i2t[1, 0] < 4.0
+    assert torch.equal(score_t2i, itm.T)  # every image is in every text's top 2
+    # add_similarity: ITM + similarity on the re-scored pairs
+    score_i2t, _ = itm_rerank(sim, scorer, k=2, add_similarity=True)
+    assert score_i2t[0, :2].tolist() == pytest.approx([1.9, 3.8])
+    # Re-ranking fixes the order inside the top k. Ground truth: image 0 <-> text 1, image 1 <-> texts 2, 0.
+    # Similarity: image 0 prefers wrong text 0 (0.9 > 0.8), image 1 wrong text 1 (0.7 > 0.6): TR@1 = 0.
+    # ITM on the top 2: image 0 -> text 1 (3 > 1), image 1 -> text 2 (5 > 4): TR@1 = 100.
+    score_i2t, score_t2i = itm_rerank(sim, scorer, k=2)
+    before = retrieval_recalls(sim, [[1], [2, 0]], [1, 0, 1], ks=(1,))
+    after = retrieval_recalls(score_i2t, [[1], [2, 0]], [1, 0, 1], ks=(1,), score_t2i=score_t2i)
+    assert before['txt_r1'] == 0.0 and after['txt_r1'] == 100.0
+
+
+def test_itm_rerank_bad_inputs():
+    from vlp_codebook.evaluation import itm_rerank
+    with pytest.raises(ValueError, match='NaN'):
+        itm_rerank(torch.zeros(2, 2), lambda i, j: torch.full((i.numel(),), float('nan')), k=1)
+    with pytest.raises(ValueError, match='returned 1 scores for 2 pairs'):
+        itm_rerank(torch.zeros(2, 2), lambda i, j: torch.zeros(1), k=1)
+    with pytest.raises(ValueError, match='2-D'):
+        itm_rerank(torch.zeros(3), lambda i, j: torch.zeros(i.numel()), k=1)
