@@ -1,0 +1,73 @@
+"""LAVIS output classes with the CODIS terms as named fields.
+
+LAVIS's ``AlbefOutput`` / ``BlipOutput`` are ``transformers`` ``ModelOutput`` dataclasses with a
+fixed set of fields (``loss, loss_itc, loss_itm, loss_mlm, sims, intermediate_output``). The
+CODIS models return subclasses that add:
+
+* ``loss_code``: :math:`L_{code}` = the sum of the four codebook terms below;
+* ``loss_code_i2p, loss_code_t2p, loss_code_ot_v, loss_code_ot_t``: the terms of
+  :class:`vlp_codebook.models.losses.CodebookOTLoss` (its ``loss_i2p`` ... renamed);
+* ``loss_i2i, loss_t2t``: the intra-modal distillation terms, when enabled;
+
+and ``loss`` is LAVIS's total plus all of them, so LAVIS's task/runner (which back-propagate
+``output["loss"]``) train them without change. Being subclasses, the outputs pass every
+``isinstance(out, AlbefOutput)`` check. Disabled terms are ``None`` and, as in any
+``ModelOutput``, absent from ``.keys()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from lavis.models.albef_models.albef_outputs import AlbefOutput
+from lavis.models.blip_models.blip_outputs import BlipOutput
+
+__all__ = ['CodisAlbefOutput', 'CodisBlipOutput', 'CODIS_TERMS', 'with_codis_terms']
+
+CODIS_TERMS = ('loss_code', 'loss_code_i2p', 'loss_code_t2p', 'loss_code_ot_v', 'loss_code_ot_t',
+               'loss_i2i', 'loss_t2t')
+
+
+@dataclass
+class CodisAlbefOutput(AlbefOutput):
+    loss_code: Optional[torch.FloatTensor] = None
+    loss_code_i2p: Optional[torch.FloatTensor] = None
+    loss_code_t2p: Optional[torch.FloatTensor] = None
+    loss_code_ot_v: Optional[torch.FloatTensor] = None
+    loss_code_ot_t: Optional[torch.FloatTensor] = None
+    loss_i2i: Optional[torch.FloatTensor] = None
+    loss_t2t: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class CodisBlipOutput(BlipOutput):
+    loss_code: Optional[torch.FloatTensor] = None
+    loss_code_i2p: Optional[torch.FloatTensor] = None
+    loss_code_t2p: Optional[torch.FloatTensor] = None
+    loss_code_ot_v: Optional[torch.FloatTensor] = None
+    loss_code_ot_t: Optional[torch.FloatTensor] = None
+    loss_i2i: Optional[torch.FloatTensor] = None
+    loss_t2t: Optional[torch.FloatTensor] = None
+
+
+_CODIS_CLASS = {AlbefOutput: CodisAlbefOutput, BlipOutput: CodisBlipOutput}
+
+
+def with_codis_terms(output, terms: Dict[str, torch.Tensor]):
+    """A copy of LAVIS's ``output`` as its CODIS subclass, with ``terms`` (keys from
+    :data:`CODIS_TERMS`) filled in and added to ``loss``."""
+    unknown = sorted(set(terms) - set(CODIS_TERMS))
+    if unknown:
+        raise KeyError(f'unknown CODIS terms {unknown}; known: {list(CODIS_TERMS)}')
+    base = next((b for b in _CODIS_CLASS if isinstance(output, b)), None)
+    if base is None:
+        raise TypeError(f'expected a LAVIS AlbefOutput or BlipOutput, got {type(output).__name__}')
+    values = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
+    extra = {k: v for k, v in terms.items() if k != 'loss_code'}
+    total = sum(extra.values())
+    if isinstance(total, torch.Tensor):
+        values['loss'] = values['loss'] + total   # type promotion keeps fp32 terms fp32
+    values.update(terms)
+    return _CODIS_CLASS[base](**values)

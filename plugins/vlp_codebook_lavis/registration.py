@@ -1,0 +1,64 @@
+"""Idempotent registration in LAVIS's registry (``lavis.common.registry.registry``).
+
+LAVIS's ``registry.register_model(name)`` raises ``KeyError`` when ``name`` is taken, so a
+module that registers with the decorator cannot be imported twice (``importlib.reload``, or the
+same file imported under two module names). :func:`register_once` accepts a name that is
+already bound to *our own* class (same module and qualified name: a re-import) and rebinds it
+to the new class object; a name bound to anybody else's class is an error that names both.
+
+Example::
+
+    >>> from lavis.common.registry import registry
+    >>> from vlp_codebook_lavis.registration import register_once
+    >>> from vlp_codebook_lavis.models import CodisRetrieval
+    >>> register_once('model', 'codis_retrieval', CodisRetrieval)   # a no-op the second time
+    >>> registry.get_model_class('codis_retrieval') is CodisRetrieval
+    True
+"""
+from __future__ import annotations
+
+from lavis.common.registry import registry
+
+__all__ = ['register_once', 'KINDS']
+
+# kind -> (LAVIS's registration decorator factory, the mapping it fills)
+KINDS = {
+    'model': ('register_model', 'model_name_mapping'),
+    'task': ('register_task', 'task_name_mapping'),
+    'builder': ('register_builder', 'builder_name_mapping'),
+    'processor': ('register_processor', 'processor_name_mapping'),
+}
+
+
+def _same_class(a: type, b: type) -> bool:
+    return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__)
+
+
+def register_once(kind: str, name: str, cls: type) -> type:
+    """Register ``cls`` under ``name`` in LAVIS's ``kind`` mapping, tolerating re-imports.
+
+    Args:
+        kind: one of ``'model', 'task', 'builder', 'processor'``.
+        name: the LAVIS name (``arch`` for models, ``run.task`` for tasks).
+        cls: the class (LAVIS's own checks apply: a model must subclass ``BaseModel`` ...).
+
+    Returns:
+        ``cls``.
+
+    Raises:
+        ValueError: unknown ``kind``.
+        KeyError: ``name`` is registered to a class that is not ``cls`` (nor a re-import of it).
+    """
+    if kind not in KINDS:
+        raise ValueError(f'kind must be one of {sorted(KINDS)}, got {kind!r}')
+    decorator_name, mapping_name = KINDS[kind]
+    mapping = registry.mapping[mapping_name]
+    current = mapping.get(name)
+    if current is not None:
+        if not _same_class(current, cls):
+            raise KeyError(f'LAVIS {kind} name {name!r} is already registered to '
+                           f'{current.__module__}.{current.__qualname__}; cannot register '
+                           f'{cls.__module__}.{cls.__qualname__} under it')
+        del mapping[name]  # a re-import of our own class: rebind to the new class object
+    getattr(registry, decorator_name)(name)(cls)
+    return cls
