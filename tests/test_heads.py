@@ -348,3 +348,27 @@ def test_mlm_under_bf16_autocast_gives_fp32_loss():
     torch.testing.assert_close(out, reference)
     out.backward()
     assert torch.isfinite(hidden.grad).all()
+
+
+def test_mlm_head_loads_a_local_bert_masked_lm_checkpoint(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=1, num_attention_heads=HEADS,
+                        intermediate_size=64)
+    reference = BertForMaskedLM(config).eval()
+    with torch.no_grad():                                    # non-trivial values to compare
+        reference.cls.predictions.bias.normal_()
+        reference.cls.predictions.transform.LayerNorm.weight.normal_()
+    reference.save_pretrained(tmp_path)
+    text = BertTextEncoder(num_layers=1, pretrained=str(tmp_path))
+    head = MaskedLanguageModelingHead(D, VOCAB, tie_to=text.word_embeddings, pretrained=str(tmp_path))
+    theirs = reference.state_dict()
+    for name in ('transform.dense.weight', 'transform.dense.bias', 'transform.LayerNorm.weight',
+                 'transform.LayerNorm.bias', 'bias'):
+        assert torch.equal(head.state_dict()[name], theirs['cls.predictions.' + name]), name
+    hidden = torch.randn(2, 5, D)
+    with torch.no_grad():
+        torch.testing.assert_close(head(hidden), reference.cls(hidden))
+    with pytest.raises(ValueError, match='tie_to'):
+        MaskedLanguageModelingHead(D, VOCAB, pretrained=str(tmp_path))

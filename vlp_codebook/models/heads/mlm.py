@@ -107,13 +107,16 @@ class MaskedLanguageModelingHead(nn.Module):
         tie_to: an ``nn.Embedding`` (or any module with a (V, D) ``weight``), e.g.
             ``text_encoder.word_embeddings``: the decoder shares that weight (BERT/ALBEF).
         layer_norm_eps: LayerNorm epsilon.
+        pretrained: LOCAL checkpoint of a BERT masked-LM (``BertForMaskedLM``, as ALBEF starts
+            from): loads ``cls.predictions.transform.*`` and ``cls.predictions.bias`` (and the
+            decoder weight when the head is not tied).
 
     Shapes:
         forward: (..., D) -> (..., V) logits.
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, tie_to: Optional[nn.Module] = None,
-                 layer_norm_eps: float = 1e-12):
+                 layer_norm_eps: float = 1e-12, pretrained: Optional[str] = None):
         super().__init__()
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.transform = nn.Module()
@@ -127,6 +130,19 @@ class MaskedLanguageModelingHead(nn.Module):
                 raise ValueError(f'tie_to must have a (vocab_size={vocab_size}, hidden_size={hidden_size}) weight '
                                  f'parameter, got {tuple(getattr(weight, "shape", ()))}')
             self.decoder.weight = weight
+        self.tied = tie_to is not None
+        if pretrained is not None:
+            self._load(pretrained)
+
+    def _load(self, path: str) -> None:
+        from vlp_codebook.models.encoders.pretrained import load_matching, read_state_dict, strip_prefix
+
+        expected = [k for k in self.state_dict() if not (self.tied and k.startswith('decoder.'))]
+        state = strip_prefix(read_state_dict(path), expected, ('cls.predictions.',))
+        if not self.tied and 'decoder.weight' not in state:
+            raise ValueError(f'checkpoint {path!r} has no untied MLM decoder weight (BERT ties it to the word '
+                             'embeddings): build the head with tie_to=text_encoder.word_embeddings')
+        load_matching(self, state, path, skip=('decoder.',) if self.tied else ())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[-1] != self.hidden_size:
