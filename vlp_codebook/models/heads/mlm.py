@@ -169,7 +169,8 @@ class MaskedLanguageModelingLoss(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """logits (..., V), labels (...) long with -100 at ignored positions."""
         if logits.shape[:-1] != labels.shape:
-            raise ValueError(f'logits (..., V) and labels (...) disagree: {tuple(logits.shape)} vs {tuple(labels.shape)}')
+            raise ValueError(f'logits (..., V) and labels (...) disagree: {tuple(logits.shape)} vs '
+                             f'{tuple(labels.shape)}')
         logits = logits.reshape(-1, logits.shape[-1]).float()
         labels = labels.reshape(-1)
         selected = labels != IGNORE_INDEX
