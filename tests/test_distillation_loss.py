@@ -92,7 +92,8 @@ def test_enabled_directions_are_exactly_the_returned_terms(seed, batch, dim, num
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
 
 
-@given(seed=st.integers(0, 2**16), batch=st.integers(1, 6), num_queue=st.integers(0, 6), with_ids=st.booleans())
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 6), num_queue=st.integers(0, 6),
+       with_ids=st.booleans())
 def test_alpha_zero_gives_exactly_the_multi_positive_targets(seed, batch, num_queue, with_ids):
     inputs = make_inputs(seed, batch, 4, num_queue, num_queue, with_ids)
     out = MultiDirectionalDistillationLoss().distributions(**inputs, alpha=0.0)
@@ -262,3 +263,13 @@ def test_docs_example_runs():
     namespace = {}
     exec(compile(blocks[0], str(page), 'exec'), namespace)
     assert namespace['losses'].keys() == {'loss_t2i', 'loss_i2t', 'loss_i2i', 'loss_t2t'}
+
+
+@pytest.mark.parametrize('module', ['vlp_codebook.models.losses.distillation',
+                                    'vlp_codebook.models.teachers.feature_queue',
+                                    'vlp_codebook.models.teachers.momentum_teacher'])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0, result

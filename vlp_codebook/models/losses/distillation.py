@@ -1,4 +1,6 @@
-r"""Multi-directional teacher-student distillation, CODIS's :math:`L_{align}` (Duan et al., CVPR 2022, "Part 2").
+r"""Multi-directional teacher-student distillation: CODIS's :math:`L_{align}`.
+
+Duan et al., "Multi-modal Alignment using Representation Codebook", CVPR 2022, "Part 2".
 
 Image and text are two views of one instance. Student embeddings :math:`z_v, z_t` (queries)
 are contrasted against momentum-teacher embeddings (keys): the current teacher batch
@@ -55,7 +57,8 @@ Example::
     >>> from vlp_codebook.registry import MODELS
     >>> loss_fn = MODELS.build(dict(type='MultiDirectionalDistillationLoss'))
     >>> zv, zt = normalize(torch.randn(8, 32), dim=1), normalize(torch.randn(8, 32), dim=1)
-    >>> zv_m, zt_m = normalize(zv + 0.1 * torch.randn(8, 32), dim=1), normalize(zt + 0.1 * torch.randn(8, 32), dim=1)
+    >>> zv_m = normalize(zv + 0.1 * torch.randn(8, 32), dim=1)    # teacher features
+    >>> zt_m = normalize(zt + 0.1 * torch.randn(8, 32), dim=1)
     >>> Qv, Qt = normalize(torch.randn(100, 32), dim=1), normalize(torch.randn(100, 32), dim=1)
     >>> losses = loss_fn(image_feats=zv, text_feats=zt, image_teacher_feats=zv_m,
     ...                  text_teacher_feats=zt_m, image_queue=Qv, text_queue=Qt, alpha=0.4)
@@ -136,7 +139,8 @@ class MultiDirectionalDistillationLoss(nn.Module):
             raise ValueError(f'direction_weights has unknown keys {bad}; known: {list(DIRECTIONS)}')
         lo, hi = (float(x) for x in temperature_range)
         if not (0 < lo <= hi and math.isfinite(hi)):
-            raise ValueError(f'temperature_range must be (min, max) with 0 < min <= max, got {temperature_range}')
+            raise ValueError('temperature_range must be (min, max) with 0 < min <= max, got '
+                             f'{temperature_range}')
         _check_temperature(temperature)
         _check_alpha(alpha)
         # Fixed order, whatever the order given.
@@ -202,7 +206,8 @@ class MultiDirectionalDistillationLoss(nn.Module):
         for direction, (logits, target) in out.items():
             per_query = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
             # sum / max(B, 1): a rank with an empty batch contributes 0, not NaN.
-            losses[f'loss_{direction}'] = per_query.sum() / max(per_query.shape[0], 1) * self.weights[direction]
+            mean = per_query.sum() / max(per_query.shape[0], 1)
+            losses[f'loss_{direction}'] = mean * self.weights[direction]
         return losses
 
     def distributions(self, *args, **kwargs) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
@@ -299,7 +304,9 @@ class MultiDirectionalDistillationLoss(nn.Module):
 
 
 def _check_temperature(temperature) -> None:
-    value = float(temperature.detach().float().item()) if isinstance(temperature, torch.Tensor) else temperature
+    value = temperature
+    if isinstance(temperature, torch.Tensor):
+        value = float(temperature.detach().float().item())
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f'temperature must be a positive finite number, got {temperature!r}')
 
@@ -323,7 +330,8 @@ def _check_batch(feats: Mapping[str, torch.Tensor], embed_dim: Optional[int]) ->
         expected = f' (embed_dim={embed_dim})' if embed_dim is not None else ''
         raise ValueError(f'feature dimensions differ{expected}: {dims}')
     if len(set(batches.values())) > 1:
-        raise ValueError(f'student and teacher features must hold the same B pairs, got batch sizes {batches}')
+        raise ValueError('student and teacher features must hold the same B pairs, got batch sizes '
+                         f'{batches}')
     return next(iter(dims.values())), next(iter(batches.values()))
 
 
