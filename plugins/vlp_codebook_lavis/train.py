@@ -1,0 +1,110 @@
+"""Train or evaluate with LAVIS's own runner, with the CODIS models registered.
+
+LAVIS's ``train.py`` lives in its source repository, not in its wheel. This launcher does the
+same steps with LAVIS's own pieces (``Config``, ``tasks.setup_task``, ``task.build_datasets``,
+``task.build_model``, the runner named by ``run.runner``, default ``runner_base``), after
+``import vlp_codebook_lavis``::
+
+    python -m vlp_codebook_lavis.train --cfg-path my_codis.yaml [--options run.max_epoch=1 ...]
+
+Differences from LAVIS's script, each because LAVIS's would fail or surprise here:
+
+* ``run.output_dir``, when relative, is taken relative to the current directory (LAVIS's
+  runner puts it under LAVIS's package directory, i.e. inside site-packages).
+* Without a distributed launch (no ``RANK``/``WORLD_SIZE``), a one-process ``gloo`` group is
+  started: LAVIS's runner calls ``torch.distributed.barrier()`` after every epoch, which fails
+  without a process group. ``run.distributed`` stays False (no DDP wrapper).
+* A ``codebook_loss`` / ``intra_modal_loss`` block under a model whose ``arch`` is not a CODIS
+  one is an error (LAVIS would silently ignore it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+import vlp_codebook_lavis
+from lavis.common.config import Config
+from lavis.common.dist_utils import get_rank, init_distributed_mode
+from lavis.common.logger import setup_logger
+from lavis.common.registry import registry
+from lavis.common.utils import now
+
+import lavis.tasks as lavis_tasks
+
+__all__ = ['parse_args', 'build_config', 'main', 'CODIS_BLOCKS']
+
+CODIS_BLOCKS = ('codebook_loss', 'intra_modal_loss')
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='LAVIS training with the CODIS models registered')
+    parser.add_argument('--cfg-path', required=True, help='LAVIS run config (YAML: model, datasets, run)')
+    parser.add_argument('--options', nargs='+', default=None,
+                        help='overrides as key=value (dotted keys), e.g. run.max_epoch=1')
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """LAVIS's ``Config`` of ``args``, checked and with ``run.output_dir`` made absolute."""
+    if not os.path.isfile(args.cfg_path):
+        raise FileNotFoundError(f'--cfg-path {args.cfg_path!r} does not exist')
+    cfg = Config(args)
+    model_cfg = cfg.model_cfg
+    stray = [b for b in CODIS_BLOCKS if model_cfg.get(b) is not None]
+    if stray and model_cfg.arch not in vlp_codebook_lavis.MODEL_NAMES:
+        raise ValueError(
+            f'model.arch={model_cfg.arch!r} ignores model.{stray[0]}: use a CODIS arch '
+            f'({", ".join(sorted(vlp_codebook_lavis.MODEL_NAMES))}), e.g. codis_retrieval for albef_retrieval')
+    output_dir = cfg.run_cfg.get('output_dir', 'output')
+    cfg.run_cfg.output_dir = os.path.abspath(output_dir)
+    return cfg
+
+
+def setup_seeds(cfg: Config) -> None:
+    seed = int(cfg.run_cfg.get('seed', 42)) + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_single_process_group() -> None:
+    """A world of one (gloo, file store): LAVIS's runner needs a process group for its barriers."""
+    if torch.distributed.is_available() and not torch.distributed.is_initialized():
+        store = tempfile.NamedTemporaryFile(prefix='vlp_codebook_lavis_pg_', delete=False)
+        store.close()
+        os.unlink(store.name)
+        torch.distributed.init_process_group('gloo', init_method=f'file://{store.name}', rank=0, world_size=1)
+
+
+def main(argv: Optional[List[str]] = None):
+    """Run LAVIS's runner on the config; returns the runner (after ``runner.train()``)."""
+    args = parse_args(argv)
+    job_id = now()
+    cfg = build_config(args)
+    init_distributed_mode(cfg.run_cfg)
+    if not cfg.run_cfg.distributed:
+        init_single_process_group()
+    setup_seeds(cfg)
+    setup_logger()
+    cfg.pretty_print()
+
+    task = lavis_tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner_name = cfg.run_cfg.get('runner', 'runner_base')
+    runner_cls = registry.get_runner_class(runner_name)
+    if runner_cls is None:
+        raise KeyError(f'run.runner={runner_name!r} is not a LAVIS runner; known: {registry.list_runners()}')
+    runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+    runner.train()
+    return runner
+
+
+if __name__ == '__main__':
+    main()
