@@ -107,6 +107,19 @@ def test_unknown_model_type_lists_known_types(tmp_path):
     assert 'Known types:' in message and 'ToyRegressor' in message.split('Known types:')[1]
 
 
+@pytest.mark.parametrize('option, wrong, right', [
+    ('train_dataloader.dataset.type=ToyRegresionDataset', 'ToyRegresionDataset', 'ToyRegressionDataset'),
+    ('val_evaluator.type=ToyMSEMetrik', 'ToyMSEMetrik', 'ToyMSEMetric'),
+    ('default_hooks.checkpoint.type=CheckpointHok', 'CheckpointHok', 'CheckpointHook'),
+])
+def test_unknown_types_elsewhere_list_known_types(tmp_path, option, wrong, right):
+    with pytest.raises(KeyError) as error:
+        train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path), '--cfg-options', option])
+    message = error.value.args[0]
+    assert f"type={wrong!r}" in message and f"Did you mean {right!r}" in message
+    assert right in message.split('Known types:')[1]
+
+
 def test_unknown_config_name_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as error:
