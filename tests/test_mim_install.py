@@ -42,6 +42,7 @@ def _copy_working_tree(destination: Path) -> None:
 
 
 @pytest.mark.skipif(not MIM.exists(), reason=f'openmim is not installed next to {sys.executable}')
+@pytest.mark.skipif(not (REPO / '.git').exists(), reason='needs a git checkout (copies the tracked files)')
 def test_mim_run_train_and_test_from_a_regular_install(tmp_path):
     source = tmp_path / 'source'
     _copy_working_tree(source)
