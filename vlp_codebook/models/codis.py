@@ -288,7 +288,9 @@ class CODIS(BaseModel):
             special_token_ids=preprocessor.special_token_ids, mask_prob=self.mask_prob)
         hidden = self.text_tower.encoder(masked_ids, attention_mask)
         fused = self.fusion_encoder(hidden, attention_mask, image_tokens)
-        return self.mlm_loss(self.mlm_head(fused), labels)
+        # The vocabulary-wide head only on the selected positions: same loss, far less work.
+        selected = labels != -100
+        return self.mlm_loss(self.mlm_head(fused[selected]), labels[selected])
 
     @torch.no_grad()
     def predict(self, images, input_ids, attention_mask, image_ids=None, text_to_image=None,
