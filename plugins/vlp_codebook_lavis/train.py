@@ -11,9 +11,14 @@ Differences from LAVIS's script, each because LAVIS's would fail or surprise her
 
 * ``run.output_dir``, when relative, is taken relative to the current directory (LAVIS's
   runner puts it under LAVIS's package directory, i.e. inside site-packages).
-* Without a distributed launch (no ``RANK``/``WORLD_SIZE``), a one-process ``gloo`` group is
-  started: LAVIS's runner calls ``torch.distributed.barrier()`` after every epoch, which fails
-  without a process group. ``run.distributed`` stays False (no DDP wrapper).
+* Without a distributed launch (no ``RANK``/``WORLD_SIZE``), LAVIS's runner still calls
+  ``torch.distributed.barrier()`` after every epoch, which fails without a process group: the
+  launcher makes that barrier a no-op for the runner module (in this process only).
+* On CPU (``run.device: cpu``), LAVIS's ``RunnerBase.model`` returns None (it sets its model
+  only when moving it to another device); the launcher hands the runner its model.
+* On CPU, LAVIS's data loaders are wrapped in its ``PrefetchLoader``, which creates a CUDA
+  stream; for ``run.device: cpu`` the launcher has the runner use :class:`CpuLoader` instead
+  (same interface, no stream) -- in this process only.
 * A ``codebook_loss`` / ``intra_modal_loss`` block under a model whose ``arch`` is not a CODIS
   one is an error (LAVIS would silently ignore it).
 """
@@ -22,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import tempfile
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -35,6 +39,8 @@ from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 from lavis.common.utils import now
 
+import lavis.common.optims  # noqa: F401  (registers the lr schedulers)
+import lavis.runners  # noqa: F401  (registers runner_base, runner_iter)
 import lavis.tasks as lavis_tasks
 
 __all__ = ['parse_args', 'build_config', 'main', 'CODIS_BLOCKS']
@@ -66,6 +72,22 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+class CpuLoader:
+    """LAVIS's ``PrefetchLoader`` interface (iterate, ``len``, attribute pass-through) without CUDA."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
 def setup_seeds(cfg: Config) -> None:
     seed = int(cfg.run_cfg.get('seed', 42)) + get_rank()
     random.seed(seed)
@@ -73,13 +95,26 @@ def setup_seeds(cfg: Config) -> None:
     torch.manual_seed(seed)
 
 
-def init_single_process_group() -> None:
-    """A world of one (gloo, file store): LAVIS's runner needs a process group for its barriers."""
-    if torch.distributed.is_available() and not torch.distributed.is_initialized():
-        store = tempfile.NamedTemporaryFile(prefix='vlp_codebook_lavis_pg_', delete=False)
-        store.close()
-        os.unlink(store.name)
-        torch.distributed.init_process_group('gloo', init_method=f'file://{store.name}', rank=0, world_size=1)
+class _NoProcessGroupDist:
+    """``torch.distributed`` for LAVIS's runner module in a single-process run: ``barrier()``
+    is a no-op (the runner calls it unguarded after every epoch), everything else is torch's."""
+
+    @staticmethod
+    def barrier(*args, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+
+def adapt_runner_module(cfg: Config) -> None:
+    """The two LAVIS runner fixes of a non-distributed / CPU run (see the module docstring)."""
+    import lavis.runners.runner_base as runner_base
+    if not cfg.run_cfg.distributed:
+        runner_base.dist = _NoProcessGroupDist()
+    if torch.device(cfg.run_cfg.get('device', 'cuda')).type == 'cpu':
+        runner_base.PrefetchLoader = CpuLoader
 
 
 def main(argv: Optional[List[str]] = None):
@@ -88,8 +123,7 @@ def main(argv: Optional[List[str]] = None):
     job_id = now()
     cfg = build_config(args)
     init_distributed_mode(cfg.run_cfg)
-    if not cfg.run_cfg.distributed:
-        init_single_process_group()
+    adapt_runner_module(cfg)
     setup_seeds(cfg)
     setup_logger()
     cfg.pretty_print()
@@ -102,6 +136,10 @@ def main(argv: Optional[List[str]] = None):
     if runner_cls is None:
         raise KeyError(f'run.runner={runner_name!r} is not a LAVIS runner; known: {registry.list_runners()}')
     runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+    if not cfg.run_cfg.distributed and getattr(runner, '_wrapped_model', False) is None:
+        # RunnerBase.model sets its (un)wrapped model only when it moves the model to another
+        # device: a CPU run would see None.
+        runner._wrapped_model = runner._model
     runner.train()
     return runner
 
