@@ -11,7 +11,7 @@ Example::
     >>> from lavis.common.registry import registry
     >>> from vlp_codebook_lavis.registration import register_once
     >>> from vlp_codebook_lavis.models import CodisRetrieval
-    >>> register_once('model', 'codis_retrieval', CodisRetrieval)   # a no-op the second time
+    >>> _ = register_once('model', 'codis_retrieval', CodisRetrieval)   # fine: a re-registration
     >>> registry.get_model_class('codis_retrieval') is CodisRetrieval
     True
 """

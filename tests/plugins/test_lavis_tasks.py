@@ -131,3 +131,10 @@ def test_documented_edit_of_lavis_own_config(lavis_plugin):
     from lavis import tasks
     task_cfg = OmegaConf.create({'run_cfg': after.run})
     assert type(tasks.setup_task(task_cfg)).__name__ == 'CodisRetrievalTask'
+
+
+def test_docs_quote_the_tiny_config_verbatim():
+    with open(os.path.join(REPO, 'docs', 'lavis.md')) as f:
+        doc = f.read()
+    with open(TINY_RUN_CONFIG) as f:
+        assert '```yaml\n' + f.read() + '```' in doc
