@@ -102,6 +102,9 @@ class CodisLossMixin:
         self.codis_share_temperature = bool(intra.pop('share_temperature', True))
         intra.setdefault('type', 'MultiDirectionalDistillationLoss')
         intra.setdefault('directions', ['i2i', 't2t'])
+        if {'t2i', 'i2t'} & set(intra['directions']):
+            logging.warning('model.intra_modal_loss.directions includes t2i/i2t: LAVIS\'s loss_itc already '
+                            'is that cross-modal distillation, so it is counted twice')
         intra.setdefault('embed_dim', embed_dim)
         if self.codis_share_temperature:
             intra['learnable_temperature'] = False   # its own γ would get no gradient
@@ -153,19 +156,19 @@ class CodisLossMixin:
         return terms
 
     def _intra_modal_terms(self, feats, samples) -> Dict[str, torch.Tensor]:
+        # image ids (retrieval): captions of one image are positives of each other
         ids = None
-        if self.codis_uses_ids and samples.get('image_id') is not None:
+        if self.codis_uses_ids:
             ids = torch.as_tensor(samples['image_id']).view(-1).to(feats['image_feat'].device, torch.long)
-        queue_ids = self.codis_uses_ids and ids is not None
         losses = self.intra_modal_loss(
             image_feats=feats['image_feat'], text_feats=feats['text_feat'],
             image_teacher_feats=feats['image_feat_m'], text_teacher_feats=feats['text_feat_m'],
             image_queue=self.codis_image_queue, text_queue=self.codis_text_queue,
-            image_ids=ids if queue_ids else None, alpha=self.codis_alpha(samples),
+            image_ids=ids, alpha=self.codis_alpha(samples),
             temperature=self.temp if self.codis_share_temperature else None)
         if self.training and self.codis_image_queue is not None:
-            self.codis_image_queue.enqueue(feats['image_feat_m'], ids=ids if self.codis_uses_ids else None)
-            self.codis_text_queue.enqueue(feats['text_feat_m'], ids=ids if self.codis_uses_ids else None)
+            self.codis_image_queue.enqueue(feats['image_feat_m'], ids=ids)
+            self.codis_text_queue.enqueue(feats['text_feat_m'], ids=ids)
         return losses
 
     # ------------------------------------------------------------ checkpoints
