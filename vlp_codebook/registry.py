@@ -33,6 +33,7 @@ from mmengine.registry import OPTIMIZERS as MMENGINE_OPTIMIZERS
 from mmengine.registry import PARAM_SCHEDULERS as MMENGINE_PARAM_SCHEDULERS
 from mmengine.registry import RUNNERS as MMENGINE_RUNNERS
 from mmengine.registry import TRANSFORMS as MMENGINE_TRANSFORMS
+from mmengine.registry import VISBACKENDS as MMENGINE_VISBACKENDS
 from mmengine.registry import VISUALIZERS as MMENGINE_VISUALIZERS
 from mmengine.registry import WEIGHT_INITIALIZERS as MMENGINE_WEIGHT_INITIALIZERS
 from mmengine.registry import Registry
@@ -43,7 +44,7 @@ __all__ = [
     'SCOPE', 'VLPRegistry', 'MODELS', 'DATASETS', 'TRANSFORMS', 'DATA_SAMPLERS', 'METRICS',
     'EVALUATOR', 'HOOKS', 'LOOPS', 'OPTIMIZERS', 'OPTIM_WRAPPERS', 'OPTIM_WRAPPER_CONSTRUCTORS',
     'PARAM_SCHEDULERS', 'RUNNERS', 'MODEL_WRAPPERS', 'WEIGHT_INITIALIZERS', 'VISUALIZERS',
-    'LOG_PROCESSORS', 'FUNCTIONS',
+    'LOG_PROCESSORS', 'FUNCTIONS', 'VISBACKENDS',
 ]
 
 
@@ -99,3 +100,4 @@ OPTIM_WRAPPER_CONSTRUCTORS = _child('optimizer wrapper constructor',
                                     MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS, 'vlp_codebook.engine')
 PARAM_SCHEDULERS = _child('parameter scheduler', MMENGINE_PARAM_SCHEDULERS, 'vlp_codebook.engine')
 VISUALIZERS = _child('visualizer', MMENGINE_VISUALIZERS, 'vlp_codebook.engine')
+VISBACKENDS = _child('vis_backend', MMENGINE_VISBACKENDS, 'vlp_codebook.engine')
