@@ -1,5 +1,5 @@
 # A tiny CODIS that trains on 2 CPU cores in a few minutes on the embedded synthetic-shapes data
-# and prints the retrieval table after every epoch. Same objectives as the full model.
+# and prints the retrieval table after epochs 5 and 10. Same objectives as the full model.
 _base_ = [
     './_base_/models/codis_vit_b16_bert_base.py',
     './_base_/datasets/synthetic_shapes.py',
@@ -25,8 +25,9 @@ model = dict(
 optim_wrapper = dict(optimizer=dict(lr=5e-4))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=50),
-    dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=4, eta_min=1e-5,
+    dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=10, eta_min=1e-5,
          convert_to_iter_based=True),
 ]
-train_cfg = dict(max_epochs=4, val_interval=2)
-default_hooks = dict(logger=dict(interval=25), checkpoint=dict(interval=2))
+# 10 epochs x 125 iterations: about 4 minutes on 2 quiet CPU cores.
+train_cfg = dict(max_epochs=10, val_interval=5)
+default_hooks = dict(logger=dict(interval=25), checkpoint=dict(interval=5))
