@@ -101,7 +101,10 @@ def main():
     parser.add_argument('--kinds', nargs='+', default=['clustered', 'isotropic'])
     parser.add_argument('--epsilon', type=float, default=0.05)
     parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s)')
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     grid = [(1024, 4096)] if args.quick else [(B, K) for B in (256, 1024, 4096) for K in (1024, 4096)]
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, POT {ot.__version__}, '
           f'epsilon={args.epsilon}, median of {args.repeats}')
