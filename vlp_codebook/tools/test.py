@@ -12,18 +12,16 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import os.path as osp
 import sys
 from typing import Dict, List, Optional
 
 import vlp_codebook.engine  # noqa: F401  (registers the torch >= 2.6 checkpoint loader, hooks)
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 
 from vlp_codebook.engine.config import load_config
-from vlp_codebook.engine.distributed import LAUNCHERS
 from vlp_codebook.engine.registry_errors import explain_unknown_types
-from vlp_codebook.tools.train import build_runner, default_work_dir
+from vlp_codebook.tools.train import build_runner, default_work_dir, parse_with_common_args
 
 __all__ = ['parse_args', 'build_test_config', 'main']
 
@@ -37,15 +35,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('checkpoint', help='checkpoint file (a trusted .pth written by the train tool)')
     parser.add_argument('--work-dir', help='directory for the test logs (default: the config\'s work_dir, '
                         'else ./work_dirs/<config name>)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
-                        help='override config entries, e.g. test_dataloader.batch_size=8')
-    parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
-                        help='"pytorch" when started by torchrun (gloo on CPU, nccl on GPU)')
-    parser.add_argument('--local-rank', '--local_rank', type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    return parse_with_common_args(parser, argv, 'test_dataloader.batch_size=8')
 
 
 def build_test_config(args: argparse.Namespace) -> Config:

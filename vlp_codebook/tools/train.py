@@ -45,9 +45,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='resume from CKPT, or (no value / "auto") from the latest checkpoint '
                         'in the work dir')
     parser.add_argument('--amp', action='store_true', help='mixed precision (fp16 with CUDA, bf16 on CPU)')
+    return parse_with_common_args(parser, argv, 'train_cfg.max_iters=10 optim_wrapper.optimizer.lr=1e-4')
+
+
+def parse_with_common_args(parser: argparse.ArgumentParser, argv: Optional[List[str]],
+                           cfg_example: str) -> argparse.Namespace:
+    """Add the options the train and test tools share (--cfg-options, --launcher), then parse."""
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
-                        help='override config entries, e.g. train_cfg.max_iters=10 '
-                        'optim_wrapper.optimizer.lr=1e-4')
+                        help=f'override config entries, e.g. {cfg_example}')
     parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
                         help='"pytorch" when started by torchrun (gloo on CPU, nccl on GPU)')
     # torch.distributed.launch (deprecated) passes --local-rank; torchrun sets LOCAL_RANK
