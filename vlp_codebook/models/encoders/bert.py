@@ -54,7 +54,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
 
 from vlp_codebook.registry import MODELS
 
@@ -207,6 +206,10 @@ class BertTextEncoder(nn.Module):
             intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings)
         if num_layers < 1:
             raise ValueError(f'num_layers must be >= 1, got {num_layers}')
+        # Imported here: transformers takes seconds to import, and registry lookups of unrelated
+        # entries (losses, queues) import this module.
+        from transformers import BertConfig, BertModel
+
         config = BertConfig.from_dict(dict(ckpt_config or {}))
         config.update(dict(vocab_size=sizes['vocab_size'], hidden_size=sizes['hidden_size'],
                            num_hidden_layers=num_layers, num_attention_heads=sizes['num_heads'],

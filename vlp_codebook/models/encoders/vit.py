@@ -32,7 +32,6 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import ViTConfig, ViTModel
 
 from vlp_codebook.registry import MODELS
 
@@ -91,6 +90,8 @@ class ViTImageEncoder(nn.Module):
             raise ValueError(f'image_size={image_size} is not a multiple of patch_size={sizes["patch_size"]}')
         if sizes['hidden_size'] % sizes['num_heads']:
             raise ValueError(f'hidden_size={sizes["hidden_size"]} is not divisible by num_heads={sizes["num_heads"]}')
+
+        from transformers import ViTConfig, ViTModel  # lazily: see BertTextEncoder
 
         config = ViTConfig.from_dict(dict(ckpt_config or {}))
         config.update(dict(
