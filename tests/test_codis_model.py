@@ -185,3 +185,13 @@ def test_loss_mode_rejects_unpaired_batches():
 def test_unknown_component_type_lists_known_types():
     with pytest.raises(KeyError, match='Known types:.*CodebookOTLoss'):
         tiny_model(codebook_loss=dict(type='CodebookLoss'))
+
+
+def test_batches_without_ids_never_share_ids_with_queued_entries():
+    model = tiny_model().train()
+    for _ in range(3):
+        data = batch(8)
+        del data['image_ids']
+        loss_terms(model, data)
+    ids = model.image_queue.get_ids()
+    assert len(set(ids.tolist())) == 24 and (ids < 0).all()

@@ -170,6 +170,9 @@ class CODIS(BaseModel):
         self.itm_temperature = float(itm_temperature)
         # Training steps taken, for the α ramp; a buffer so that resuming continues the ramp.
         self.register_buffer('num_steps', torch.zeros((), dtype=torch.long))
+        # Ids handed to pairs that come without one: negative (dataset ids are >= 0) and never
+        # reused, so queued entries of earlier steps are not mistaken for positives.
+        self.register_buffer('num_anonymous_ids', torch.zeros((), dtype=torch.long))
 
     def init_weights(self):
         super().init_weights()
@@ -183,6 +186,15 @@ class CODIS(BaseModel):
         if self.alpha_warmup_iters == 0:
             return self.alpha
         return self.alpha * min(1.0, int(self.num_steps) / self.alpha_warmup_iters)
+
+    def _anonymous_ids(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Fresh ids -1, -2, ... for a batch without ids, unique across steps and ranks."""
+        start = dist.local_slice(batch, device=device).start
+        joint = sum(dist.batch_sizes(batch, device))
+        base = int(self.num_anonymous_ids)
+        if self.training:
+            self.num_anonymous_ids += joint
+        return -(base + start + torch.arange(batch, device=device) + 1)
 
     def temperature(self) -> torch.Tensor:
         if self.distillation_loss is not None:
@@ -209,7 +221,8 @@ class CODIS(BaseModel):
         Args:
             images: (N, 3, H, W) normalised images.
             input_ids, attention_mask: (M, L) tokenised captions (M = N in training).
-            image_ids: (N,) instance ids; captions of one image share it (multi-positive).
+            image_ids: (N,) instance ids >= 0; captions of one image share it (multi-positive).
+                Without ids every pair is its own instance.
             mode: ``'loss'`` | ``'predict'`` | ``'tensor'``.
             kwargs: ``text_to_image`` (M,) -- for predict mode, the image (row of ``images``)
                 each caption belongs to.
@@ -229,9 +242,8 @@ class CODIS(BaseModel):
         if images.shape[0] != input_ids.shape[0]:
             raise ValueError(f'loss mode needs one caption per image: images has {images.shape[0]} '
                              f'rows, input_ids {input_ids.shape[0]}')
-        if image_ids is None:  # every pair its own instance: only the paired entry is positive
-            offset = dist.local_slice(images.shape[0], device=images.device).start
-            image_ids = torch.arange(offset, offset + images.shape[0], device=images.device)
+        if image_ids is None:
+            image_ids = self._anonymous_ids(images.shape[0], images.device)
         image_ids = image_ids.to(images.device)
         image_tokens, zv = self.image_tower(images)
         text_hidden, zt = self.text_tower(input_ids, attention_mask)
