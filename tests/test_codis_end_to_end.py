@@ -71,3 +71,44 @@ def test_missing_annotation_file_is_named(tmp_path):
     runner = train_tool.build_runner(cfg)
     with pytest.raises(FileNotFoundError, match='nope.json'):
         runner.train()
+
+
+def test_itm_rerank_test_loop_matches_an_independent_rerank(trained):
+    import torch
+    from mmengine.config import Config
+    from mmengine.runner import load_checkpoint
+
+    from vlp_codebook.datasets.collate import vlp_collate
+    from vlp_codebook.datasets.synthetic_shapes import SyntheticShapesDataset
+    from vlp_codebook.evaluation.itm_rerank import itm_rerank
+    from vlp_codebook.evaluation.retrieval import retrieval_recalls
+    from vlp_codebook.registry import MODELS
+
+    work_dir, _ = trained
+    ckpt = osp.join(work_dir, 'epoch_2.pth')
+    metrics = test_tool.main([DEMO, ckpt, '--work-dir', work_dir, '--cfg-options', *SMALL,
+                              'test_cfg.type=ITMRerankTestLoop', 'test_cfg.k=5'])
+
+    # The same evaluation by hand: embeddings from predict, ITM from raw inputs per pair.
+    cfg = Config.fromfile(DEMO)
+    model = MODELS.build(cfg.model).eval()
+    load_checkpoint(model, ckpt, map_location='cpu')
+    data = SyntheticShapesDataset(num_images=10, split='test', image_size=32)
+    inputs = model.data_preprocessor(vlp_collate([data[i] for i in range(10)]), False)
+    outputs = model(**inputs, mode='predict')
+    images = torch.stack([o['image_embed'] for o in outputs])
+    texts = torch.cat([o['text_embeds'] for o in outputs])
+    img2txt, start = [], 0
+    for o in outputs:
+        img2txt.append(list(range(start, start + o['text_embeds'].shape[0])))
+        start += o['text_embeds'].shape[0]
+    txt2img = {j: i for i, js in enumerate(img2txt) for j in js}
+
+    def scorer(image_index, text_index):
+        return model.itm_scores(inputs['images'][image_index], inputs['input_ids'][text_index],
+                                inputs['attention_mask'][text_index])
+
+    score_i2t, score_t2i = itm_rerank(images @ texts.T, scorer, k=5)
+    expected = retrieval_recalls(score_i2t, img2txt, txt2img, (1, 5, 10), score_t2i)
+    for key, value in expected.items():
+        assert metrics[f'retrieval/{key}'] == pytest.approx(value, abs=1e-6), key

@@ -11,7 +11,8 @@ from .distributed import init_cpu_process_group, setup_launcher
 from .hooks import ModelScalarsLoggerHook, MomentumTeacherHook
 from .optim_wrapper import BF16AutocastOptimWrapper
 from .iteration_seed import IterationSeedHook
+from .itm_rerank_loop import ITMRerankTestLoop, ITMRerankValLoop
 
 __all__ = ['load_from_trusted_local', 'register_checkpoint_loader', 'init_cpu_process_group',
            'setup_launcher', 'MomentumTeacherHook', 'ModelScalarsLoggerHook', 'BF16AutocastOptimWrapper',
-           'IterationSeedHook']
+           'IterationSeedHook', 'ITMRerankValLoop', 'ITMRerankTestLoop']
