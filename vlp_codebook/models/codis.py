@@ -41,7 +41,8 @@ from torch import nn
 
 from vlp_codebook import dist
 from vlp_codebook.models.heads.itm import itm_score
-from vlp_codebook.models.towers import ImageTower, TextTower
+from vlp_codebook.models.heads.mlm import mask_tokens
+from vlp_codebook.models.towers import ImageTower, TextTower, build_module
 from vlp_codebook.registry import MODELS
 
 __all__ = ['CODIS']
@@ -56,12 +57,6 @@ def _enabled(cfg: ConfigType) -> bool:
     if isinstance(cfg, Mapping):
         return float(cfg.get('loss_weight', 1.0)) != 0.0
     return True
-
-
-def _build(cfg: ConfigType, **default_args) -> nn.Module:
-    if isinstance(cfg, nn.Module):
-        return cfg
-    return MODELS.build(dict(cfg), default_args=default_args or None)
 
 
 @MODELS.register_module()
@@ -137,8 +132,8 @@ class CODIS(BaseModel):
             text_encoder = dict(text_encoder, vocab_size=vocab_size)
         self.image_tower = ImageTower(image_encoder, embed_dim)
         self.text_tower = TextTower(text_encoder, embed_dim)
-        self.image_teacher = _build(teacher, student=self.image_tower)
-        self.text_teacher = _build(teacher, student=self.text_tower)
+        self.image_teacher = build_module(teacher, 'teacher', student=self.image_tower)
+        self.text_teacher = build_module(teacher, 'teacher', student=self.text_tower)
         self.queue_size = queue_size
         if queue_size > 0:
             self.image_queue = MODELS.build(dict(type='FeatureQueue', size=queue_size, dim=embed_dim, with_ids=True))
@@ -146,8 +141,8 @@ class CODIS(BaseModel):
         else:
             self.image_queue = self.text_queue = None
 
-        self.distillation_loss = _build(distillation_loss) if _enabled(distillation_loss) else None
-        self.codebook_loss = (_build(codebook_loss, embed_dim=embed_dim)
+        self.distillation_loss = build_module(distillation_loss, 'distillation_loss') if _enabled(distillation_loss) else None
+        self.codebook_loss = (build_module(codebook_loss, 'codebook_loss', embed_dim=embed_dim)
                               if _enabled(codebook_loss) else None)
         self.codebook_plan_features = codebook_plan_features
 
@@ -155,14 +150,14 @@ class CODIS(BaseModel):
         if needs_fusion and fusion_encoder is None:
             raise ValueError('itm_loss / mlm_loss need a fusion_encoder config; set them to None '
                              'to train without ITM and MLM')
-        self.fusion_encoder = _build(fusion_encoder) if needs_fusion else None
+        self.fusion_encoder = build_module(fusion_encoder, 'fusion_encoder') if needs_fusion else None
         text_width = self.text_tower.encoder.width
-        self.itm_loss = _build(itm_loss) if _enabled(itm_loss) else None
-        self.itm_head = _build(itm_head, hidden_size=text_width) if self.itm_loss is not None else None
-        self.mlm_loss = _build(mlm_loss) if _enabled(mlm_loss) else None
-        self.mlm_head = (_build(mlm_head, hidden_size=text_width,
-                                vocab_size=self.text_tower.encoder.vocab_size,
-                                tie_to=self.text_tower.encoder.word_embeddings)
+        self.itm_loss = build_module(itm_loss, 'itm_loss') if _enabled(itm_loss) else None
+        self.itm_head = build_module(itm_head, 'itm_head', hidden_size=text_width) if self.itm_loss is not None else None
+        self.mlm_loss = build_module(mlm_loss, 'mlm_loss') if _enabled(mlm_loss) else None
+        self.mlm_head = (build_module(mlm_head, 'mlm_head', hidden_size=text_width,
+                                      vocab_size=self.text_tower.encoder.vocab_size,
+                                      tie_to=self.text_tower.encoder.word_embeddings)
                          if self.mlm_loss is not None else None)
         self.mask_prob = mask_prob
         self.alpha = float(alpha)
@@ -289,7 +284,6 @@ class CODIS(BaseModel):
         return losses
 
     def _mlm(self, input_ids, attention_mask, image_tokens) -> Dict[str, torch.Tensor]:
-        from vlp_codebook.models.heads.mlm import mask_tokens
         preprocessor = self.data_preprocessor
         if getattr(preprocessor, 'mask_token_id', None) is None:
             raise RuntimeError('MLM needs a data preprocessor with a tokenizer that has a [MASK] token '

@@ -26,15 +26,17 @@ from torch.nn import functional as F
 from vlp_codebook.models.encoders.projection import Projection
 from vlp_codebook.registry import MODELS
 
-__all__ = ['ImageTower', 'TextTower']
+__all__ = ['ImageTower', 'TextTower', 'build_module']
 
 
-def _build(cfg: Union[nn.Module, Mapping], name: str) -> nn.Module:
+def build_module(cfg: Union[nn.Module, Mapping], name: str, **default_args) -> nn.Module:
+    """``cfg`` itself if it is a module, else ``MODELS.build(cfg, default_args)``; ``name`` is the
+    argument named in the error for anything else."""
     if isinstance(cfg, nn.Module):
         return cfg
     if not isinstance(cfg, Mapping):
         raise TypeError(f'{name} must be a module or a config dict, got {type(cfg).__name__}')
-    return MODELS.build(dict(cfg))
+    return MODELS.build(dict(cfg), default_args=default_args or None)
 
 
 class ImageTower(nn.Module):
@@ -45,7 +47,7 @@ class ImageTower(nn.Module):
 
     def __init__(self, encoder: Union[nn.Module, Mapping], embed_dim: int):
         super().__init__()
-        self.encoder = _build(encoder, 'image_encoder')
+        self.encoder = build_module(encoder, 'image_encoder')
         self.proj = Projection(self.encoder.width, embed_dim)
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +63,7 @@ class TextTower(nn.Module):
 
     def __init__(self, encoder: Union[nn.Module, Mapping], embed_dim: int):
         super().__init__()
-        self.encoder = _build(encoder, 'text_encoder')
+        self.encoder = build_module(encoder, 'text_encoder')
         self.proj = Projection(self.encoder.width, embed_dim)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
