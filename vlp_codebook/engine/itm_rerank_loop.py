@@ -97,6 +97,15 @@ class _ITMRerankMixin:
                                                   img2txt=feats['img2txt'])], data_batch=None)
         return self.evaluator.evaluate(1)
 
+    def run(self) -> dict:
+        stage = self._stage
+        self.runner.call_hook(f'before_{stage}')
+        self.runner.call_hook(f'before_{stage}_epoch')
+        metrics = self._evaluate()
+        self.runner.call_hook(f'after_{stage}_epoch', metrics=metrics)
+        self.runner.call_hook(f'after_{stage}')
+        return metrics
+
 
 @LOOPS.register_module()
 class ITMRerankValLoop(_ITMRerankMixin, ValLoop):
@@ -106,31 +115,19 @@ class ITMRerankValLoop(_ITMRerankMixin, ValLoop):
         k: candidates re-scored per query. batch_size: image-text pairs per fusion pass.
     """
 
+    _stage = 'val'
+
     def __init__(self, runner, dataloader, evaluator, k: int = 128, batch_size: int = 64, fp16: bool = False):
         super().__init__(runner, dataloader, evaluator, fp16=fp16)
         self._setup(k, batch_size)
-
-    def run(self) -> dict:
-        self.runner.call_hook('before_val')
-        self.runner.call_hook('before_val_epoch')
-        metrics = self._evaluate()
-        self.runner.call_hook('after_val_epoch', metrics=metrics)
-        self.runner.call_hook('after_val')
-        return metrics
 
 
 @LOOPS.register_module()
 class ITMRerankTestLoop(_ITMRerankMixin, TestLoop):
     """``TestLoop`` whose retrieval scores are ITM re-ranked (see the module docstring)."""
 
+    _stage = 'test'
+
     def __init__(self, runner, dataloader, evaluator, k: int = 128, batch_size: int = 64, fp16: bool = False):
         super().__init__(runner, dataloader, evaluator, fp16=fp16)
         self._setup(k, batch_size)
-
-    def run(self) -> dict:
-        self.runner.call_hook('before_test')
-        self.runner.call_hook('before_test_epoch')
-        metrics = self._evaluate()
-        self.runner.call_hook('after_test_epoch', metrics=metrics)
-        self.runner.call_hook('after_test')
-        return metrics
