@@ -123,7 +123,7 @@ def test_fixed_three_iterations_do_not_meet_marginals():
     cost = 1 - z @ c.T
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        _, truncated = sinkhorn(cost, 0.05, max_iters=3, overrelaxation=1.0, return_info=True)
+        _, truncated = sinkhorn(cost, 0.05, max_iters=3, anderson=0, return_info=True)
     _, converged = sinkhorn(cost, 0.05, return_info=True)
     assert truncated.marginal_error > 1e-3 > 1e-4 >= converged.marginal_error
 
@@ -147,7 +147,7 @@ def test_transport_cost_is_frobenius_product():
     (dict(cost=torch.rand(3, 2), epsilon=0.1, a=torch.ones(4) / 4), r'a must have shape \(3,\)'),
     (dict(cost=torch.rand(3, 2), epsilon=0.1, b=torch.tensor([1.5, -0.5])), 'b must be non-negative'),
     (dict(cost=torch.rand(3, 2), epsilon=0.1, b=torch.tensor([1.0, 1.0])), 'equal total mass'),
-    (dict(cost=torch.rand(3, 2), epsilon=0.1, overrelaxation=2.5), 'overrelaxation'),
+    (dict(cost=torch.rand(3, 2), epsilon=0.1, anderson=-1), "anderson"),
 ])
 def test_bad_inputs_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
