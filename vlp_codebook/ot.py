@@ -206,11 +206,13 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group):
     empty_rows = ~(a > 0) if bool((a <= 0).any()) else None
     u = a.clone()
     v = torch.ones_like(b)
-    log_v = torch.zeros_like(b)
+    # log v in float64: Anderson mixing works on it, and fp32 would round v to |log v| * 6e-8
+    # relative, a marginal-error floor of ~1e-6 once |log v| reaches ~20.
+    log_v = torch.zeros_like(b, dtype=torch.float64)
+    log_b64 = log_b.double()
     Kv = torch.ones_like(a)
     mixer = _AndersonMixer(anderson)
     absorptions = 0
-    prev_err = math.inf
     col_err = math.inf
     iters = 0
     for iters in range(1, max_iters + 1):
@@ -219,20 +221,16 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group):
         if not math.isfinite(col_err):
             # A column underflowed: restart from exact log-domain potentials.
             f, g, u, v, Kmat = _absorb(f, g, u, v, Kmat, M, eps, a, log_a, log_b, group, full=True)
-            Kv, log_v = _matvec(Kmat, v), torch.zeros_like(v)
+            Kv, log_v = _matvec(Kmat, v), torch.zeros_like(log_v)
             mixer.reset()
             absorptions += 1
-            prev_err = math.inf
             continue
         if col_err <= tol:
             break
         # The column update is the fixed-point map log v -> log(b / col); Anderson mixing
-        # extrapolates it from the last few iterates, and restarts whenever the error grows.
-        if col_err > prev_err:
-            mixer.reset()
-        prev_err = col_err
-        log_v = mixer.step(log_v, torch.log(b / col))
-        v = torch.exp(log_v)
+        # extrapolates it from the last few iterates (and backs off when that goes wrong).
+        log_v = mixer.step(log_v, log_b64 - torch.log(col.double()), col_err)
+        v = torch.exp(log_v).float()
         # Row update, exact: every iteration ends with rows met to float precision.
         Kv = _matvec(Kmat, v)
         u = a / Kv
@@ -246,10 +244,9 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group):
         if log_uv > _LOG_ABSORB:
             f, g, u, v, Kmat = _absorb(f, g, u, v, Kmat, M, eps, a, log_a, log_b, group,
                                        full=not math.isfinite(log_uv))
-            Kv, log_v = _matvec(Kmat, v), torch.zeros_like(v)
+            Kv, log_v = _matvec(Kmat, v), torch.zeros_like(log_v)
             mixer.reset()
             absorptions += 1
-            prev_err = math.inf
 
     if not col_err <= tol:  # stopped by max_iters: measure the columns of the final u, v
         col_err = (v * dist.all_reduce_sum(_rmatvec(Kmat, u), group) - b).abs().sum().item()
@@ -262,27 +259,45 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group):
 
 
 class _AndersonMixer:
-    r"""Anderson acceleration (type II) of a fixed-point iteration :math:`x \mapsto G(x)`.
+    r"""Safeguarded Anderson acceleration (type II) of a fixed-point iteration :math:`x \mapsto G(x)`.
 
     Keeps the last ``depth + 1`` images :math:`G(x_k)` and residuals :math:`r_k = G(x_k) - x_k`
-    and returns :math:`\sum_k \alpha_k G(x_k)` with :math:`\alpha = \arg\min \|\sum_k \alpha_k
-    r_k\|_2` subject to :math:`\sum_k \alpha_k = 1` (Walker & Ni, "Anderson acceleration for
-    fixed-point iterations", SINUM 2011; applied to Sinkhorn by Chizat 2023 and others).
-    Residuals are centred first: the Sinkhorn column map is blind to a constant added to
-    ``log v``. ``depth = 0`` returns :math:`G(x)` (plain iteration).
+    and proposes :math:`\sum_k \alpha_k G(x_k)` with :math:`\alpha = \arg\min \|\sum_k
+    \alpha_k r_k\|_2` subject to :math:`\sum_k \alpha_k = 1` (Walker & Ni, "Anderson
+    acceleration for fixed-point iterations", SINUM 2011). Residuals are centred first: the
+    Sinkhorn column map is blind to a constant added to ``log v``.
+
+    Safeguard: an iterate whose error is larger than that of the last accepted one is
+    rejected, and the plain step :math:`G(x)` from the last accepted iterate is taken instead
+    (and accepted whatever its error), so a bad extrapolation costs one iteration and the
+    method never does much worse than plain Sinkhorn. ``depth = 0`` is plain Sinkhorn.
     """
 
     def __init__(self, depth: int):
         self.depth = depth
         self.images, self.residuals = [], []
+        self.accepted = None  # (error, G(x)) of the last accepted iterate
+        self.take_plain = False
 
     def reset(self) -> None:
+        """Forget everything (after the kernel was rebuilt, old iterates mean nothing)."""
         self.images.clear()
         self.residuals.clear()
+        self.accepted = None
+        self.take_plain = False
 
-    def step(self, x: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, gx: torch.Tensor, error: float) -> torch.Tensor:
+        """Next iterate, given the current one ``x``, its image ``gx`` and its error."""
         if self.depth == 0:
             return gx
+        if self.accepted is not None and error > self.accepted[0] and not self.take_plain:
+            fallback = self.accepted[1]
+            self.images.clear()
+            self.residuals.clear()
+            self.take_plain = True
+            return fallback
+        self.take_plain = False
+        self.accepted = (error, gx)
         r = gx - x
         self.images.append(gx)
         self.residuals.append(r - r.mean())
@@ -291,7 +306,7 @@ class _AndersonMixer:
             self.residuals.pop(0)
         if len(self.images) == 1:
             return gx
-        R = torch.stack(self.residuals).double()
+        R = torch.stack(self.residuals)
         gram = R @ R.T
         # Tikhonov term relative to the residual scale keeps the tiny system well posed.
         gram.diagonal().add_(1e-10 * gram.diagonal().sum() + 1e-300)
@@ -299,7 +314,7 @@ class _AndersonMixer:
         weights = torch.linalg.solve(gram, ones)
         total = weights.sum()
         if not math.isfinite(total.item()) or total.item() == 0:
-            self.reset()
+            self.images, self.residuals = [gx], [self.residuals[-1]]
             return gx
         return (weights / total).to(gx.dtype) @ torch.stack(self.images)
 
