@@ -246,3 +246,84 @@ def test_transport_cost_is_frobenius_product():
 def test_bad_inputs_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sinkhorn(**kwargs)
+
+
+# --- the fused CPU passes (vlp_codebook._native) against the pure-torch path ---------------
+
+def _solve_both(cost, eps, *args, **kwargs):
+    from vlp_codebook import ot as vlp_ot
+    fused = sinkhorn(cost, eps, *args, return_info=True, **kwargs)
+    vlp_ot._NATIVE_ENABLED = False
+    try:
+        reference = sinkhorn(cost, eps, *args, return_info=True, **kwargs)
+    finally:
+        vlp_ot._NATIVE_ENABLED = True
+    return fused, reference
+
+
+@pytest.mark.parametrize('shape, eps, marginals', [
+    ((300, 301), 0.05, False),     # rows and columns not multiples of the vector width
+    ((2, 40000), 0.1, False),      # fewer rows than threads
+    ((1100, 63), 0.02, True),      # fewer columns than one unrolled block of the dot product
+    ((257, 513), 0.01, True),
+])
+def test_fused_cpu_passes_give_the_torch_plan(shape, eps, marginals):
+    from vlp_codebook import _native
+    if _native.kernels() is None:
+        pytest.skip(f'no fused CPU kernels here: {_native.disabled_reason()}')
+    cost, a, b = _problem(1, *shape, marginals=marginals)
+    if marginals:
+        a[::7] = 0.0          # empty rows must get no mass on both paths
+        a /= a.sum()
+    args = (torch.tensor(a), torch.tensor(b)) if marginals else ()
+    cost = torch.tensor(cost, dtype=torch.float32)
+    (plan, info), (ref, ref_info) = _solve_both(cost, eps, *args, tol=1e-5, max_iters=5000)
+    assert info.backend == 'cpu-fused' and ref_info.backend == 'torch'
+    assert info.converged and ref_info.converged
+    row_err, col_err = _errors(plan, a, b)
+    assert max(row_err, col_err) <= 1e-5 + 1e-6
+    assert abs(info.marginal_error - max(row_err, col_err)) < 1e-6
+    assert (plan - ref).abs().sum().item() < 1e-4
+    if marginals:
+        assert plan[::7].abs().max().item() == 0.0
+
+
+def test_fused_cpu_passes_take_non_contiguous_costs_and_absorb():
+    from vlp_codebook import _native
+    if _native.kernels() is None:
+        pytest.skip(f'no fused CPU kernels here: {_native.disabled_reason()}')
+    g = torch.Generator().manual_seed(0)
+    cost = (torch.rand(400, 300, generator=g) * 20.0).T     # (300, 400) transposed view
+    (plan, info), (ref, ref_info) = _solve_both(cost, 1e-3, tol=1e-4, max_iters=20000)
+    assert info.backend == 'cpu-fused' and info.converged and info.absorptions > 0
+    assert (plan - ref).abs().sum().item() < 1e-3
+
+
+def test_without_a_compiler_the_solver_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    from vlp_codebook import _native
+    monkeypatch.setattr(_native, '_loaded', None)
+    monkeypatch.setattr(_native, '_failed_reason', None)
+    monkeypatch.setenv('CC', str(tmp_path / 'no-such-compiler'))
+    monkeypatch.setenv('VLP_CODEBOOK_CACHE', str(tmp_path / 'cache'))
+    with caplog.at_level('INFO', logger='vlp_codebook._native'):
+        plan, info = sinkhorn(torch.rand(300, 300), 0.1, return_info=True)
+    assert info.backend == 'torch' and info.converged
+    assert 'compiler failed to run' in _native.disabled_reason()
+    assert 'using the torch path' in caplog.text
+    # Switched off explicitly: no build is attempted.
+    monkeypatch.setattr(_native, '_failed_reason', None)
+    monkeypatch.setenv('VLP_CODEBOOK_NATIVE', '0')
+    assert _native.kernels() is None and 'VLP_CODEBOOK_NATIVE=0' in _native.disabled_reason()
+
+
+def test_fused_cpu_kernels_build_into_the_cache_once(monkeypatch, tmp_path):
+    from vlp_codebook import _native
+    if _native.kernels() is None:
+        pytest.skip(f'no fused CPU kernels here: {_native.disabled_reason()}')
+    monkeypatch.setattr(_native, '_loaded', None)
+    monkeypatch.setenv('VLP_CODEBOOK_CACHE', str(tmp_path))
+    first = _native.kernels()
+    assert first is not None and first.path.is_relative_to(tmp_path) and first.path.exists()
+    built = first.path.stat().st_mtime_ns
+    monkeypatch.setattr(_native, '_loaded', None)
+    assert _native.kernels().path == first.path and first.path.stat().st_mtime_ns == built

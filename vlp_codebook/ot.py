@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from vlp_codebook import dist
+from vlp_codebook import _native, dist
 
 __all__ = ['sinkhorn', 'SinkhornInfo', 'transport_cost', 'check_finite']
 
@@ -73,6 +73,8 @@ _LOG_ABSORB = math.log(_ABSORB)
 _FAST_CPU_MIN_SIZE = 1 << 16
 _ROW_BLOCKS = 8
 _ONEDNN_OK = True
+# Set to False to force the pure-torch path (tests compare the two).
+_NATIVE_ENABLED = True
 
 
 @dataclass
@@ -86,6 +88,8 @@ class SinkhornInfo:
         col_error: ``||T^T 1 - b||_1``.
         converged: ``marginal_error <= tol``.
         absorptions: how often the scalings were folded into the log-domain potentials.
+        backend: ``'cpu-fused'`` when the compiled CPU passes of :mod:`vlp_codebook._native`
+            ran, ``'torch'`` otherwise (GPU, small problems, or no C compiler).
     """
     iterations: int
     marginal_error: float
@@ -93,6 +97,7 @@ class SinkhornInfo:
     col_error: float
     converged: bool
     absorptions: int
+    backend: str = 'torch'
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -198,11 +203,21 @@ def sinkhorn(cost: torch.Tensor,
 def _solve(M, eps, a, b, max_iters, tol, anderson, group):
     log_a = torch.log(a)  # -inf where a == 0: those rows get no mass
     log_b = torch.log(b)
+    # Large CPU problems run the fused C passes of vlp_codebook._native when they could be
+    # built; everything else (and the rare kernel rebuilds below) is plain torch.
+    fused = _native.kernels() if (M.device.type == 'cpu' and M.numel() >= _FAST_CPU_MIN_SIZE
+                                  and _NATIVE_ENABLED) else None
     # The kernel is K_ij = exp((f_i + g_j - M_ij) / eps) with potentials f (rows), g (columns).
     # It starts as the row softmax of -M/eps (g = 0, f_i = -eps logsumexp_j(-M_ij / eps)):
     # one max-subtracted pass, every entry <= 1, and rows that already sum to 1, so the first
     # row update is u = a without a matrix-vector product. f stays implicit until needed.
-    Kmat = _row_softmax_(torch.mul(M, -1.0 / eps, out=_empty_like(M)))
+    if fused is not None:
+        M, a = M.contiguous(), a.contiguous()
+        Kmat = _empty_like(M)
+        local_col = fused.softmax_rows_colsum(M, Kmat, a, 1.0 / eps)  # (K,) this rank's K^T a
+    else:
+        Kmat = _row_softmax_(torch.mul(M, -1.0 / eps, out=_empty_like(M)))
+        local_col = None
     f = None
     g = torch.zeros_like(b)
     # Rows with a_i = 0 get u_i = 0 (not a / 0); the mask is only applied when there are any.
@@ -219,7 +234,10 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group):
     col_err = math.inf
     iters = 0
     for iters in range(1, max_iters + 1):
-        col = dist.all_reduce_sum(_rmatvec(Kmat, u), group)  # (K,) joint column sums / v
+        if local_col is None:
+            local_col = _rmatvec(Kmat, u)
+        col = dist.all_reduce_sum(local_col, group)  # (K,) joint column sums / v
+        local_col = None
         col_err = (v * col - b).abs().sum().item()
         if not math.isfinite(col_err):
             # A column underflowed: restart from exact log-domain potentials.
@@ -234,9 +252,13 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group):
         # extrapolates it from the last few iterates (and backs off when that goes wrong).
         log_v = mixer.step(log_v, log_b64 - torch.log(col.double()), col_err)
         v = torch.exp(log_v).float()
-        # Row update, exact: every iteration ends with rows met to float precision.
-        Kv = _matvec(Kmat, v)
-        u = a / Kv
+        # Row update, exact: every iteration ends with rows met to float precision. The fused
+        # pass also returns the next column sums, computed while each row was in cache.
+        if fused is not None:
+            u, Kv, local_col = fused.iteration(Kmat, v, a)
+        else:
+            Kv = _matvec(Kmat, v)
+            u = a / Kv
         if empty_rows is not None:
             u.masked_fill_(empty_rows, 0.0)
         # Fold u, v into f, g before they can overflow fp32, or restart if a row underflowed.
@@ -248,16 +270,23 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group):
             f, g, u, v, Kmat = _absorb(f, g, u, v, Kmat, M, eps, a, log_a, log_b, group,
                                        full=not math.isfinite(log_uv))
             Kv, log_v = _matvec(Kmat, v), torch.zeros_like(log_v)
+            local_col = None
             mixer.reset()
             absorptions += 1
 
     if not col_err <= tol:  # stopped by max_iters: measure the columns of the final u, v
-        col_err = (v * dist.all_reduce_sum(_rmatvec(Kmat, u), group) - b).abs().sum().item()
+        if local_col is None:
+            local_col = _rmatvec(Kmat, u)
+        col_err = (v * dist.all_reduce_sum(local_col, group) - b).abs().sum().item()
     row_err = dist.all_reduce_sum((u * Kv - a).abs().sum(), group).item()
-    plan = Kmat.mul_(u[:, None]).mul_(v[None, :])
+    if fused is not None:
+        plan = fused.scale_rows_cols_(Kmat, u, v)
+    else:
+        plan = Kmat.mul_(u[:, None]).mul_(v[None, :])
     err = max(row_err, col_err)
     info = SinkhornInfo(iterations=iters, marginal_error=err, row_error=row_err, col_error=col_err,
-                        converged=err <= tol, absorptions=absorptions)
+                        converged=err <= tol, absorptions=absorptions,
+                        backend='cpu-fused' if fused is not None else 'torch')
     return plan, info
 
 
