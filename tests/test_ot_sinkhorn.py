@@ -327,3 +327,18 @@ def test_fused_cpu_kernels_build_into_the_cache_once(monkeypatch, tmp_path):
     built = first.path.stat().st_mtime_ns
     monkeypatch.setattr(_native, '_loaded', None)
     assert _native.kernels().path == first.path and first.path.stat().st_mtime_ns == built
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+def test_large_costs_with_nan_or_inf_raise_on_every_path(bad):
+    # Large CPU costs skip the separate finiteness pass: the fused pass counts them instead.
+    from vlp_codebook import ot as vlp_ot
+    cost = torch.rand(300, 400)
+    cost[123, 45] = bad
+    for native in (True, False):
+        vlp_ot._NATIVE_ENABLED = native
+        try:
+            with pytest.raises(ValueError, match=r'cost must be finite, but 1 of its 120000'):
+                sinkhorn(cost, 0.1)
+        finally:
+            vlp_ot._NATIVE_ENABLED = True

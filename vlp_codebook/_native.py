@@ -55,7 +55,7 @@ class NativeKernels:
         self.path = path
         ptr, i64, f32, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
         self._softmax = lib.vlp_softmax_rows_colsum
-        self._softmax.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, cint]
+        self._softmax.argtypes = [ptr, ptr, ptr, ptr, ctypes.POINTER(i64), i64, i64, f32, cint]
         self._softmax.restype = cint
         self._iteration = lib.vlp_fused_iteration
         self._iteration.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, cint]
@@ -65,14 +65,16 @@ class NativeKernels:
         self._scale.restype = None
 
     def softmax_rows_colsum(self, M: torch.Tensor, out: torch.Tensor, a: torch.Tensor,
-                            inv_eps: float) -> torch.Tensor:
-        """``out`` ← row softmax of ``-M * inv_eps``; returns ``outᵀ a`` (K,)."""
+                            inv_eps: float):
+        """``out`` ← row softmax of ``-M * inv_eps``; returns ``outᵀ a`` (K,) and the number
+        of NaN/inf entries of ``M`` (counted in the same pass; if any, the rest is garbage)."""
         B, K = M.shape
         col = torch.empty(K, dtype=torch.float32)
-        if self._softmax(M.data_ptr(), out.data_ptr(), a.data_ptr(), col.data_ptr(), B, K,
-                         inv_eps, torch.get_num_threads()) != 0:
+        nonfinite = ctypes.c_int64(0)
+        if self._softmax(M.data_ptr(), out.data_ptr(), a.data_ptr(), col.data_ptr(),
+                         ctypes.byref(nonfinite), B, K, inv_eps, torch.get_num_threads()) != 0:
             raise MemoryError('sinkhorn: could not allocate the per-thread column sums')
-        return col
+        return col, nonfinite.value
 
     def iteration(self, kernel: torch.Tensor, v: torch.Tensor, a: torch.Tensor):
         """One Sinkhorn iteration: returns ``u = a / (K v)`` (0 where a = 0), ``K v``, ``Kᵀ u``."""

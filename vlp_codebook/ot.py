@@ -177,7 +177,8 @@ def sinkhorn(cost: torch.Tensor,
 
     with torch.autocast(device_type=cost.device.type, enabled=False):
         M = cost.detach().to(torch.float32)
-        check_finite('cost', M)
+        if _fused_kernels_for(M) is None:  # the fused CPU pass checks while it reads the cost
+            check_finite('cost', M)
         B, K = M.shape
         device = M.device
         B_joint = int(dist.all_reduce_sum(torch.tensor([B], dtype=torch.float64, device=device),
@@ -205,8 +206,7 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group):
     log_b = torch.log(b)
     # Large CPU problems run the fused C passes of vlp_codebook._native when they could be
     # built; everything else (and the rare kernel rebuilds below) is plain torch.
-    fused = _native.kernels() if (M.device.type == 'cpu' and M.numel() >= _FAST_CPU_MIN_SIZE
-                                  and _NATIVE_ENABLED) else None
+    fused = _fused_kernels_for(M)
     # The kernel is K_ij = exp((f_i + g_j - M_ij) / eps) with potentials f (rows), g (columns).
     # It starts as the row softmax of -M/eps (g = 0, f_i = -eps logsumexp_j(-M_ij / eps)):
     # one max-subtracted pass, every entry <= 1, and rows that already sum to 1, so the first
@@ -214,7 +214,9 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group):
     if fused is not None:
         M, a = M.contiguous(), a.contiguous()
         Kmat = _empty_like(M)
-        local_col = fused.softmax_rows_colsum(M, Kmat, a, 1.0 / eps)  # (K,) this rank's K^T a
+        local_col, nonfinite = fused.softmax_rows_colsum(M, Kmat, a, 1.0 / eps)  # this rank's K^T a
+        if nonfinite:
+            check_finite('cost', M)  # raises, naming the count
     else:
         Kmat = _row_softmax_(torch.mul(M, -1.0 / eps, out=_empty_like(M)))
         local_col = None
@@ -356,6 +358,13 @@ class _AndersonMixer:
             self.stored = 0
             return gx
         return (weights / total).to(gx.dtype) @ self.images[:n]
+
+
+def _fused_kernels_for(M: torch.Tensor) -> Optional['_native.NativeKernels']:
+    """The compiled CPU passes if they apply to this cost (large, on the CPU), else None."""
+    if M.device.type == 'cpu' and M.numel() >= _FAST_CPU_MIN_SIZE and _NATIVE_ENABLED:
+        return _native.kernels()
+    return None
 
 
 def _log_range(x: torch.Tensor) -> float:

@@ -59,12 +59,15 @@ static float *thread_accumulator(int64_t n) {
     return acc;
 }
 
-/* K = row softmax of (-M / eps); col = K^T a. Returns 0, or -1 if memory ran out. */
+/* K = row softmax of (-M / eps); col = K^T a; *nonfinite = number of NaN/inf entries of M
+ * (then K and col are meaningless and the caller raises). Returns 0, or -1 if memory ran out. */
 int vlp_softmax_rows_colsum(const float *restrict M, float *restrict K, const float *restrict a,
-                            float *restrict col, int64_t B, int64_t N, float inv_eps, int threads) {
+                            float *restrict col, int64_t *restrict nonfinite, int64_t B, int64_t N,
+                            float inv_eps, int threads) {
     int failed = 0;
+    int64_t bad_total = 0;
     memset(col, 0, N * sizeof(float));
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) reduction(+ : bad_total)
     {
         float *restrict acc = thread_accumulator(N);
         if (!acc) {
@@ -76,6 +79,12 @@ int vlp_softmax_rows_colsum(const float *restrict M, float *restrict K, const fl
             if (!acc) continue;
             const float *restrict m = M + i * N;
             float *restrict k = K + i * N;
+            /* NaN and inf are the floats whose exponent bits are all ones (checked on the bits:
+             * this file is compiled with -ffinite-math-only, so isfinite() would fold away). */
+            const uint32_t *restrict bits = (const uint32_t *)m;
+            int64_t bad = 0;
+            for (int64_t j = 0; j < N; j++) bad += (bits[j] & 0x7f800000u) == 0x7f800000u;
+            bad_total += bad;
             float lo = m[0];
             for (int64_t j = 0; j < N; j++) lo = m[j] < lo ? m[j] : lo;
             float s = 0.0f;
@@ -97,6 +106,7 @@ int vlp_softmax_rows_colsum(const float *restrict M, float *restrict K, const fl
             free(acc);
         }
     }
+    *nonfinite = bad_total;
     return failed ? -1 : 0;
 }
 
