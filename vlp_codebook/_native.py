@@ -3,7 +3,7 @@
 ``csrc/sinkhorn_cpu.c`` fuses what torch would run as separate passes over the (B, K) kernel:
 the row softmax of ``-M/ε`` with the first column sums, each iteration's ``K v`` → ``u`` →
 ``Kᵀu`` (one pass instead of two) and the final ``diag(u) K diag(v)``. On the 2-core
-machine this project is benchmarked on, that takes a 1024 x 4096 solve from ~12 to ~8 ms
+machine this project is benchmarked on, that takes a 1024 x 4096 solve from ~10 to ~8 ms
 (``docs/ot_and_codebook.md``).
 
 It is optional by design: the first call compiles the C file with the system C compiler
