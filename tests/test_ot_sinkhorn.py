@@ -342,3 +342,22 @@ def test_large_costs_with_nan_or_inf_raise_on_every_path(bad):
                 sinkhorn(cost, 0.1)
         finally:
             vlp_ot._NATIVE_ENABLED = True
+
+
+@pytest.mark.parametrize('max_iters', [1, 2, 3, 4])
+def test_c_loop_stops_and_reports_like_the_python_loop(max_iters):
+    # Single-process CPU solves run the whole loop in C; the torch path is the reference for
+    # the iteration count, the errors reported at max_iters, and the plan.
+    from vlp_codebook import _native
+    if _native.kernels() is None:
+        pytest.skip(f'no fused CPU kernels here: {_native.disabled_reason()}')
+    cost = _clustered_cost(512, 1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        (plan, info), (ref, ref_info) = _solve_both(cost, 0.02, tol=1e-6, max_iters=max_iters)
+    assert info.backend == 'cpu-fused' and ref_info.backend == 'torch'
+    assert info.iterations == ref_info.iterations == max_iters and not info.converged
+    assert info.col_error == pytest.approx(ref_info.col_error, rel=1e-3)
+    row_err, col_err = _errors(plan, np.full(512, 1 / 512), np.full(1024, 1 / 1024))
+    assert info.marginal_error == pytest.approx(max(row_err, col_err), rel=1e-3)
+    assert (plan - ref).abs().sum().item() < 1e-4

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -60,6 +61,10 @@ class NativeKernels:
         self._iteration = lib.vlp_fused_iteration
         self._iteration.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, cint]
         self._iteration.restype = cint
+        self._loop = lib.vlp_sinkhorn_loop
+        self._loop.argtypes = [ptr] * 7 + [i64, i64, i64, ctypes.c_double, cint, ctypes.c_double,
+                                           cint, ctypes.POINTER(i64), ctypes.POINTER(ctypes.c_double)]
+        self._loop.restype = cint
         self._scale = lib.vlp_scale_rows_cols
         self._scale.argtypes = [ptr, ptr, ptr, i64, i64, cint]
         self._scale.restype = None
@@ -84,6 +89,32 @@ class NativeKernels:
                            Kv.data_ptr(), col.data_ptr(), B, K, torch.get_num_threads()) != 0:
             raise MemoryError('sinkhorn: could not allocate the per-thread column sums')
         return u, Kv, col
+
+    # Return codes of run_loop (csrc/sinkhorn_cpu.c).
+    CONVERGED, MAX_ITERS, NONFINITE_COLUMNS, OUT_OF_RANGE = 0, 1, 2, 3
+    MAX_ANDERSON = 7
+
+    def run_loop(self, kernel, a, b, u, v, Kv, col, max_iters: int, tol: float, anderson: int,
+                 log_absorb: float):
+        """Iterate in C until converged, ``max_iters``, or a rescue the caller must do.
+
+        ``u, v, Kv, col`` (``col = kernelᵀ u`` on entry) are updated in place and must be
+        contiguous fp32. Returns ``(status, iterations used, last column error)``.
+        """
+        for name, t in (('u', u), ('v', v), ('Kv', Kv), ('col', col), ('a', a), ('b', b)):
+            if not (t.is_contiguous() and t.dtype == torch.float32 and t.device.type == 'cpu'):
+                raise RuntimeError(f'run_loop: {name} must be a contiguous fp32 CPU tensor')
+        if not 0 <= anderson <= self.MAX_ANDERSON:
+            raise ValueError(f'run_loop supports anderson <= {self.MAX_ANDERSON}, got {anderson}')
+        B, K = kernel.shape
+        iters, error = ctypes.c_int64(0), ctypes.c_double(math.inf)
+        status = self._loop(kernel.data_ptr(), a.data_ptr(), b.data_ptr(), u.data_ptr(),
+                            v.data_ptr(), Kv.data_ptr(), col.data_ptr(), B, K, max_iters, tol,
+                            anderson, log_absorb, torch.get_num_threads(), ctypes.byref(iters),
+                            ctypes.byref(error))
+        if status < 0:
+            raise MemoryError('sinkhorn: the fused CPU loop could not allocate its buffers')
+        return status, iters.value, error.value
 
     def scale_rows_cols_(self, kernel: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``kernel`` ← ``diag(u) kernel diag(v)``, in place."""

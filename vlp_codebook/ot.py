@@ -88,8 +88,9 @@ class SinkhornInfo:
         col_error: ``||T^T 1 - b||_1``.
         converged: ``marginal_error <= tol``.
         absorptions: how often the scalings were folded into the log-domain potentials.
-        backend: ``'cpu-fused'`` when the compiled CPU passes of :mod:`vlp_codebook._native`
-            ran, ``'torch'`` otherwise (GPU, small problems, or no C compiler).
+        backend: ``'cpu-fused'`` when the compiled CPU code of :mod:`vlp_codebook._native`
+            ran (the whole loop in one process, the passes under torch.distributed),
+            ``'torch'`` otherwise (GPU, small problems, or no C compiler).
     """
     iterations: int
     marginal_error: float
@@ -235,7 +236,32 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group):
     absorptions = 0
     col_err = math.inf
     iters = 0
-    for iters in range(1, max_iters + 1):
+    # Single-process CPU solves run the whole loop in C (the same algorithm; Python's small
+    # vector ops per iteration cost about as much as the fused passes); under
+    # torch.distributed the column sums are all-reduced between passes, so Python drives.
+    in_c = (fused is not None and not dist.is_distributed(group)
+            and anderson <= fused.MAX_ANDERSON)
+    while iters < max_iters:
+        if in_c:
+            if local_col is None:
+                local_col = _rmatvec(Kmat, u)
+            u, v, Kv, local_col = (t.contiguous() for t in (u, v, Kv, local_col))
+            status, used, col_err = fused.run_loop(Kmat, a, b.contiguous(), u, v, Kv, local_col,
+                                                   max_iters - iters, tol, anderson, _LOG_ABSORB)
+            iters += used
+            if status in (fused.CONVERGED, fused.MAX_ITERS):
+                break
+            if status == fused.NONFINITE_COLUMNS:
+                f, g, u, v, Kmat = _absorb(f, g, u, v, Kmat, M, eps, a, log_a, log_b, group, full=True)
+            else:  # a scaling left the safe range: fold them into the potentials
+                u_pos = u if empty_rows is None else u.masked_fill(empty_rows, 1.0)
+                log_uv = _log_range(torch.cat([u_pos, v]))
+                f, g, u, v, Kmat = _absorb(f, g, u, v, Kmat, M, eps, a, log_a, log_b, group,
+                                           full=not math.isfinite(log_uv))
+            Kv, local_col = _matvec(Kmat, v), None
+            absorptions += 1
+            continue
+        iters += 1
         if local_col is None:
             local_col = _rmatvec(Kmat, u)
         col = dist.all_reduce_sum(local_col, group)  # (K,) joint column sums / v

@@ -152,3 +152,152 @@ void vlp_scale_rows_cols(float *restrict K, const float *restrict u, const float
         for (int64_t j = 0; j < N; j++) k[j] *= ui * v[j];
     }
 }
+
+/* ---- The whole iteration loop, for single-process solves --------------------------------
+ * Python's per-iteration vector work (error, Anderson mixing, range checks: ~20 small torch
+ * ops) cost about as much as the fused passes themselves at 1024 x 4096; here it is a few
+ * loops over N. Same algorithm as vlp_codebook.ot._solve / _AndersonMixer (safeguarded type-II
+ * Anderson mixing of log v in double precision). Under torch.distributed the Python loop runs
+ * instead, because the column sums must be all-reduced between passes. */
+
+enum { LOOP_CONVERGED = 0, LOOP_MAX_ITERS = 1, LOOP_NONFINITE_COLUMNS = 2, LOOP_OUT_OF_RANGE = 3,
+       LOOP_NO_MEMORY = -1 };
+
+/* Finiteness on the bits: under -ffinite-math-only the compiler may fold isfinite(x) and
+ * NaN-aware comparisons away. */
+static inline int finite_d(double x) {
+    uint64_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return (bits & 0x7ff0000000000000ull) != 0x7ff0000000000000ull;
+}
+static inline int finite_f(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return (bits & 0x7f800000u) != 0x7f800000u;
+}
+
+/* Solves the n x n system A w = 1 (A symmetric positive definite up to rounding) by Gaussian
+ * elimination with partial pivoting; A is destroyed. Returns 0, or -1 if singular. */
+static int solve_ones(double *A, double *w, int n) {
+    for (int i = 0; i < n; i++) w[i] = 1.0;
+    for (int c = 0; c < n; c++) {
+        int p = c;
+        for (int r = c + 1; r < n; r++) if (fabs(A[r * n + c]) > fabs(A[p * n + c])) p = r;
+        if (A[p * n + c] == 0.0) return -1;
+        if (p != c) {
+            for (int k = 0; k < n; k++) { double t = A[c * n + k]; A[c * n + k] = A[p * n + k]; A[p * n + k] = t; }
+            double t = w[c]; w[c] = w[p]; w[p] = t;
+        }
+        for (int r = c + 1; r < n; r++) {
+            double f = A[r * n + c] / A[c * n + c];
+            for (int k = c; k < n; k++) A[r * n + k] -= f * A[c * n + k];
+            w[r] -= f * w[c];
+        }
+    }
+    for (int c = n - 1; c >= 0; c--) {
+        double s = w[c];
+        for (int k = c + 1; k < n; k++) s -= A[c * n + k] * w[k];
+        w[c] = s / A[c * n + c];
+    }
+    return 0;
+}
+
+/* On entry col = K^T u for the current u, v. Each iteration: measure the column error, stop if
+ * <= tol; mix log v; fused pass (u, Kv, col). Stops early with LOOP_OUT_OF_RANGE when some u_i
+ * (a_i > 0) or v_j leaves [exp(-log_absorb), exp(log_absorb)] or is not finite, and with
+ * LOOP_NONFINITE_COLUMNS when the error is not finite: the caller then folds the scalings into
+ * the potentials and calls again. *iters counts column evaluations, *error is the last one. */
+int vlp_sinkhorn_loop(const float *restrict K, const float *restrict a, const float *restrict b,
+                      float *restrict u, float *restrict v, float *restrict Kv, float *restrict col,
+                      int64_t B, int64_t N, int64_t max_iters, double tol, int depth,
+                      double log_absorb, int threads, int64_t *iters, double *error) {
+    const int slots = depth + 1;
+    double *log_v = malloc(N * sizeof(double));
+    double *gx = malloc(N * sizeof(double));
+    double *accepted = malloc(N * sizeof(double));
+    double *images = depth > 0 ? malloc((size_t)slots * N * sizeof(double)) : NULL;
+    double *resid = depth > 0 ? malloc((size_t)slots * N * sizeof(double)) : NULL;
+    double gram[64], A[64], w[8];
+    int status = LOOP_MAX_ITERS;
+    if (!log_v || !gx || !accepted || (depth > 0 && (!images || !resid)) || slots > 8) {
+        status = LOOP_NO_MEMORY;
+        goto done;
+    }
+    for (int64_t j = 0; j < N; j++) log_v[j] = log((double)v[j]);
+    int64_t stored = 0;
+    int have_accepted = 0, take_plain = 0;
+    double accepted_err = 0.0;
+    const double hi = exp(log_absorb), lo = exp(-log_absorb);
+    *iters = 0;
+    for (int64_t it = 0; it < max_iters; it++) {
+        double err = 0.0;
+        for (int64_t j = 0; j < N; j++) err += fabs((double)v[j] * col[j] - b[j]);
+        *iters += 1;
+        *error = err;
+        if (!finite_d(err)) { status = LOOP_NONFINITE_COLUMNS; goto done; }
+        if (err <= tol) { status = LOOP_CONVERGED; goto done; }
+        for (int64_t j = 0; j < N; j++) gx[j] = log((double)b[j]) - log((double)col[j]);
+        /* Safeguarded Anderson mixing: next log v. */
+        if (depth == 0) {
+            memcpy(log_v, gx, N * sizeof(double));
+        } else if (have_accepted && err > accepted_err && !take_plain) {
+            memcpy(log_v, accepted, N * sizeof(double));
+            stored = 0;
+            take_plain = 1;
+        } else {
+            take_plain = 0;
+            have_accepted = 1;
+            accepted_err = err;
+            memcpy(accepted, gx, N * sizeof(double));
+            int slot = (int)(stored % slots);
+            stored++;
+            int n = stored < slots ? (int)stored : slots;
+            double *r = resid + (size_t)slot * N, mean = 0.0;
+            for (int64_t j = 0; j < N; j++) { r[j] = gx[j] - log_v[j]; mean += r[j]; }
+            mean /= (double)N;
+            for (int64_t j = 0; j < N; j++) r[j] -= mean;
+            memcpy(images + (size_t)slot * N, gx, N * sizeof(double));
+            for (int k = 0; k < n; k++) {
+                const double *rk = resid + (size_t)k * N;
+                double d = 0.0;
+                for (int64_t j = 0; j < N; j++) d += rk[j] * r[j];
+                gram[slot * slots + k] = gram[k * slots + slot] = d;
+            }
+            if (n == 1) {
+                memcpy(log_v, gx, N * sizeof(double));
+            } else {
+                double trace = 0.0;
+                for (int k = 0; k < n; k++) trace += gram[k * slots + k];
+                for (int i = 0; i < n; i++)
+                    for (int k = 0; k < n; k++)
+                        A[i * n + k] = gram[i * slots + k] + (i == k ? 1e-10 * trace + 1e-300 : 0.0);
+                double total = 0.0;
+                int ok = solve_ones(A, w, n) == 0;
+                for (int k = 0; ok && k < n; k++) total += w[k];
+                if (!ok || !finite_d(total) || total == 0.0) {
+                    stored = 0;
+                    memcpy(log_v, gx, N * sizeof(double));
+                } else {
+                    for (int64_t j = 0; j < N; j++) {
+                        double s = 0.0;
+                        for (int k = 0; k < n; k++) s += w[k] * images[(size_t)k * N + j];
+                        log_v[j] = s / total;
+                    }
+                }
+            }
+        }
+        for (int64_t j = 0; j < N; j++) v[j] = (float)exp(log_v[j]);
+        if (vlp_fused_iteration(K, v, a, u, Kv, col, B, N, threads) != 0) {
+            status = LOOP_NO_MEMORY;
+            goto done;
+        }
+        int out_of_range = 0;
+        for (int64_t j = 0; j < N; j++) out_of_range |= !finite_f(v[j]) || v[j] < lo || v[j] > hi;
+        for (int64_t i = 0; i < B; i++)
+            out_of_range |= a[i] > 0.0f && (!finite_f(u[i]) || u[i] < lo || u[i] > hi);
+        if (out_of_range) { status = LOOP_OUT_OF_RANGE; goto done; }
+    }
+done:
+    free(log_v); free(gx); free(accepted); free(images); free(resid);
+    return status;
+}
