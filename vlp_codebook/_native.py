@@ -5,7 +5,7 @@ the row softmax of ``-M/ε`` with the first column sums, each iteration's ``K v`
 ``Kᵀu`` (one pass instead of two) and the final ``diag(u) K diag(v)``; for single-process
 solves it also runs the whole iteration loop (error, Anderson mixing, range checks), which
 took as long as the passes when done as small torch ops. On the 2-core
-machine this project is benchmarked on, that takes a 1024 x 4096 solve from ~10 to ~8 ms
+machine this project is benchmarked on, that takes a 1024 x 4096 solve from ~10-15 to ~6-8 ms
 (``docs/ot_and_codebook.md``).
 
 It is optional by design: the first call compiles the C file with the system C compiler
