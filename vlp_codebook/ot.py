@@ -178,7 +178,10 @@ def sinkhorn(cost: torch.Tensor,
 
     with torch.autocast(device_type=cost.device.type, enabled=False):
         M = cost.detach().to(torch.float32)
-        if _fused_kernels_for(M) is None:  # the fused CPU pass checks while it reads the cost
+        # Large CPU problems run the compiled passes of vlp_codebook._native when they could be
+        # built (the first of them counts NaN/inf while it reads the cost); the rest is torch.
+        fused = _fused_kernels_for(M)
+        if fused is None:
             check_finite('cost', M)
         B, K = M.shape
         device = M.device
@@ -193,7 +196,7 @@ def sinkhorn(cost: torch.Tensor,
         if abs(mass_a - mass_b) > 1e-4 * max(mass_a, mass_b):
             raise ValueError(f'the marginals must have equal total mass, got sum(a)={mass_a:.6g} '
                              f'and sum(b)={mass_b:.6g}')
-        plan, info = _solve(M, float(epsilon), a, b, max_iters, tol, anderson, process_group)
+        plan, info = _solve(M, float(epsilon), a, b, max_iters, tol, anderson, process_group, fused)
 
     if warn_not_converged and not info.converged:
         warnings.warn(f'sinkhorn: marginal error {info.marginal_error:.3g} > tol={tol:g} after '
@@ -202,12 +205,9 @@ def sinkhorn(cost: torch.Tensor,
     return (plan, info) if return_info else plan
 
 
-def _solve(M, eps, a, b, max_iters, tol, anderson, group):
+def _solve(M, eps, a, b, max_iters, tol, anderson, group, fused):
     log_a = torch.log(a)  # -inf where a == 0: those rows get no mass
     log_b = torch.log(b)
-    # Large CPU problems run the fused C passes of vlp_codebook._native when they could be
-    # built; everything else (and the rare kernel rebuilds below) is plain torch.
-    fused = _fused_kernels_for(M)
     # The kernel is K_ij = exp((f_i + g_j - M_ij) / eps) with potentials f (rows), g (columns).
     # It starts as the row softmax of -M/eps (g = 0, f_i = -eps logsumexp_j(-M_ij / eps)):
     # one max-subtracted pass, every entry <= 1, and rows that already sum to 1, so the first
@@ -254,8 +254,7 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group):
             if status == fused.NONFINITE_COLUMNS:
                 f, g, u, v, Kmat = _absorb(f, g, u, v, Kmat, M, eps, a, log_a, log_b, group, full=True)
             else:  # a scaling left the safe range: fold them into the potentials
-                u_pos = u if empty_rows is None else u.masked_fill(empty_rows, 1.0)
-                log_uv = _log_range(torch.cat([u_pos, v]))
+                log_uv = _scalings_log_range(u, v, empty_rows)
                 f, g, u, v, Kmat = _absorb(f, g, u, v, Kmat, M, eps, a, log_a, log_b, group,
                                            full=not math.isfinite(log_uv))
             Kv, local_col = _matvec(Kmat, v), None
@@ -290,8 +289,7 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group):
         if empty_rows is not None:
             u.masked_fill_(empty_rows, 0.0)
         # Fold u, v into f, g before they can overflow fp32, or restart if a row underflowed.
-        u_pos = u if empty_rows is None else u.masked_fill(empty_rows, 1.0)
-        log_uv = _log_range(torch.cat([u_pos, v]))
+        log_uv = _scalings_log_range(u, v, empty_rows)
         if dist.is_distributed(group):
             log_uv = dist.all_reduce_max(torch.tensor([log_uv], device=M.device), group).item()
         if log_uv > _LOG_ABSORB:
@@ -391,6 +389,12 @@ def _fused_kernels_for(M: torch.Tensor) -> Optional['_native.NativeKernels']:
     if M.device.type == 'cpu' and M.numel() >= _FAST_CPU_MIN_SIZE and _NATIVE_ENABLED:
         return _native.kernels()
     return None
+
+
+def _scalings_log_range(u: torch.Tensor, v: torch.Tensor, empty_rows) -> float:
+    """``max |log|`` over the scalings ``u`` (rows with mass only) and ``v``."""
+    u_pos = u if empty_rows is None else u.masked_fill(empty_rows, 1.0)
+    return _log_range(torch.cat([u_pos, v]))
 
 
 def _log_range(x: torch.Tensor) -> float:

@@ -53,10 +53,25 @@ static inline float dot(const float *restrict k, const float *restrict v, int64_
     return total;
 }
 
-static float *thread_accumulator(int64_t n) {
+/* Each OpenMP thread adds its rows' contributions to the column sums in a private, zeroed
+ * accumulator (opened inside the parallel region; sets *failed if memory ran out) ... */
+static float *open_accumulator(int64_t n, int *failed) {
     float *acc = (float *)aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64);
-    if (acc) memset(acc, 0, n * sizeof(float));
+    if (acc) {
+        memset(acc, 0, n * sizeof(float));
+    } else {
+#pragma omp atomic write
+        *failed = 1;
+    }
     return acc;
+}
+
+/* ... and adds it to the shared column sums at the end of the region, one thread at a time. */
+static void close_accumulator(float *acc, float *restrict col, int64_t n) {
+    if (!acc) return;
+#pragma omp critical
+    for (int64_t j = 0; j < n; j++) col[j] += acc[j];
+    free(acc);
 }
 
 /* K = row softmax of (-M / eps); col = K^T a; *nonfinite = number of NaN/inf entries of M
@@ -69,11 +84,7 @@ int vlp_softmax_rows_colsum(const float *restrict M, float *restrict K, const fl
     memset(col, 0, N * sizeof(float));
 #pragma omp parallel num_threads(threads) reduction(+ : bad_total)
     {
-        float *restrict acc = thread_accumulator(N);
-        if (!acc) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *restrict acc = open_accumulator(N, &failed);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B; i++) {
             if (!acc) continue;
@@ -100,11 +111,7 @@ int vlp_softmax_rows_colsum(const float *restrict M, float *restrict K, const fl
                 acc[j] += w * x;
             }
         }
-        if (acc) {
-#pragma omp critical
-            for (int64_t j = 0; j < N; j++) col[j] += acc[j];
-            free(acc);
-        }
+        close_accumulator(acc, col, N);
     }
     *nonfinite = bad_total;
     return failed ? -1 : 0;
@@ -118,11 +125,7 @@ int vlp_fused_iteration(const float *restrict K, const float *restrict v, const 
     memset(col, 0, N * sizeof(float));
 #pragma omp parallel num_threads(threads)
     {
-        float *restrict acc = thread_accumulator(N);
-        if (!acc) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *restrict acc = open_accumulator(N, &failed);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B; i++) {
             if (!acc) continue;
@@ -133,11 +136,7 @@ int vlp_fused_iteration(const float *restrict K, const float *restrict v, const 
             Kv[i] = d;
             for (int64_t j = 0; j < N; j++) acc[j] += ui * k[j];
         }
-        if (acc) {
-#pragma omp critical
-            for (int64_t j = 0; j < N; j++) col[j] += acc[j];
-            free(acc);
-        }
+        close_accumulator(acc, col, N);
     }
     return failed ? -1 : 0;
 }
