@@ -316,6 +316,11 @@ def _solve(M, eps, a, b, max_iters, tol, anderson, group, fused):
     return plan, info
 
 
+# Tikhonov weight of Anderson's Gram system, relative to its trace (the C loop uses the same):
+# Sinkhorn residuals become exactly linearly dependent near convergence.
+_ANDERSON_RIDGE = 1e-10
+
+
 class _AndersonMixer:
     r"""Safeguarded Anderson acceleration (type II) of a fixed-point iteration :math:`x \mapsto G(x)`.
 
@@ -375,7 +380,7 @@ class _AndersonMixer:
             return gx
         gram = self.gram[:n, :n].clone()
         # Tikhonov term relative to the residual scale keeps the tiny system well posed.
-        gram.diagonal().add_(1e-10 * gram.diagonal().sum() + 1e-300)
+        gram.diagonal().add_(_ANDERSON_RIDGE * gram.diagonal().sum() + 1e-300)
         weights = torch.linalg.solve(gram, torch.ones(n, dtype=gram.dtype, device=gram.device))
         total = weights.sum().item()
         if not math.isfinite(total) or total == 0.0:

@@ -269,7 +269,7 @@ int vlp_sinkhorn_loop(const float *restrict K, const float *restrict a, const fl
                 for (int k = 0; k < n; k++) trace += gram[k * slots + k];
                 for (int i = 0; i < n; i++)
                     for (int k = 0; k < n; k++)
-                        A[i * n + k] = gram[i * slots + k] + (i == k ? 1e-10 * trace + 1e-300 : 0.0);
+                        A[i * n + k] = gram[i * slots + k] + (i == k ? 1e-10 * trace + 1e-300 : 0.0);  /* ridge: ot._ANDERSON_RIDGE */
                 double total = 0.0;
                 int ok = solve_ones(A, w, n) == 0;
                 for (int k = 0; ok && k < n; k++) total += w[k];
