@@ -10,4 +10,6 @@ torch.set_num_threads(1)
 
 settings.register_profile('vlp', deadline=None, max_examples=40,
                           suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile('stress', deadline=None, max_examples=int(os.environ.get('HYPOTHESIS_MAX_EXAMPLES', 400)),
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'vlp'))

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ddp_utils import init_gloo, run_workers
+from test_codis_model import batch, tiny_model
 from vlp_codebook import dist
 from vlp_codebook.models.losses.codebook_ot_loss import CodebookOTLoss
 from vlp_codebook.models.losses.distillation import MultiDirectionalDistillationLoss
@@ -164,6 +165,20 @@ def pipeline(rank: int, world: int):
         out[f'train/student.{key}'] = ('same', 'eq', value)
     for key, value in teacher.state_dict().items():
         out[f'train/teacher.{key}'] = ('same', 'eq', value)
+
+    # 6. Logged values: dist.joint_batch_mean of the per-rank losses of part 1 is the joint loss
+    # on every rank, and a tiny CODIS logs joint-batch means from parse_losses (eval mode: no
+    # dropout; ITM/MLM sample randomly, so they are left out here).
+    logged = dist.joint_batch_mean({n: v.detach() for n, v in losses.items()}, cur.stop - cur.start)
+    for name, value in logged.items():
+        out[f'log/{name}'] = ('same', 'cur', value)
+    codis = tiny_model(itm_loss=None, mlm_loss=None).eval()
+    data = codis.data_preprocessor(batch(sum(SIZES['cur'])), True)
+    codis_terms = codis(**{k: v[cur] for k, v in data.items()}, mode='loss')
+    out['codis_local/loss_t2i'] = ('wmean', 'cur', codis_terms['loss_t2i'].detach())
+    _, log_vars = codis.parse_losses(codis_terms)
+    for name, value in log_vars.items():
+        out[f'codis_log/{name}'] = ('same', 'cur', value.detach())
     return out
 
 
@@ -201,7 +216,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_joint_batch():
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL,
                                    msg=lambda m, name=name: f'{name}: {m}')
         checked[kind] += 1
-    assert checked == {'wmean': 14, 'rowgrad': 8, 'rows': 2, 'same': 17}, checked
+    assert checked == {'wmean': 15, 'rowgrad': 8, 'rows': 2, 'same': 17 + 4 + 11}, checked
 
     # The fused CPU passes ran on both ranks and in the joint run (gcc is on these machines).
     from vlp_codebook import _native
@@ -221,4 +236,6 @@ def test_two_gloo_ranks_equal_one_process_on_the_joint_batch():
     # Unequal batches: the plain mean over ranks is NOT the joint loss (the weights matter).
     plain = sum(r['distill/loss_t2i'][2] for r in ranks) / WORLD
     assert abs(plain - joint['distill/loss_t2i'][2]) > 1e-4
+    # ... and rank 0's own CODIS loss (what mmengine logs by default) is not the joint one.
+    assert abs(ranks[0]['codis_local/loss_t2i'][2] - joint['codis_log/loss_t2i'][2]) > 1e-4
     print(f'DDP equivalence: 2 gloo workers took {elapsed:.1f} s')

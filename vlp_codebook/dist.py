@@ -8,6 +8,8 @@ nccl on GPU) they implement the three patterns the method needs:
   across ranks (the Sinkhorn solver's column sums, codeword usage); no gradient.
 * :func:`gather_no_grad` -- the joint batch of detached tensors, e.g. teacher features before
   they are enqueued, targets, instance ids. Ranks may hold different batch sizes.
+* :func:`joint_batch_mean` -- per-rank means of logged scalars turned into joint-batch means
+  (weighted by local batch size), all names in one collective.
 * :func:`gather_with_grad` -- the joint batch of a tensor that a loss differentiates through;
   the backward pass sums, over ranks, the gradient each rank's loss sends to every slice and
   hands each rank the gradient of its own slice (as ``torch.distributed.nn.all_gather``).
@@ -18,13 +20,14 @@ and the mean over ranks of the per-rank losses equals the joint-batch loss.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from collections import OrderedDict
+from typing import List, Mapping, Optional
 
 import torch
 import torch.distributed as torch_dist
 
 __all__ = ['is_distributed', 'get_world_size', 'get_rank', 'all_reduce_sum', 'all_reduce_max', 'gather_no_grad',
-           'gather_with_grad', 'batch_sizes', 'local_slice']
+           'gather_with_grad', 'batch_sizes', 'local_slice', 'joint_batch_mean']
 
 
 def is_distributed(group: Optional[object] = None) -> bool:
@@ -59,6 +62,46 @@ def all_reduce_max(tensor: torch.Tensor, group: Optional[object] = None) -> torc
     out = tensor.detach().clone()
     torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX, group=group)
     return out
+
+
+@torch.no_grad()
+def joint_batch_mean(values: Mapping[str, torch.Tensor], local_batch_size: int,
+                     group: Optional[object] = None) -> 'OrderedDict[str, torch.Tensor]':
+    r"""Joint-batch means of per-rank scalar means, for logging.
+
+    Each rank holds the mean of a quantity over its ``B_r`` local samples; the joint-batch mean
+    is :math:`\sum_r B_r\,x_r / \sum_r B_r`. All names travel in one ``all_reduce`` (a
+    vector of their weighted values plus the weight), so this costs one collective per call.
+    Every rank must pass the same names in the same order (one model, one forward).
+
+    Args:
+        values: name -> scalar (0-d or one-element) tensor, this rank's mean.
+        local_batch_size: ``B_r`` (> 0).
+
+    Returns:
+        name -> 0-d fp32 tensor, detached (the input itself when not distributed).
+
+    Example::
+
+        >>> log_vars = joint_batch_mean({'loss': loss.detach()}, local_batch_size=images.shape[0])
+    """
+    if not is_distributed(group):
+        return OrderedDict(values)
+    if local_batch_size <= 0:
+        raise ValueError(f'local_batch_size must be > 0, got {local_batch_size}')
+    names = list(values)
+    device = next(iter(values.values())).device if names else torch.device('cpu')
+    for name in names:
+        if values[name].numel() != 1:
+            raise ValueError(f'joint_batch_mean: values[{name!r}] must be a scalar, got shape '
+                             f'{tuple(values[name].shape)}')
+    packed = torch.stack([values[n].detach().float().reshape(()) for n in names]
+                         + [torch.zeros((), device=device)])
+    packed[:-1] *= local_batch_size
+    packed[-1] = local_batch_size
+    torch_dist.all_reduce(packed, op=torch_dist.ReduceOp.SUM, group=group)
+    means = packed[:-1] / packed[-1]
+    return OrderedDict((name, means[i]) for i, name in enumerate(names))
 
 
 @torch.no_grad()

@@ -88,6 +88,11 @@ class CODIS(BaseModel):
             epoch); 0 disables the ramp.
         itm_temperature: temperature of the similarities ITM hard negatives are drawn from when
             there is no distillation loss (else the distillation loss's learnable γ is used).
+        log_joint_batch_means: under torch.distributed, log every loss term as its mean over the
+            joint batch (one all-reduce per step, weighted by local batch size) rather than
+            rank 0's local value (mmengine's default). The loss that is back-propagated stays
+            local either way. Exact for the per-query-mean losses (distillation, codebook, ITM);
+            MLM is averaged per rank over masked tokens, so its joint value is weighted by images.
         init_cfg: mmengine init config.
     """
 
@@ -110,6 +115,7 @@ class CODIS(BaseModel):
                  alpha: float = 0.4,
                  alpha_warmup_iters: int = 0,
                  itm_temperature: float = 0.07,
+                 log_joint_batch_means: bool = True,
                  init_cfg: Optional[Mapping] = None):
         if isinstance(data_preprocessor, Mapping):
             data_preprocessor = MODELS.build(dict(data_preprocessor))
@@ -124,6 +130,8 @@ class CODIS(BaseModel):
         if alpha_warmup_iters < 0:
             raise ValueError(f'alpha_warmup_iters must be >= 0, got {alpha_warmup_iters}')
         self.embed_dim = embed_dim
+        self.log_joint_batch_means = log_joint_batch_means
+        self._local_batch_size = 0  # of the last loss-mode forward, for parse_losses
         if isinstance(text_encoder, Mapping) and text_encoder.get('vocab_size', 0) is None:
             # The text encoder's vocabulary is the tokenizer's.
             vocab_size = getattr(self.data_preprocessor, 'vocab_size', None)
@@ -237,6 +245,7 @@ class CODIS(BaseModel):
         if images.shape[0] != input_ids.shape[0]:
             raise ValueError(f'loss mode needs one caption per image: images has {images.shape[0]} '
                              f'rows, input_ids {input_ids.shape[0]}')
+        self._local_batch_size = images.shape[0]
         if image_ids is None:
             image_ids = self._anonymous_ids(images.shape[0], images.device)
         image_ids = image_ids.to(images.device)
@@ -282,6 +291,14 @@ class CODIS(BaseModel):
         if self.codebook_loss is not None and 'code_perplexity' in self.codebook_loss.last_stats:
             losses['code_perplexity'] = torch.tensor(self.codebook_loss.last_stats['code_perplexity'])
         return losses
+
+    def parse_losses(self, losses: Dict[str, torch.Tensor]):
+        """mmengine's sum of the ``loss*`` terms (back-propagated, this rank's), and the logged
+        values: joint-batch means under torch.distributed (see ``log_joint_batch_means``)."""
+        loss, log_vars = super().parse_losses(losses)
+        if self.log_joint_batch_means and self._local_batch_size > 0:
+            log_vars = dist.joint_batch_mean(log_vars, self._local_batch_size)
+        return loss, log_vars
 
     def _mlm(self, input_ids, attention_mask, image_tokens) -> Dict[str, torch.Tensor]:
         preprocessor = self.data_preprocessor
