@@ -91,7 +91,7 @@ class CODIS(BaseModel):
         log_joint_batch_means: under torch.distributed, log every loss term as its mean over the
             joint batch (one all-reduce per step, weighted by local batch size) rather than
             rank 0's local value (mmengine's default). The loss that is back-propagated stays
-            local either way. Exact for the per-query-mean losses (distillation, codebook, ITM);
+            local either way. Exact for the per-query-mean losses (distillation, codebook);
             MLM is averaged per rank over masked tokens, so its joint value is weighted by images.
         init_cfg: mmengine init config.
     """
