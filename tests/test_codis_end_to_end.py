@@ -112,3 +112,36 @@ def test_itm_rerank_test_loop_matches_an_independent_rerank(trained):
     expected = retrieval_recalls(score_i2t, img2txt, txt2img, (1, 5, 10), score_t2i)
     for key, value in expected.items():
         assert metrics[f'retrieval/{key}'] == pytest.approx(value, abs=1e-6), key
+
+
+def _rerank_test_worker(rank, world, port, ckpt, out_dir):
+    import json
+
+    from ddp_utils import init_gloo
+    init_gloo(rank, world, port)
+    metrics = test_tool.main([DEMO, ckpt, '--work-dir', osp.join(out_dir, f'rank{rank}'), '--cfg-options',
+                              *SMALL, 'test_cfg.type=ITMRerankTestLoop', 'test_cfg.k=5'])
+    with open(osp.join(out_dir, f'rank{rank}.json'), 'w') as f:
+        json.dump(metrics, f)
+
+
+def test_itm_rerank_test_loop_under_two_gloo_ranks_matches_one_process(trained, tmp_path):
+    # The test loader's DefaultSampler shards the set (5 + 5 images); the loop embeds the whole
+    # set on each rank and splits the ITM pairs, so both ranks report the one-process metrics.
+    import json
+
+    from ddp_utils import run_workers
+    from vlp_codebook import dist
+
+    work_dir, _ = trained
+    ckpt = osp.join(work_dir, 'epoch_2.pth')
+    single = test_tool.main([DEMO, ckpt, '--work-dir', str(tmp_path / 'single'), '--cfg-options', *SMALL,
+                             'test_cfg.type=ITMRerankTestLoop', 'test_cfg.k=5'])
+    run_workers(_rerank_test_worker, 2, ckpt, str(tmp_path), timeout=180)
+    assert not dist.is_distributed()
+    for rank in range(2):
+        with open(tmp_path / f'rank{rank}.json') as f:
+            metrics = json.load(f)
+        assert metrics.keys() == single.keys()
+        for key, value in single.items():
+            assert metrics[key] == pytest.approx(value, abs=1e-6), (rank, key)

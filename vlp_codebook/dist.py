@@ -10,6 +10,8 @@ nccl on GPU) they implement the three patterns the method needs:
   they are enqueued, targets, instance ids. Ranks may hold different batch sizes.
 * :func:`joint_batch_mean` -- per-rank means of logged scalars turned into joint-batch means
   (weighted by local batch size), all names in one collective.
+* :func:`even_shard` -- this rank's contiguous share of work every rank knows in full (e.g.
+  the image-text pairs an ITM re-ranking scores), to be joined again with :func:`gather_no_grad`.
 * :func:`gather_with_grad` -- the joint batch of a tensor that a loss differentiates through;
   the backward pass sums, over ranks, the gradient each rank's loss sends to every slice and
   hands each rank the gradient of its own slice (as ``torch.distributed.nn.all_gather``).
@@ -27,7 +29,8 @@ import torch
 import torch.distributed as torch_dist
 
 __all__ = ['is_distributed', 'get_world_size', 'get_rank', 'all_reduce_sum', 'all_reduce_max', 'gather_no_grad',
-           'gather_with_grad', 'batch_sizes', 'local_slice', 'joint_batch_mean']
+           'gather_with_grad', 'batch_sizes', 'local_slice', 'joint_batch_mean', 'even_shard',
+           'communication_device']
 
 
 def is_distributed(group: Optional[object] = None) -> bool:
@@ -174,3 +177,22 @@ def local_slice(num_local: int, group: Optional[object] = None, device=None) -> 
     sizes = batch_sizes(num_local, device or torch.device('cpu'), group)
     start = sum(sizes[:get_rank(group)])
     return slice(start, start + num_local)
+
+
+def even_shard(total: int, group: Optional[object] = None) -> slice:
+    """Rank r's contiguous share ``[r * total // W, (r + 1) * total // W)`` of ``total`` items.
+
+    Shares differ in size by at most one and may be empty (``total < W``); concatenated in rank
+    order (:func:`gather_no_grad`) they are the ``total`` items in order.
+    """
+    if total < 0:
+        raise ValueError(f'total must be >= 0, got {total}')
+    world, rank = get_world_size(group), get_rank(group)
+    return slice(rank * total // world, (rank + 1) * total // world)
+
+
+def communication_device(group: Optional[object] = None) -> torch.device:
+    """Where tensors must live for a collective: the current CUDA device under nccl, else CPU."""
+    if is_distributed(group) and torch_dist.get_backend(group) == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')

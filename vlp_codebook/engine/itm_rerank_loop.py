@@ -14,8 +14,12 @@ Config::
 
 The model must provide ``data_preprocessor``, ``extract_feats(images, input_ids,
 attention_mask)`` and an ITM head (``fusion_encoder`` + ``itm_head``), as :class:`CODIS` does.
-Single process only: token states of the whole set are kept in memory (ALBEF does the same
-with image features), and the re-ranking is not sharded across ranks.
+Token states of the whole set are kept in memory (ALBEF does the same with image features).
+
+Under torch.distributed (e.g. validation during a torchrun training) every rank embeds the whole
+set in dataset order, as ALBEF does (the configured loader's distributed sampler would hand each
+rank a strided share), then each rank scores ``1 / world_size`` of the re-ranked pairs and the
+scores are gathered: all ranks report the single-process metrics.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from typing import Dict, List
 import torch
 from mmengine.model import is_model_wrapper
 from mmengine.runner import TestLoop, ValLoop
+from torch.utils.data import DataLoader
 
 from vlp_codebook import dist
 from vlp_codebook.evaluation.itm_rerank import itm_rerank
@@ -85,13 +90,19 @@ class _ITMRerankMixin:
             raise ValueError(f'k and batch_size must be positive, got k={k}, batch_size={batch_size}')
         self.k, self.pair_batch_size = int(k), int(batch_size)
 
+    def _whole_set_loader(self):
+        """The configured loader; under torch.distributed one over the whole set, in order."""
+        if not dist.is_distributed():
+            return self.dataloader
+        loader = self.dataloader
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
+                          collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                          pin_memory=loader.pin_memory)
+
     def _evaluate(self) -> dict:
-        if dist.is_distributed():
-            raise RuntimeError('ITM re-ranking loops run in a single process; evaluate the checkpoint '
-                               'with `python -m vlp_codebook.tools.test` without a launcher')
         model = self.runner.model.module if is_model_wrapper(self.runner.model) else self.runner.model
         model.eval()
-        feats = collect_retrieval_features(model, self.dataloader)
+        feats = collect_retrieval_features(model, self._whole_set_loader())
         score_i2t, score_t2i = itm_reranked_scores(model, feats, self.k, self.pair_batch_size)
         self.evaluator.process(data_samples=[dict(score_i2t=score_i2t, score_t2i=score_t2i,
                                                   img2txt=feats['img2txt'])], data_batch=None)
