@@ -106,6 +106,57 @@ def test_vit_contradicting_size_raises(tmp_path):
         ViTImageEncoder(image_size=32, hidden_size=64, pretrained=str(tmp_path))
 
 
+def _timm_vit(depth=2, mlp_ratio=3.0, seed=0):
+    """A small timm VisionTransformer (the class ALBEF's visual_encoder and DeiT are) with every
+    parameter random, so that no weight is left at a value a wrong mapping would not notice."""
+    from functools import partial
+    timm_vit = pytest.importorskip('timm.models.vision_transformer')
+    torch.manual_seed(seed)
+    model = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=D, depth=depth, num_heads=HEADS,
+                                       mlp_ratio=mlp_ratio, qkv_bias=True,
+                                       norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    return model
+
+
+def _timm_tokens(model, images):
+    """All tokens after the final norm, from timm's own modules (its forward keeps [CLS] only)."""
+    x = model.patch_embed(images)
+    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
+    return model.norm(model.blocks(x))
+
+
+def test_vit_loads_an_albef_style_timm_checkpoint_and_matches_timm(tmp_path):
+    reference = _timm_vit()
+    state = {'visual_encoder.' + k: v for k, v in reference.state_dict().items()}
+    # ALBEF also stores the momentum copy and the text side; neither may be picked up.
+    state.update({'visual_encoder_m.' + k: v + 1.0 for k, v in reference.state_dict().items()})
+    state['text_encoder.bert.embeddings.word_embeddings.weight'] = torch.zeros(VOCAB, D)
+    path = tmp_path / 'albef.pth'
+    torch.save({'model': state}, path)
+    # Only num_heads is given: patch size, width, depth and MLP width are read off the tensors.
+    vit = ViTImageEncoder(image_size=32, num_heads=HEADS, pretrained=str(path)).eval()
+    assert (vit.patch_size, vit.width, len(vit.vit.encoder.layer)) == (8, D, 2)
+    assert vit.vit.encoder.layer[0].intermediate.dense.out_features == 3 * D
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(images), _timm_tokens(reference, images), rtol=1e-5, atol=1e-5)
+
+
+def test_vit_timm_checkpoint_errors(tmp_path):
+    reference = _timm_vit()
+    path = tmp_path / 'deit.pth'
+    torch.save(reference.state_dict(), path)
+    with pytest.raises(ValueError, match=r'num_layers=1 contradicts .*weights: num_hidden_layers=2'):
+        ViTImageEncoder(image_size=32, num_heads=HEADS, num_layers=1, pretrained=str(path))
+    distilled = dict(reference.state_dict(), dist_token=torch.zeros(1, 1, D))
+    torch.save(distilled, path)
+    with pytest.raises(ValueError, match='dist_token'):
+        ViTImageEncoder(image_size=32, num_heads=HEADS, pretrained=str(path))
+
+
 @pytest.mark.parametrize('build', [
     lambda p: ViTImageEncoder(pretrained=p),
     lambda p: BertTextEncoder(pretrained=p),

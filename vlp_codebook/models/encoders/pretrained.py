@@ -166,7 +166,7 @@ def minilm_l6_dir() -> Optional[str]:
 
 def resolve_architecture(given: Mapping[str, Optional[int]], checkpoint_config: Optional[Mapping],
                          defaults: Mapping[str, int], config_keys: Mapping[str, str],
-                         source: Optional[str]) -> Dict[str, int]:
+                         source: Optional[str], config_origin: str = 'config.json') -> Dict[str, int]:
     """Sizes of an encoder: explicit argument > checkpoint ``config.json`` > default.
 
     An explicit argument that contradicts the checkpoint raises ``ValueError`` (it could not
@@ -178,6 +178,8 @@ def resolve_architecture(given: Mapping[str, Optional[int]], checkpoint_config: 
         defaults: argument name -> default size (BERT-base / ViT-B/16).
         config_keys: argument name -> key in config.json.
         source: checkpoint path for messages.
+        config_origin: where ``checkpoint_config`` came from, for messages (``'config.json'``,
+            or ``'weights'`` for sizes read off the tensors' shapes).
     """
     resolved = {}
     for name, value in given.items():
@@ -188,7 +190,7 @@ def resolve_architecture(given: Mapping[str, Optional[int]], checkpoint_config: 
             resolved[name] = from_ckpt if from_ckpt is not None else defaults[name]
         else:
             if from_ckpt is not None and from_ckpt != value:
-                raise ValueError(f'{name}={value} contradicts the checkpoint {source!r}, whose config.json '
-                                 f'has {config_keys.get(name, name)}={from_ckpt}; leave {name}=None to use it')
+                raise ValueError(f'{name}={value} contradicts the checkpoint {source!r} ({config_origin}: '
+                                 f'{config_keys.get(name, name)}={from_ckpt}); leave {name}=None to use it')
             resolved[name] = value
     return resolved

@@ -10,8 +10,10 @@ cross-attention.
 Built on transformers' ``ViTModel`` (no pooling layer); no torchvision/timm.
 
 Pretrained weights come from a LOCAL path only (``pretrained=``): a transformers ViT
-directory (``config.json`` + weights; its sizes are used) or a state-dict file of a
-``ViTModel`` (sizes from the arguments). When ``image_size`` differs from the checkpoint's,
+directory (``config.json`` + weights; its sizes are used) or a state-dict file, either of a
+``ViTModel`` or in timm's layout (DeiT-B/16 as ALBEF/CODIS initialise from it, or an ALBEF
+checkpoint's ``visual_encoder``; see :mod:`.timm_vit`). A file's sizes are read from its
+tensors (all but ``num_heads``, which the weights do not record). When ``image_size`` differs from the checkpoint's,
 the position embeddings are resized bicubically (as ALBEF's ``interpolate_pos_embed``);
 inputs of another size than ``image_size`` are handled the same way on the fly.
 
@@ -27,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
 import torch
@@ -36,6 +39,7 @@ from torch.nn import functional as F
 from vlp_codebook.registry import MODELS
 
 from .pretrained import load_matching, read_config, read_state_dict, resolve_architecture, strip_prefix
+from .timm_vit import is_timm_vit, timm_vit_to_transformers, vit_sizes_from_weights
 
 __all__ = ['ViTImageEncoder']
 
@@ -56,8 +60,8 @@ class ViTImageEncoder(nn.Module):
         num_heads: attention heads (default 12).
         mlp_ratio: MLP hidden size / D (default 4).
         pretrained: LOCAL directory or file with weights (see module docstring); ``None`` for a
-            random initialisation. Sizes left ``None`` are taken from the checkpoint's
-            config.json when there is one, else the ViT-B/16 defaults above.
+            random initialisation. Sizes left ``None`` are taken from the checkpoint (its
+            config.json, else its tensors' shapes), else the ViT-B/16 defaults above.
         drop_rate: dropout on hidden states (default 0).
         layer_norm_eps: LayerNorm epsilon (default 1e-6, as timm/ALBEF; a checkpoint's config wins).
 
@@ -74,15 +78,18 @@ class ViTImageEncoder(nn.Module):
                  num_heads: Optional[int] = None, mlp_ratio: Optional[float] = None,
                  pretrained: Optional[str] = None, drop_rate: float = 0.0, layer_norm_eps: float = 1e-6):
         super().__init__()
-        state, ckpt_config = None, None
+        state, ckpt_config, ckpt_sizes = None, None, None
         if pretrained is not None:
-            state = read_state_dict(pretrained)
+            state = vit_model_names(read_state_dict(pretrained))
             ckpt_config = read_config(pretrained)
+            # A bare state-dict file has no config.json: its tensors' shapes give the sizes.
+            ckpt_sizes = ckpt_config if ckpt_config is not None else vit_sizes_from_weights(state)
         given = dict(patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads)
-        sizes = resolve_architecture(given, ckpt_config, VIT_B16, CONFIG_KEYS, pretrained)
+        sizes = resolve_architecture(given, ckpt_sizes, VIT_B16, CONFIG_KEYS, pretrained,
+                                     'config.json' if ckpt_config is not None else 'weights')
         if mlp_ratio is None:
-            if ckpt_config is not None and 'intermediate_size' in ckpt_config:
-                mlp_ratio = ckpt_config['intermediate_size'] / sizes['hidden_size']
+            if ckpt_sizes is not None and 'intermediate_size' in ckpt_sizes:
+                mlp_ratio = ckpt_sizes['intermediate_size'] / sizes['hidden_size']
             else:
                 mlp_ratio = VIT_B16['mlp_ratio']
         image_size = image_size if image_size is not None else VIT_B16['image_size']
@@ -110,8 +117,6 @@ class ViTImageEncoder(nn.Module):
             self._load(state, pretrained)
 
     def _load(self, state, source: str) -> None:
-        expected = self.vit.state_dict().keys()
-        state = strip_prefix(state, expected, ('vit.', 'visual_encoder.', 'image_encoder.vit.', 'model.'))
         key = 'embeddings.position_embeddings'
         if key in state and state[key].shape != self.vit.embeddings.position_embeddings.shape:
             state = dict(state)
@@ -131,6 +136,22 @@ class ViTImageEncoder(nn.Module):
         images = images.to(self.vit.embeddings.patch_embeddings.projection.weight.dtype)
         out = self.vit(pixel_values=images, interpolate_pos_encoding=other_size)
         return out.last_hidden_state
+
+
+# Enough ViTModel names to locate the ViT inside a larger checkpoint (ALBEF, mmengine, CODIS).
+_VIT_KEYS = ('embeddings.cls_token', 'embeddings.position_embeddings',
+             'embeddings.patch_embeddings.projection.weight', 'layernorm.weight', 'layernorm.bias')
+_PREFIXES = ('vit.', 'visual_encoder.', 'image_encoder.vit.', 'model.')
+_QUERY_KEY = re.compile(r'encoder\.layer\.\d+\.attention\.attention\.query\.weight$')
+
+
+def vit_model_names(state):
+    """A checkpoint's ViT weights named relative to transformers' ``ViTModel``: a timm layout
+    (DeiT, ALBEF) is converted, a transformers one has its prefix stripped."""
+    if is_timm_vit(state):
+        return timm_vit_to_transformers(state, ('visual_encoder.',) + _PREFIXES)
+    expected = _VIT_KEYS + tuple({m.group(0) for m in map(_QUERY_KEY.search, state) if m})
+    return strip_prefix(state, expected, _PREFIXES)
 
 
 def resize_position_embeddings(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
