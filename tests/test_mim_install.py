@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / 'tests' / 'fixtures'
@@ -84,3 +85,23 @@ def test_mim_run_train_and_test_from_a_regular_install(tmp_path):
                    '--work-dir', str(work_dir)], cwd=run_dir, env=env)
     assert f'Use the script {installed / "tools" / "test.py"}' in output
     assert 'mse:' in output
+
+    # convert_albef on a minimal ALBEF-layout checkpoint (1 text + 1 fusion layer)
+    src, dst = tmp_path / 'albef.pth', tmp_path / 'codis.pth'
+    torch.save({'model': _minimal_albef_state()}, src)
+    output = _run([str(MIM), 'run', 'vlp_codebook', 'convert_albef', str(src), str(dst)], cwd=run_dir, env=env)
+    assert f'Use the script {installed / "tools" / "convert_albef.py"}' in output
+    assert 'BERT: 1 text layers + 1 fusion layers' in output
+    assert 'fusion_encoder.layer.0.crossattention.self.query.weight' in torch.load(dst)['state_dict']
+
+
+def _minimal_albef_state():
+    from vlp_codebook.models.encoders import BertFusionEncoder, BertTextEncoder, ViTImageEncoder
+    vit = ViTImageEncoder(image_size=16, patch_size=8, hidden_size=8, num_layers=1, num_heads=2)
+    text = BertTextEncoder(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16)
+    fusion = BertFusionEncoder(hidden_size=8, num_layers=1, num_heads=2, encoder_width=8, intermediate_size=16)
+    state = {'visual_encoder.' + k: v for k, v in vit.vit.state_dict().items()}
+    state.update({'text_encoder.bert.' + k: v for k, v in text.bert.state_dict().items()})
+    state.update({'text_encoder.bert.encoder.' + k.replace('layer.0.', 'layer.1.'): v
+                  for k, v in fusion.state_dict().items()})
+    return state

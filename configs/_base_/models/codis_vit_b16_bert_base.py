@@ -1,6 +1,9 @@
 # CODIS at the paper's size (ALBEF architecture): ViT-B/16 at 256 px, BERT-base split into
 # 6 text + 6 fusion layers, 256-d shared embedding, queue 65536, momentum 0.995.
-# Pretrained weights: set `pretrained=` of the encoders to LOCAL checkpoint paths.
+# Pretrained weights: set `pretrained=` of the encoders to LOCAL checkpoint paths, as the paper
+# initialises: image_encoder.pretrained='.../deit_base_patch16_224-b5f2ef4d.pth' (timm layout
+# is converted), text_encoder.pretrained and fusion_encoder.pretrained='.../bert-base-uncased'
+# (layers 0-5 and 6-11). An ALBEF checkpoint file works for all three.
 model = dict(
     type='CODIS',
     embed_dim=256,

@@ -156,13 +156,44 @@ class BertFusionLayer(nn.Module):
 def _bert_sizes(pretrained, **given):
     state = read_state_dict(pretrained) if pretrained is not None else None
     ckpt_config = read_config(pretrained) if pretrained is not None else None
-    sizes = resolve_architecture(given, ckpt_config, BERT_BASE, CONFIG_KEYS, pretrained)
+    # A bare state-dict file (ALBEF, BLIP) has no config.json: its tensors' shapes give the sizes.
+    ckpt_sizes = ckpt_config if ckpt_config is not None or state is None else _bert_sizes_from_weights(state)
+    sizes = resolve_architecture(given, ckpt_sizes, BERT_BASE, CONFIG_KEYS, pretrained,
+                                 'config.json' if ckpt_config is not None else 'weights')
     if sizes.get('intermediate_size') is None:
         sizes['intermediate_size'] = 4 * sizes['hidden_size']
     if ckpt_config is not None and ckpt_config.get('hidden_act', 'gelu') != 'gelu':
         raise ValueError(f'checkpoint {pretrained!r} uses hidden_act={ckpt_config["hidden_act"]!r}; '
                          'only gelu BERT checkpoints are supported')
     return state, ckpt_config, sizes
+
+
+def _bert_sizes_from_weights(state) -> dict:
+    """Sizes readable off BERT weights under any prefix, as config.json keys (not the head count)."""
+    def find(suffix):
+        keys = sorted(k for k in state if k == suffix or k.endswith('.' + suffix))
+        return state[keys[0]] if keys else None
+
+    sizes = {}
+    word, position = find('embeddings.word_embeddings.weight'), find('embeddings.position_embeddings.weight')
+    if word is not None:
+        sizes['vocab_size'], sizes['hidden_size'] = (int(n) for n in word.shape)
+    if position is not None:
+        sizes['max_position_embeddings'] = int(position.shape[0])
+    ffn = find('encoder.layer.0.intermediate.dense.weight')
+    if ffn is not None:
+        sizes['intermediate_size'] = int(ffn.shape[0])
+    return sizes
+
+
+def _zero_absent_type_embeddings(state):
+    """BLIP's and LAVIS's BERT ("med", ``add_type_embeddings: false``) has no token-type table.
+    Every token here is type 0, so a zero table reproduces that model exactly."""
+    key = 'embeddings.token_type_embeddings.weight'
+    word = state.get('embeddings.word_embeddings.weight')
+    if key in state or word is None:
+        return state
+    return dict(state, **{key: word.new_zeros(2, word.shape[1])})
 
 
 def _checkpoint_num_layers(state, source) -> int:
@@ -223,7 +254,7 @@ class BertTextEncoder(nn.Module):
         self.width = sizes['hidden_size']
         self.vocab_size = sizes['vocab_size']
         if state is not None:
-            state = strip_prefix(state, self.bert.state_dict().keys(), PREFIXES)
+            state = _zero_absent_type_embeddings(strip_prefix(state, self.bert.state_dict().keys(), PREFIXES))
             available = _checkpoint_num_layers(state, pretrained)
             if num_layers > available:
                 raise ValueError(f'num_layers={num_layers} but checkpoint {pretrained!r} has only '
