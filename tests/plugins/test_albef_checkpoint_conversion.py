@@ -26,7 +26,7 @@ model = dict(
     text_encoder=dict(vocab_size=30522, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                       max_position_embeddings=64),
     fusion_encoder=dict(hidden_size=32, num_layers=1, num_heads=2, encoder_width=32, intermediate_size=64),
-    data_preprocessor=dict(tokenizer=dict(path={vocab!r}), max_length=16),
+    data_preprocessor=dict(tokenizer=dict(_delete_=True, type='PretrainedTokenizer', path={vocab!r}), max_length=16),
     codebook_loss=dict(num_codewords=16),
 )
 """
@@ -143,3 +143,27 @@ def test_encoders_load_an_albef_file_directly(lavis_plugin, tmp_path):
         torch.testing.assert_close(vit(images), image_tokens, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(text(ids, mask), text_hidden, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fusion(text_hidden, mask, image_tokens), fused, rtol=1e-5, atol=1e-5)
+
+
+def test_converted_checkpoint_loads_through_load_from(lavis_plugin, tmp_path):
+    # The documented route: convert, then train with load_from (lr 0, so the students keep the
+    # loaded weights; the run itself proves that the fresh parts are merely missing keys).
+    from vlp_codebook.tools import train as train_tool
+    albef = _albef(lavis_plugin, 'codis_pretrain')
+    src, dst = tmp_path / 'albef.pth', tmp_path / 'codis.pth'
+    torch.save({'model': albef.state_dict()}, src)
+    config = tmp_path / 'tiny_codis_demo.py'
+    config.write_text(TINY_CODIS.format(base=osp.join(ROOT, 'configs', 'codis_demo.py'), vocab=minilm_l6_dir()))
+    convert_albef.main([str(src), str(dst), '--config', str(config)])
+    runner = train_tool.main([str(config), '--work-dir', str(tmp_path / 'work'), '--cfg-options',
+                              f'load_from={dst}', 'optim_wrapper.optimizer.lr=0.0',
+                              'optim_wrapper.optimizer.weight_decay=0.0', 'train_cfg.max_epochs=1',
+                              'train_dataloader.dataset.num_images=4', 'train_dataloader.batch_size=4',
+                              'val_dataloader.dataset.num_images=4', 'train_cfg.val_interval=1',
+                              'param_scheduler=[]', 'default_hooks.checkpoint.interval=1'])
+    assert runner.train_loop.iter >= 1
+    model = runner.model
+    torch.testing.assert_close(model.itm_head.classifier.weight, albef.itm_head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.image_tower.proj.linear.weight, albef.vision_proj.weight, rtol=0, atol=0)
+    assert torch.equal(model.fusion_encoder.layer[0].crossattention.self.key.weight,
+                       albef.text_encoder.bert.encoder.layer[1].crossattention.self.key.weight)
