@@ -1,10 +1,13 @@
 """JSON caption datasets, the embedded synthetic shapes dataset and vlp_collate."""
 import json
+import random
 import re
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -102,6 +105,40 @@ def test_horizontal_flip_swaps_left_and_right(corpus):
     assert flipped['text'] == 'blue on the right'
     assert torch.equal(flipped['image'], plain['image'].flip(-1))
     assert not torch.equal(flipped['image'], plain['image'])
+
+
+@given(width=st.integers(1, 400), height=st.integers(1, 400), lo=st.floats(0.05, 1.0),
+       span=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_random_crop_box_lies_in_the_image_with_the_asked_area_and_ratio(width, height, lo, span, seed):
+    from vlp_codebook.datasets.image_loading import random_crop_box
+    hi = lo + span * (1.0 - lo)
+    left, top, right, bottom = random_crop_box(width, height, (lo, hi), rng=random.Random(seed))
+    assert 0 <= left < right <= width and 0 <= top < bottom <= height
+    w, h = right - left, bottom - top
+    # A drawn box has the asked area fraction and ratio up to the rounding of its sides
+    # (half a pixel each); the fallback is centred and spans the image in one direction.
+    area_ok = lo * width * height - (w + h) <= w * h <= hi * width * height + (w + h) + 1
+    ratio_ok = 3 / 4 * (1 - 1 / min(w, h)) - 1e-9 <= w / h <= 4 / 3 * (1 + 1 / min(w, h)) + 1e-9
+    fallback = (w == width or h == height) and left == (width - w) // 2 and top == (height - h) // 2
+    assert (area_ok and ratio_ok) or fallback
+
+
+def test_crop_scale_crops_then_resizes(tmp_path):
+    from vlp_codebook.datasets.image_loading import load_image, random_crop_box
+    g = np.random.default_rng(0)
+    pixels = g.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    path = tmp_path / 'noise.png'
+    Image.fromarray(pixels).save(path)
+    ours = load_image(str(path), 16, crop_scale=(0.2, 0.5), rng=random.Random(3))
+    box = random_crop_box(64, 48, (0.2, 0.5), rng=random.Random(3))
+    expected = Image.fromarray(pixels).crop(box).resize((16, 16), Image.BICUBIC)
+    torch.testing.assert_close(ours, torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1).float() / 255)
+    assert not torch.equal(ours, load_image(str(path), 16))
+    with pytest.raises(ValueError, match='crop_scale must satisfy'):
+        load_image(str(path), 16, crop_scale=(0.6, 0.5))
+    with pytest.raises(ValueError, match='crop_scale must be a pair'):
+        CaptionPretrainDataset(write_json(tmp_path / 'a.json', [{'image': 'noise.png', 'caption': 'x'}]),
+                               str(tmp_path), image_size=8, crop_scale=0.5)
 
 
 def test_missing_annotation_file_names_the_path(tmp_path):

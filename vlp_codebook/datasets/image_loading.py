@@ -5,6 +5,11 @@ white (emoji PNGs are RGBA), converts to RGB, resizes to ``image_size`` x ``imag
 (bicubic) and returns a ``(3, H, W)`` float32 tensor with values in [0, 1]. Normalisation
 (mean/std) belongs to the model's data preprocessor, not to the dataset.
 
+``load_image(path, image_size, crop_scale=(lo, hi))`` is the "random resized crop" of ALBEF's
+training transforms (Szegedy et al. 2015; ALBEF pretrains with scale (0.2, 1), fine-tunes with
+(0.5, 1)): a box covering a random fraction in ``[lo, hi]`` of the image area, with an aspect
+ratio drawn log-uniformly from ``[3/4, 4/3]``, is cut out and resized to ``image_size`` squared.
+
 Example::
 
     >>> import os, tempfile
@@ -16,13 +21,16 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import os
+import random
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ['load_image', 'pil_to_tensor', 'to_rgb']
+__all__ = ['load_image', 'pil_to_tensor', 'to_rgb', 'random_crop_box', 'check_crop_scale']
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -40,15 +48,65 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def load_image(path: str, image_size: int) -> torch.Tensor:
+def check_crop_scale(crop_scale: Optional[Tuple[float, float]]) -> Optional[Tuple[float, float]]:
+    """``crop_scale`` as a float pair with ``0 < lo <= hi <= 1`` (or None); else ``ValueError``."""
+    if crop_scale is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in crop_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f'crop_scale must be a pair (min, max) of area fractions, got {crop_scale!r}') from None
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f'crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale!r}')
+    return lo, hi
+
+
+def random_crop_box(width: int, height: int, crop_scale: Tuple[float, float],
+                    ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+                    rng: Optional[random.Random] = None) -> Tuple[int, int, int, int]:
+    """A random ``(left, top, right, bottom)`` box of the random resized crop.
+
+    Area fraction uniform in ``crop_scale``, aspect ratio (w/h) log-uniform in ``ratio``; after
+    10 draws that do not fit, the largest centred box whose ratio lies in ``ratio``.
+    ``rng``: a ``random.Random`` (default: Python's global generator, which mmengine seeds per
+    dataloader worker).
+    """
+    rng = rng or random
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(*crop_scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def load_image(path: str, image_size: int, crop_scale: Optional[Tuple[float, float]] = None,
+               rng: Optional[random.Random] = None) -> torch.Tensor:
     """The image at ``path``, RGB, resized to ``image_size`` squared: ``(3, image_size, image_size)``.
+
+    With ``crop_scale=(lo, hi)`` a random box (:func:`random_crop_box`) is resized instead of
+    the whole image.
 
     Raises:
         FileNotFoundError: no file at ``path`` (the message gives the absolute path).
-        ValueError: ``image_size`` < 1, or PIL cannot decode the file.
+        ValueError: ``image_size`` < 1, a bad ``crop_scale``, or PIL cannot decode the file.
     """
     if image_size < 1:
         raise ValueError(f'image_size must be a positive int, got {image_size}')
+    crop_scale = check_crop_scale(crop_scale)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'image file not found: {os.path.abspath(path)}')
     try:
@@ -56,6 +114,10 @@ def load_image(path: str, image_size: int) -> torch.Tensor:
             image = to_rgb(image)
     except OSError as error:  # PIL.UnidentifiedImageError is an OSError
         raise ValueError(f'cannot decode image file {os.path.abspath(path)}: {error}') from error
-    if image.size != (image_size, image_size):
+    if crop_scale is not None:
+        box = random_crop_box(image.width, image.height, crop_scale, rng=rng)
+        # Crop, then resize (as torchvision's RandomResizedCrop): no pixel outside the box leaks in.
+        image = image.crop(box).resize((image_size, image_size), Image.BICUBIC)
+    elif image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BICUBIC)
     return pil_to_tensor(image)

@@ -35,13 +35,13 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Any, Dict, Hashable, List, Sequence, Tuple, Union
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset
 
 from vlp_codebook.datasets.caption_text import clean_caption, swap_left_right
-from vlp_codebook.datasets.image_loading import load_image
+from vlp_codebook.datasets.image_loading import check_crop_scale, load_image
 from vlp_codebook.registry import DATASETS
 
 __all__ = ['load_annotations', 'CaptionPretrainDataset', 'CaptionRetrievalDataset']
@@ -115,9 +115,10 @@ def _check_files(paths: Sequence[str]) -> None:
 
 
 class _CaptionImages(Dataset):
-    """Shared image handling: root, size, optional flip augmentation."""
+    """Shared image handling: root, size, optional crop and flip augmentation."""
 
-    def __init__(self, image_root: str, image_size: int, horizontal_flip_prob: float):
+    def __init__(self, image_root: str, image_size: int, horizontal_flip_prob: float,
+                 crop_scale: Optional[Tuple[float, float]] = None):
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f'image_size must be a positive int, got {image_size!r}')
         if not 0.0 <= horizontal_flip_prob <= 1.0:
@@ -125,10 +126,11 @@ class _CaptionImages(Dataset):
         self.image_root = image_root
         self.image_size = image_size
         self.horizontal_flip_prob = horizontal_flip_prob
+        self.crop_scale = check_crop_scale(crop_scale)
         self.metainfo: Dict[str, Any] = {}
 
     def _load(self, path: str) -> torch.Tensor:
-        return load_image(path, self.image_size)
+        return load_image(path, self.image_size, crop_scale=self.crop_scale)
 
     def _maybe_flip(self, image: torch.Tensor, text: str) -> Tuple[torch.Tensor, str]:
         # Python's global RNG: mmengine seeds it per worker. With probability 0 nothing random runs.
@@ -149,6 +151,8 @@ class CaptionPretrainDataset(_CaptionImages):
         max_words: captions are cut to this many words after cleaning (ALBEF: 30).
         horizontal_flip_prob: probability of a random horizontal flip, which also swaps the words
             "left" and "right" in the caption. 0 (default): items are deterministic.
+        crop_scale: ``(min, max)`` area fraction of a random resized crop (ALBEF: (0.2, 1) in
+            pretraining, (0.5, 1) in retrieval fine-tuning); None (default): the whole image.
         check_images: check at construction that every image file exists (one ``stat`` per image;
             off by default for large corpora, where a missing file is reported when read).
 
@@ -163,8 +167,9 @@ class CaptionPretrainDataset(_CaptionImages):
     """
 
     def __init__(self, ann_file: AnnFiles, image_root: str = '', image_size: int = 224,
-                 max_words: int = 30, horizontal_flip_prob: float = 0.0, check_images: bool = False):
-        super().__init__(image_root, image_size, horizontal_flip_prob)
+                 max_words: int = 30, horizontal_flip_prob: float = 0.0, check_images: bool = False,
+                 crop_scale: Optional[Tuple[float, float]] = None):
+        super().__init__(image_root, image_size, horizontal_flip_prob, crop_scale)
         self.ann_file = ann_file
         self.max_words = max_words
         entries = load_annotations(ann_file)
