@@ -98,6 +98,24 @@ def test_vit_pretrained_file_and_resized_position_embeddings(tmp_path):
     assert torch.equal(pos[:, 0], source.vit.embeddings.position_embeddings[:, 0])
 
 
+def test_vit_load_state_dict_resizes_another_position_grid():
+    # A checkpoint of the whole model trained at 32 px loaded into one at 48 px (mmengine's
+    # load_from goes through load_state_dict): the grid is resized, not skipped.
+    from mmengine.runner.checkpoint import load_state_dict as mmengine_load_state_dict
+
+    from vlp_codebook.models.encoders.vit import resize_position_embeddings
+    torch.manual_seed(3)
+    small = nn.ModuleDict({'tower': tiny_vit()})
+    state = small.state_dict()
+    expected = resize_position_embeddings(state['tower.vit.embeddings.position_embeddings'], 36)
+    for load in (lambda m: m.load_state_dict(state), lambda m: mmengine_load_state_dict(m, state, strict=False)):
+        big = nn.ModuleDict({'tower': tiny_vit(image_size=48)})
+        load(big)
+        assert torch.equal(big.tower.vit.embeddings.position_embeddings.data, expected)
+        assert torch.equal(big.tower.vit.embeddings.cls_token, small.tower.vit.embeddings.cls_token)
+    assert state['tower.vit.embeddings.position_embeddings'].shape == (1, 17, D)  # caller's dict untouched
+
+
 def test_vit_contradicting_size_raises(tmp_path):
     config = ViTConfig(image_size=32, patch_size=8, hidden_size=D, num_hidden_layers=1, num_attention_heads=HEADS,
                        intermediate_size=48)

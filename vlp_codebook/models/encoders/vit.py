@@ -14,8 +14,10 @@ directory (``config.json`` + weights; its sizes are used) or a state-dict file, 
 ``ViTModel`` or in timm's layout (DeiT-B/16 as ALBEF/CODIS initialise from it, or an ALBEF
 checkpoint's ``visual_encoder``; see :mod:`.timm_vit`). A file's sizes are read from its
 tensors (all but ``num_heads``, which the weights do not record). When ``image_size`` differs from the checkpoint's,
-the position embeddings are resized bicubically (as ALBEF's ``interpolate_pos_embed``);
-inputs of another size than ``image_size`` are handled the same way on the fly.
+the position embeddings are resized bicubically (as ALBEF's ``interpolate_pos_embed``), at
+construction and in ``load_state_dict`` (so mmengine's ``load_from`` of a checkpoint trained at
+another size works too); inputs of another size than ``image_size`` are handled the same way
+on the fly.
 
 Example::
 
@@ -28,6 +30,7 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Optional
@@ -42,6 +45,8 @@ from .pretrained import load_matching, read_config, read_state_dict, resolve_arc
 from .timm_vit import is_timm_vit, timm_vit_to_transformers, vit_sizes_from_weights
 
 __all__ = ['ViTImageEncoder']
+
+logger = logging.getLogger(__name__)
 
 VIT_B16 = dict(image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_ratio=4)
 CONFIG_KEYS = dict(patch_size='patch_size', hidden_size='hidden_size', num_layers='num_hidden_layers',
@@ -122,6 +127,21 @@ class ViTImageEncoder(nn.Module):
             state = dict(state)
             state[key] = resize_position_embeddings(state[key], self.num_patches)
         load_matching(self.vit, state, source)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints of another image size (pretraining at 256 px, fine-tuning at 384) carry
+        # another position grid: resize it, as ALBEF's interpolate_pos_embed, rather than let a
+        # non-strict load (mmengine's load_from) skip it and leave the grid random. Runs before
+        # the children load; ``state_dict`` is the loader's own copy.
+        key = prefix + 'vit.embeddings.position_embeddings'
+        own = self.vit.embeddings.position_embeddings
+        incoming = state_dict.get(key)
+        if (incoming is not None and incoming.dim() == 3 and incoming.shape[-1] == own.shape[-1]
+                and incoming.shape[1] != own.shape[1]):
+            state_dict[key] = resize_position_embeddings(incoming, self.num_patches)
+            logger.info('%s: position embeddings resized from %d to %d patches', key, incoming.shape[1] - 1,
+                        self.num_patches)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) float images (normalised) -> (N, 1 + P, D) tokens, [CLS] first."""
