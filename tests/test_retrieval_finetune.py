@@ -25,6 +25,7 @@ def test_finetune_configs_follow_albef(path, epochs, k, warmup):
     assert cfg.model.mlm_loss is None and cfg.model.codebook_loss is not None
     assert cfg.model.image_encoder.image_size == 384 == cfg.train_dataloader.dataset.image_size
     assert cfg.train_dataloader.dataset.crop_scale == (0.5, 1.0)
+    assert cfg.train_dataloader.dataset.rand_augment == dict(num_ops=2, magnitude=7)
     assert cfg.optim_wrapper.optimizer.lr == 1e-5 and cfg.optim_wrapper.optimizer.weight_decay == 0.02
     assert cfg.train_cfg.max_epochs == epochs == cfg.param_scheduler[0].end
     assert cfg.param_scheduler[0].eta_min == 1e-6

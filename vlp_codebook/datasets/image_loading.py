@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -94,11 +94,13 @@ def random_crop_box(width: int, height: int, crop_scale: Tuple[float, float],
 
 
 def load_image(path: str, image_size: int, crop_scale: Optional[Tuple[float, float]] = None,
-               rng: Optional[random.Random] = None) -> torch.Tensor:
+               rng: Optional[random.Random] = None,
+               augment: Optional[Callable[[Image.Image], Image.Image]] = None) -> torch.Tensor:
     """The image at ``path``, RGB, resized to ``image_size`` squared: ``(3, image_size, image_size)``.
 
     With ``crop_scale=(lo, hi)`` a random box (:func:`random_crop_box`) is resized instead of
-    the whole image.
+    the whole image. ``augment`` (e.g. :class:`~vlp_codebook.datasets.rand_augment.RandAugment`)
+    is applied to the resized PIL image.
 
     Raises:
         FileNotFoundError: no file at ``path`` (the message gives the absolute path).
@@ -120,4 +122,6 @@ def load_image(path: str, image_size: int, crop_scale: Optional[Tuple[float, flo
         image = image.crop(box).resize((image_size, image_size), Image.BICUBIC)
     elif image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BICUBIC)
+    if augment is not None:
+        image = augment(image)
     return pil_to_tensor(image)

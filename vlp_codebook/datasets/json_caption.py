@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 
 from vlp_codebook.datasets.caption_text import clean_caption, swap_left_right
 from vlp_codebook.datasets.image_loading import check_crop_scale, load_image
+from vlp_codebook.datasets.rand_augment import RandAugment
 from vlp_codebook.registry import DATASETS
 
 __all__ = ['load_annotations', 'CaptionPretrainDataset', 'CaptionRetrievalDataset']
@@ -118,7 +119,7 @@ class _CaptionImages(Dataset):
     """Shared image handling: root, size, optional crop and flip augmentation."""
 
     def __init__(self, image_root: str, image_size: int, horizontal_flip_prob: float,
-                 crop_scale: Optional[Tuple[float, float]] = None):
+                 crop_scale: Optional[Tuple[float, float]] = None, rand_augment: Optional[dict] = None):
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f'image_size must be a positive int, got {image_size!r}')
         if not 0.0 <= horizontal_flip_prob <= 1.0:
@@ -127,10 +128,14 @@ class _CaptionImages(Dataset):
         self.image_size = image_size
         self.horizontal_flip_prob = horizontal_flip_prob
         self.crop_scale = check_crop_scale(crop_scale)
+        if rand_augment is not None and not isinstance(rand_augment, dict):
+            raise TypeError(f'rand_augment must be a dict of RandAugment arguments (e.g. dict(num_ops=2, '
+                            f'magnitude=7)) or None, got {type(rand_augment).__name__}')
+        self.rand_augment = RandAugment(**rand_augment) if rand_augment is not None else None
         self.metainfo: Dict[str, Any] = {}
 
     def _load(self, path: str) -> torch.Tensor:
-        return load_image(path, self.image_size, crop_scale=self.crop_scale)
+        return load_image(path, self.image_size, crop_scale=self.crop_scale, augment=self.rand_augment)
 
     def _maybe_flip(self, image: torch.Tensor, text: str) -> Tuple[torch.Tensor, str]:
         # Python's global RNG: mmengine seeds it per worker. With probability 0 nothing random runs.
@@ -153,6 +158,8 @@ class CaptionPretrainDataset(_CaptionImages):
             "left" and "right" in the caption. 0 (default): items are deterministic.
         crop_scale: ``(min, max)`` area fraction of a random resized crop (ALBEF: (0.2, 1) in
             pretraining, (0.5, 1) in retrieval fine-tuning); None (default): the whole image.
+        rand_augment: arguments of :class:`~vlp_codebook.datasets.rand_augment.RandAugment`
+            (ALBEF: ``dict(num_ops=2, magnitude=7)``), applied after the crop; None (default): off.
         check_images: check at construction that every image file exists (one ``stat`` per image;
             off by default for large corpora, where a missing file is reported when read).
 
@@ -168,8 +175,8 @@ class CaptionPretrainDataset(_CaptionImages):
 
     def __init__(self, ann_file: AnnFiles, image_root: str = '', image_size: int = 224,
                  max_words: int = 30, horizontal_flip_prob: float = 0.0, check_images: bool = False,
-                 crop_scale: Optional[Tuple[float, float]] = None):
-        super().__init__(image_root, image_size, horizontal_flip_prob, crop_scale)
+                 crop_scale: Optional[Tuple[float, float]] = None, rand_augment: Optional[dict] = None):
+        super().__init__(image_root, image_size, horizontal_flip_prob, crop_scale, rand_augment)
         self.ann_file = ann_file
         self.max_words = max_words
         entries = load_annotations(ann_file)

@@ -11,11 +11,12 @@ train_dataloader = dict(
     sampler=dict(type='DefaultSampler', shuffle=True),
     collate_fn=dict(type='vlp_codebook.vlp_collate'),
     # ALBEF's pretraining transforms: random resized crop of 20-100 % of the area, horizontal
-    # flip (ours swaps "left"/"right" in the caption too); its RandAugment is not implemented.
+    # flip (ours swaps "left"/"right" in the caption too), RandAugment (2 ops at level 7).
     dataset=dict(type='CaptionPretrainDataset',
                  ann_file=['data/coco.json', 'data/vg.json', 'data/cc3m.json', 'data/sbu.json'],
                  image_root='data/images', image_size=image_size, max_words=30,
-                 crop_scale=(0.2, 1.0), horizontal_flip_prob=0.5),
+                 crop_scale=(0.2, 1.0), horizontal_flip_prob=0.5,
+                 rand_augment=dict(num_ops=2, magnitude=7)),
 )
 val_dataloader = dict(
     batch_size=64,
