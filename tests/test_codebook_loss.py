@@ -126,10 +126,37 @@ def test_usage_statistics_and_perplexity():
     mass = cb.update_usage(one_hot)
     assert mass.tolist() == [0, 0, 1, 0]
     assert cb.perplexity().item() == pytest.approx(1.0)
-    loss_fn = CodebookOTLoss(num_codewords=6, embed_dim=4).train()
-    loss_fn(_feats(0, 12, 4), _feats(1, 12, 4))
-    # Equipartition: plans spread mass evenly, so the batch perplexity is K.
-    assert loss_fn.last_stats['code_perplexity'] == pytest.approx(6.0, rel=1e-3)
+
+
+def test_code_perplexity_follows_the_students_predictions():
+    # The plans' codeword mass is uniform whatever the features (equipartition), so a
+    # perplexity of it would read K even for a collapsed student; the logged one does not.
+    K, d = 16, 32
+    loss_fn = CodebookOTLoss(num_codewords=K, embed_dim=d).train()
+    codewords = F.normalize(loss_fn.codebook.weight.detach(), dim=1)
+    collapsed = codewords[:1].repeat(12, 1)                  # every student feature on codeword 0
+    loss_fn(collapsed, collapsed, _feats(0, 12, d), _feats(1, 12, d))
+    assert loss_fn.last_stats['code_perplexity'] < 1.5
+    # The EMA usage follows the predictions too (with the plans it would stay uniform).
+    usage = loss_fn.codebook.usage
+    assert usage.argmax().item() == 0 and usage[0].item() > 1.0 / K + 0.005
+    spread = codewords.clone()                               # one instance on every codeword
+    loss_fn(spread, spread, _feats(0, K, d), _feats(1, K, d))
+    assert loss_fn.last_stats['code_perplexity'] > 0.8 * K
+
+
+def test_code_plan_perplexity_grows_with_epsilon():
+    K, d = 16, 8
+    feats = _feats(0, 8, d)
+    spreads = []
+    for eps in (0.02, 0.1, 1.0):
+        loss_fn = CodebookOTLoss(num_codewords=K, embed_dim=d, epsilon=eps).train()
+        torch.manual_seed(0)
+        loss_fn.codebook.weight.data.normal_()
+        loss_fn(feats, feats)
+        spreads.append(loss_fn.last_stats['code_plan_perplexity'])
+    # 8 instances over 16 codewords with equal column mass: each row covers at least 2.
+    assert 2.0 - 1e-3 <= spreads[0] < spreads[1] < spreads[2] <= K
 
 
 @pytest.mark.parametrize('call, match', [

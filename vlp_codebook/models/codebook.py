@@ -4,8 +4,9 @@ CODIS (Duan et al., CVPR 2022) aligns both modalities to one set of codewords
 :math:`C \in \mathbb{R}^{K \times d}`; rows are L2-normalised whenever they are used, so the
 cost of assigning a unit-norm feature ``z`` to codeword ``k`` is :math:`1 - z \cdot c_k`.
 
-Usage statistics: :meth:`Codebook.update_usage` takes an assignment matrix (a transport plan or
-soft assignments, rows = instances) and keeps an exponential moving average of the mass each
+Usage statistics: :meth:`Codebook.update_usage` takes an assignment matrix (rows = instances;
+``CodebookOTLoss`` passes the students' predicted codeword distributions -- a transport plan's
+column mass is uniform by construction) and keeps an exponential moving average of the mass each
 codeword receives; :meth:`Codebook.perplexity` is :math:`\exp(H(\text{mass}))`, between 1 (one
 codeword used) and K (all used equally).
 

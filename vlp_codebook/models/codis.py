@@ -24,7 +24,8 @@ b + codebook (teacher feature)         the default (full CODIS)
 ``forward(mode='loss')`` returns every term by name (``loss_code_i2p``, ``loss_code_t2p``,
 ``loss_code_ot_v``, ``loss_code_ot_t``, ``loss_t2i``, ``loss_i2t``, ``loss_i2i``, ``loss_t2t``,
 ``loss_itm``, ``loss_mlm``) plus logged statistics whose names contain no "loss"
-(``temperature``, ``alpha``, ``code_perplexity``), which mmengine logs but does not sum.
+(``temperature``, ``alpha``, ``code_perplexity``, ``code_plan_perplexity``), which mmengine logs
+but does not sum.
 ``mode='predict'`` returns, per image, its embedding and those of its captions (for
 :class:`~vlp_codebook.evaluation.RetrievalMetric`); ``mode='tensor'`` the raw embeddings.
 
@@ -288,8 +289,10 @@ class CODIS(BaseModel):
             self.num_steps += 1
         losses['alpha'] = torch.tensor(alpha)
         losses['temperature'] = self.temperature()
-        if self.codebook_loss is not None and 'code_perplexity' in self.codebook_loss.last_stats:
-            losses['code_perplexity'] = torch.tensor(self.codebook_loss.last_stats['code_perplexity'])
+        if self.codebook_loss is not None:
+            for name in ('code_perplexity', 'code_plan_perplexity'):
+                if name in self.codebook_loss.last_stats:
+                    losses[name] = torch.tensor(self.codebook_loss.last_stats[name])
         return losses
 
     def parse_losses(self, losses: Dict[str, torch.Tensor]):

@@ -66,7 +66,9 @@ class CodebookOTLoss(nn.Module):
         loss_weight: multiplies every term (the ablation's "0.5x / 2.0x codebook").
         term_weights: per-term weights, keys ``i2p, t2p, ot_v, ot_t`` (missing keys: 1.0). A
             term of weight 0 is neither computed nor returned.
-        track_usage: update the codebook's usage statistics in training mode.
+        track_usage: in training mode, update the codebook's usage EMA with the students'
+            predicted codeword mass and record ``code_perplexity`` / ``code_plan_perplexity`` in
+            ``last_stats`` (see docs/ot_and_codebook.md).
     """
 
     def __init__(self,
@@ -170,9 +172,20 @@ class CodebookOTLoss(nn.Module):
                 losses['loss_ot_t'] = (q_t * (1.0 - sim_t)).sum(1).mean()
             losses = {k: v * self.term_weights[k[len('loss_'):]] for k, v in losses.items()}
         if self.training and self.track_usage:
-            mass = self.codebook.update_usage(torch.cat([q_v, q_t]))
-            self.last_stats['code_perplexity'] = Codebook.mass_perplexity(mass).item()
+            self._usage_stats(sim_v, sim_t, q_v, q_t)
         return losses
+
+    @torch.no_grad()
+    def _usage_stats(self, sim_v, sim_t, q_v, q_t) -> None:
+        # The plans' codeword mass is uniform by construction (equipartition), so usage is
+        # measured on what the students predict: softmax(z c / tau), both modalities.
+        predicted = torch.cat([sim_v, sim_t]).div(self.temperature).softmax(dim=1)
+        mass = self.codebook.update_usage(predicted)
+        self.last_stats['code_perplexity'] = Codebook.mass_perplexity(mass).item()
+        # Codewords one instance's plan row is spread over: exp(mean row entropy), this rank.
+        rows = torch.cat([q_v, q_t])
+        entropy = -(rows * torch.log(torch.where(rows > 0, rows, torch.ones_like(rows)))).sum(1).mean()
+        self.last_stats['code_plan_perplexity'] = entropy.exp().item()
 
 
 def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
