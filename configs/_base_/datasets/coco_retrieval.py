@@ -15,21 +15,14 @@ train_dataloader = dict(
                  image_size=image_size, max_words=30, crop_scale=(0.5, 1.0), horizontal_flip_prob=0.5,
                  rand_augment=dict(num_ops=2, magnitude=7)),
 )
+eval_dataset = dict(type='CaptionRetrievalDataset', image_root='data/coco', image_size=image_size, max_words=30)
 val_dataloader = dict(
     batch_size=64,
     num_workers=4,
     sampler=dict(type='DefaultSampler', shuffle=False),
     collate_fn=dict(type='vlp_codebook.vlp_collate'),
-    dataset=dict(type='CaptionRetrievalDataset', ann_file='data/coco_val.json', image_root='data/coco',
-                 image_size=image_size, max_words=30),
+    dataset=dict(eval_dataset, ann_file='data/coco_val.json'),
 )
-test_dataloader = dict(
-    batch_size=64,
-    num_workers=4,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    collate_fn=dict(type='vlp_codebook.vlp_collate'),
-    dataset=dict(type='CaptionRetrievalDataset', ann_file='data/coco_test.json', image_root='data/coco',
-                 image_size=image_size, max_words=30),
-)
+test_dataloader = dict(val_dataloader, dataset=dict(eval_dataset, ann_file='data/coco_test.json'))
 val_evaluator = dict(type='RetrievalMetric', k=(1, 5, 10))
 test_evaluator = val_evaluator
