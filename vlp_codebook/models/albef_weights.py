@@ -45,6 +45,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from .encoders.bert import zero_absent_type_embeddings
 from .encoders.vit import resize_position_embeddings, vit_model_names
 
 __all__ = ['albef_to_codis_state_dict']
@@ -84,7 +85,7 @@ def _fusion_layer(bert: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
 def _split_bert(bert: Mapping[str, torch.Tensor], fusion_layer: int, text_prefix: str,
                 fusion_prefix: Optional[str]) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
-    for key, value in bert.items():
+    for key, value in zero_absent_type_embeddings(bert).items():
         if key.startswith('embeddings.') and not key.endswith('position_ids'):
             out[text_prefix + key] = value
             continue
@@ -96,10 +97,6 @@ def _split_bert(bert: Mapping[str, torch.Tensor], fusion_layer: int, text_prefix
             out[f'{text_prefix}encoder.layer.{index}.{rest}'] = value
         elif fusion_prefix is not None:
             out[f'{fusion_prefix}layer.{index - fusion_layer}.{rest}'] = value
-    word = out.get(text_prefix + 'embeddings.word_embeddings.weight')
-    type_key = text_prefix + 'embeddings.token_type_embeddings.weight'
-    if word is not None and type_key not in out:
-        out[type_key] = word.new_zeros(2, word.shape[1])
     return out
 
 

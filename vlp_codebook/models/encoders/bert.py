@@ -59,7 +59,8 @@ from vlp_codebook.registry import MODELS
 
 from .pretrained import load_matching, read_config, read_state_dict, resolve_architecture, strip_prefix
 
-__all__ = ['BertTextEncoder', 'BertFusionEncoder', 'BertAttentionBlock', 'BertFusionLayer', 'extended_mask']
+__all__ = ['BertTextEncoder', 'BertFusionEncoder', 'BertAttentionBlock', 'BertFusionLayer', 'extended_mask',
+           'zero_absent_type_embeddings']
 
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_heads=12, intermediate_size=3072,
                  max_position_embeddings=512)
@@ -186,7 +187,7 @@ def _bert_sizes_from_weights(state) -> dict:
     return sizes
 
 
-def _zero_absent_type_embeddings(state):
+def zero_absent_type_embeddings(state):
     """BLIP's and LAVIS's BERT ("med", ``add_type_embeddings: false``) has no token-type table.
     Every token here is type 0, so a zero table reproduces that model exactly."""
     key = 'embeddings.token_type_embeddings.weight'
@@ -254,7 +255,7 @@ class BertTextEncoder(nn.Module):
         self.width = sizes['hidden_size']
         self.vocab_size = sizes['vocab_size']
         if state is not None:
-            state = _zero_absent_type_embeddings(strip_prefix(state, self.bert.state_dict().keys(), PREFIXES))
+            state = zero_absent_type_embeddings(strip_prefix(state, self.bert.state_dict().keys(), PREFIXES))
             available = _checkpoint_num_layers(state, pretrained)
             if num_layers > available:
                 raise ValueError(f'num_layers={num_layers} but checkpoint {pretrained!r} has only '
