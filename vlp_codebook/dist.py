@@ -88,16 +88,16 @@ def joint_batch_mean(values: Mapping[str, torch.Tensor], local_batch_size: int,
 
         >>> log_vars = joint_batch_mean({'loss': loss.detach()}, local_batch_size=images.shape[0])
     """
-    if not is_distributed(group):
-        return OrderedDict(values)
     if local_batch_size <= 0:
         raise ValueError(f'local_batch_size must be > 0, got {local_batch_size}')
     names = list(values)
-    device = next(iter(values.values())).device if names else torch.device('cpu')
     for name in names:
         if values[name].numel() != 1:
             raise ValueError(f'joint_batch_mean: values[{name!r}] must be a scalar, got shape '
                              f'{tuple(values[name].shape)}')
+    if not is_distributed(group):
+        return OrderedDict(values)
+    device = next(iter(values.values())).device if names else torch.device('cpu')
     packed = torch.stack([values[n].detach().float().reshape(()) for n in names]
                          + [torch.zeros((), device=device)])
     packed[:-1] *= local_batch_size

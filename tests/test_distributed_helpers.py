@@ -1,5 +1,7 @@
-"""ITM re-ranking under torch.distributed: 2 gloo ranks score disjoint halves of the pairs and
-return the single-process matrices (the loop-level check is in test_codis_end_to_end.py)."""
+"""vlp_codebook.dist helpers and what uses them: ITM re-ranking under torch.distributed (2 gloo
+ranks score disjoint halves of the pairs and return the single-process matrices; the loop-level
+check is in test_codis_end_to_end.py), even_shard, joint_batch_mean's arguments (its 2-rank
+numbers are checked in test_ddp_equivalence.py)."""
 from __future__ import annotations
 
 import os
@@ -60,3 +62,12 @@ def test_even_shard_without_a_process_group_is_everything():
     assert dist.even_shard(5) == slice(0, 5)
     with pytest.raises(ValueError, match='total must be >= 0'):
         dist.even_shard(-1)
+
+
+def test_joint_batch_mean_without_a_process_group_and_bad_input():
+    values = {'loss': torch.tensor(2.5), 'acc': torch.tensor([0.5])}
+    assert dist.joint_batch_mean(values, 4) == values
+    with pytest.raises(ValueError, match=r"values\['v'\] must be a scalar, got shape \(2,\)"):
+        dist.joint_batch_mean({'v': torch.zeros(2)}, 4)
+    with pytest.raises(ValueError, match='local_batch_size must be > 0'):
+        dist.joint_batch_mean(values, 0)
