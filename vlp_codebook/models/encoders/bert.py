@@ -110,6 +110,9 @@ class BertAttentionBlock(nn.Module):
         self.output.dense = nn.Linear(hidden_size, hidden_size)
         self.output.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
+        # Optional ``probs -> probs`` callable on the (N, heads, L, K) attention probabilities,
+        # for analysis (Grad-CAM records them here); None in training and inference.
+        self.probs_hook = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
@@ -125,7 +128,10 @@ class BertAttentionBlock(nn.Module):
         if additive_mask is not None:
             scores = scores + additive_mask.float()
         # fp32 softmax (max-subtracted inside softmax), then back to the compute dtype.
-        probs = self.dropout(scores.softmax(dim=-1)).to(v.dtype)
+        probs = scores.softmax(dim=-1)
+        if self.probs_hook is not None:
+            probs = self.probs_hook(probs)
+        probs = self.dropout(probs).to(v.dtype)
         context = (probs @ v).transpose(1, 2).reshape(hidden.shape[0], hidden.shape[1], -1)
         out = self.dropout(self.output.dense(context))
         return self.output.LayerNorm(out + hidden)
