@@ -59,7 +59,8 @@ def test_mim_run_train_and_test_from_a_regular_install(tmp_path):
     _run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--quiet', '--target', str(site), str(wheel)])
 
     installed = site / 'vlp_codebook' / '.mim'
-    assert (installed / 'tools' / 'train.py').is_file() and (installed / 'tools' / 'test.py').is_file()
+    for tool in ('train', 'test', 'convert_albef', 'gradcam'):
+        assert (installed / 'tools' / f'{tool}.py').is_file(), tool
     shipped = installed / 'configs'
     assert shipped.is_dir() and not shipped.is_symlink()
 

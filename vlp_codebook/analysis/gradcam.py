@@ -13,6 +13,11 @@ reshaped to the patch grid (Selvaraju et al., "Grad-CAM", ICCV 2017, applied to 
 ALBEF's visualisation, which uses BERT layer 8: the third of the six fusion layers). Row 0 is the
 text [CLS] token, i.e. the whole caption.
 
+The ITM head reads the [CLS] output of the last fusion layer only, so a word's map can be
+non-zero only when later fusion layers carry that word into [CLS]: in the last layer every
+word's map is exactly zero. Hence the default layer is never the last one when there are two
+or more.
+
 Example::
 
     >>> cams, itm_logit = itm_gradcam(model, images, input_ids, attention_mask)
@@ -24,7 +29,12 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['itm_gradcam']
+__all__ = ['itm_gradcam', 'default_layer']
+
+
+def default_layer(num_layers: int) -> int:
+    """The third fusion layer (ALBEF's, of six), else the last but one, else the only one."""
+    return min(2, max(0, num_layers - 2))
 
 
 def itm_gradcam(model, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -37,7 +47,7 @@ def itm_gradcam(model, images: torch.Tensor, input_ids: torch.Tensor, attention_
         images: (N, 3, H, W) normalised images (the data preprocessor's output).
         input_ids, attention_mask: (N, L) tokenised captions.
         layer: fusion layer whose cross-attention is explained; default the third (ALBEF's
-            choice), or the last when there are fewer.
+            choice with six fusion layers), else the last but one (the first with two or fewer).
 
     Returns:
         ``(cams, itm_logit)``: (N, L, H/p, W/p) non-negative maps (padding tokens' rows are
@@ -48,7 +58,7 @@ def itm_gradcam(model, images: torch.Tensor, input_ids: torch.Tensor, attention_
         if getattr(model, name, None) is None:
             raise RuntimeError(f'itm_gradcam needs a model with {name} (a CODIS config whose itm_loss is not None)')
     layers = model.fusion_encoder.layer
-    layer = min(2, len(layers) - 1) if layer is None else layer
+    layer = default_layer(len(layers)) if layer is None else layer
     if not -len(layers) <= layer < len(layers):
         raise ValueError(f'layer={layer} but the fusion encoder has {len(layers)} layers')
     if images.dim() != 4 or input_ids.shape != attention_mask.shape or input_ids.shape[0] != images.shape[0]:
