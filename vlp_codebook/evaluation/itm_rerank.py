@@ -61,9 +61,8 @@ def _score_pairs(pair_scorer: PairScorer, image_index: torch.Tensor, text_index:
 
 def _score_pairs_sharded(pair_scorer: PairScorer, image_index: torch.Tensor, text_index: torch.Tensor,
                          batch_size: int, group: Optional[object]) -> torch.Tensor:
-    """All pairs' scores; under torch.distributed each rank scores its share, then they are gathered."""
-    if not dist.is_distributed(group):
-        return _score_pairs(pair_scorer, image_index, text_index, batch_size)
+    """All pairs' scores; under torch.distributed each rank scores its share, then they are gathered
+    (in one process the share is every pair and the gather returns it)."""
     share = dist.even_shard(image_index.numel(), group)
     local = _score_pairs(pair_scorer, image_index[share], text_index[share], batch_size)
     scores = dist.gather_no_grad(local.to(dist.communication_device(group)), group).cpu()

@@ -45,7 +45,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .encoders.bert import zero_absent_type_embeddings
+from .encoders.bert import checkpoint_num_layers, zero_absent_type_embeddings
 from .encoders.vit import resize_position_embeddings, vit_model_names
 
 __all__ = ['albef_to_codis_state_dict']
@@ -70,7 +70,6 @@ def _bert_prefix(state: Mapping[str, torch.Tensor], tower: str) -> Optional[str]
 
 def _fusion_layer(bert: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
     """(F, number of layers): F = the first layer with cross-attention."""
-    layers = {int(m.group(1)) for m in map(_LAYER.match, bert) if m}
     cross = {int(m.group(1)) for m in map(_LAYER.match, bert) if m and m.group(2).startswith('crossattention.')}
     if not cross:
         raise ValueError('the checkpoint\'s BERT has no cross-attention layers: not an ALBEF checkpoint '
@@ -79,7 +78,7 @@ def _fusion_layer(bert: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
     if first == 0:
         raise ValueError('every BERT layer of the checkpoint has cross-attention (the BLIP layout, one encoder '
                          'for text and fusion); CODIS splits BERT into text layers and fusion layers as ALBEF')
-    return first, max(layers) + 1
+    return first, checkpoint_num_layers(bert, 'the ALBEF checkpoint')
 
 
 def _split_bert(bert: Mapping[str, torch.Tensor], fusion_layer: int, text_prefix: str,

@@ -27,7 +27,12 @@ from torch.nn import functional as F
 from vlp_codebook import dist
 from vlp_codebook.registry import MODELS
 
-__all__ = ['Codebook', 'check_features']
+__all__ = ['Codebook', 'check_features', 'entropy']
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """``-sum p log p`` over the last dimension of distributions ``p`` (zeros contribute nothing)."""
+    return -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)
 
 
 def check_features(name: str, feats: torch.Tensor, embed_dim: int) -> None:
@@ -94,9 +99,7 @@ class Codebook(nn.Module):
     @staticmethod
     def mass_perplexity(mass: torch.Tensor) -> torch.Tensor:
         """``exp(H(mass))`` of a distribution over codewords (zeros contribute nothing)."""
-        p = mass.float() / mass.float().sum()
-        entropy = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum()
-        return entropy.exp()
+        return entropy(mass.float() / mass.float().sum()).exp()
 
     def perplexity(self) -> torch.Tensor:
         """Perplexity of the EMA usage: 1 (collapsed) to K (uniform)."""

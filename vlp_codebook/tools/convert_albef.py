@@ -20,7 +20,8 @@ import os.path as osp
 from typing import List, Optional
 
 import torch
-from mmengine.config import DictAction
+
+from vlp_codebook.tools.train import add_cfg_options
 
 __all__ = ['parse_args', 'main']
 
@@ -31,8 +32,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('src', help='ALBEF checkpoint (local file)')
     parser.add_argument('dst', help='output file for the CODIS state dict')
     parser.add_argument('--config', help='CODIS config (path or shipped name) to check the result against')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
-                        help='override settings of --config, KEY=VALUE')
+    add_cfg_options(parser, 'model.image_encoder.image_size=384')
     return parser.parse_args(argv)
 
 

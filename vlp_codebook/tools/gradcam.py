@@ -21,8 +21,9 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-from mmengine.config import DictAction
 from PIL import Image
+
+from vlp_codebook.tools.train import add_cfg_options
 
 __all__ = ['parse_args', 'main', 'overlay']
 
@@ -36,8 +37,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('caption', help='the caption to explain')
     parser.add_argument('--out', default='gradcam', help='output directory (default: ./gradcam)')
     parser.add_argument('--layer', type=int, default=None, help='fusion layer (default: the third, as ALBEF)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
-                        help='override settings of the config, KEY=VALUE')
+    add_cfg_options(parser, 'model.fusion_encoder.num_layers=6')
     return parser.parse_args(argv)
 
 
@@ -71,15 +71,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     cfg = load_config(args.config, cfg_options=args.cfg_options)
     model = MODELS.build(cfg.model)
-    if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint not found: {osp.abspath(args.checkpoint)}')
+    # The loader vlp_codebook.engine registers raises FileNotFoundError naming a missing path.
     load_checkpoint(model, args.checkpoint, map_location='cpu', logger='current')
     model.eval()
     image = load_image(args.image, model.image_tower.encoder.image_size)
     data = model.data_preprocessor({'images': image[None], 'texts': [args.caption]}, False)
-    cams, logit = itm_gradcam(model, data['images'], data['input_ids'], data['attention_mask'], layer=args.layer)
     layers = len(model.fusion_encoder.layer)
-    if (args.layer if args.layer is not None else default_layer(layers)) % layers == layers - 1:
+    layer = default_layer(layers) if args.layer is None else args.layer
+    cams, logit = itm_gradcam(model, data['images'], data['input_ids'], data['attention_mask'], layer=layer)
+    if layer % layers == layers - 1:
         print(f'note: layer {layers - 1} is the last fusion layer; only [CLS] has a map there (the ITM head '
               'reads [CLS] alone and no later layer carries the words into it)')
     tokens = model.data_preprocessor.tokenizer.convert_ids_to_tokens(data['input_ids'][0].tolist())

@@ -48,11 +48,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parse_with_common_args(parser, argv, 'train_cfg.max_iters=10 optim_wrapper.optimizer.lr=1e-4')
 
 
+def add_cfg_options(parser: argparse.ArgumentParser, cfg_example: str) -> None:
+    """``--cfg-options KEY=VALUE ...``: config overrides, as every tool that reads a config takes them."""
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                        help=f'override config entries, e.g. {cfg_example}')
+
+
 def parse_with_common_args(parser: argparse.ArgumentParser, argv: Optional[List[str]],
                            cfg_example: str) -> argparse.Namespace:
     """Add the options the train and test tools share (--cfg-options, --launcher), then parse."""
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
-                        help=f'override config entries, e.g. {cfg_example}')
+    add_cfg_options(parser, cfg_example)
     parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
                         help='"pytorch" when started by torchrun (gloo on CPU, nccl on GPU)')
     # torch.distributed.launch (deprecated) passes --local-rank; torchrun sets LOCAL_RANK

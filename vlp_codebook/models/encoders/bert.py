@@ -60,7 +60,7 @@ from vlp_codebook.registry import MODELS
 from .pretrained import load_matching, read_config, read_state_dict, resolve_architecture, strip_prefix
 
 __all__ = ['BertTextEncoder', 'BertFusionEncoder', 'BertAttentionBlock', 'BertFusionLayer', 'extended_mask',
-           'zero_absent_type_embeddings']
+           'zero_absent_type_embeddings', 'checkpoint_num_layers']
 
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_heads=12, intermediate_size=3072,
                  max_position_embeddings=512)
@@ -203,7 +203,7 @@ def zero_absent_type_embeddings(state):
     return dict(state, **{key: word.new_zeros(2, word.shape[1])})
 
 
-def _checkpoint_num_layers(state, source) -> int:
+def checkpoint_num_layers(state, source) -> int:
     layers = {int(k.split('encoder.layer.')[1].split('.')[0]) for k in state if 'encoder.layer.' in k}
     if not layers:
         raise ValueError(f'checkpoint {source!r} has no BERT layers (no "encoder.layer.N." keys)')
@@ -262,7 +262,7 @@ class BertTextEncoder(nn.Module):
         self.vocab_size = sizes['vocab_size']
         if state is not None:
             state = zero_absent_type_embeddings(strip_prefix(state, self.bert.state_dict().keys(), PREFIXES))
-            available = _checkpoint_num_layers(state, pretrained)
+            available = checkpoint_num_layers(state, pretrained)
             if num_layers > available:
                 raise ValueError(f'num_layers={num_layers} but checkpoint {pretrained!r} has only '
                                  f'{available} layers')
@@ -332,7 +332,7 @@ class BertFusionEncoder(nn.Module):
 
     def _load(self, state, source, offset, load_cross_attention) -> None:
         state = strip_prefix(state, [f'encoder.layer.{i}.attention.self.query.weight' for i in range(64)], PREFIXES)
-        available = _checkpoint_num_layers(state, source)
+        available = checkpoint_num_layers(state, source)
         if offset is None:
             offset = available - self.num_layers
         if offset < 0 or offset + self.num_layers > available:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlp_codebook.models.codebook import Codebook, check_features
+from vlp_codebook.models.codebook import Codebook, check_features, entropy
 from vlp_codebook.ot import sinkhorn
 from vlp_codebook.registry import MODELS
 
@@ -183,9 +183,7 @@ class CodebookOTLoss(nn.Module):
         mass = self.codebook.update_usage(predicted)
         self.last_stats['code_perplexity'] = Codebook.mass_perplexity(mass).item()
         # Codewords one instance's plan row is spread over: exp(mean row entropy), this rank.
-        rows = torch.cat([q_v, q_t])
-        entropy = -(rows * torch.log(torch.where(rows > 0, rows, torch.ones_like(rows)))).sum(1).mean()
-        self.last_stats['code_plan_perplexity'] = entropy.exp().item()
+        self.last_stats['code_plan_perplexity'] = entropy(torch.cat([q_v, q_t])).mean().exp().item()
 
 
 def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
