@@ -38,11 +38,12 @@ def test_unknown_type_lists_known_types():
     assert "'CodebookOTLos'" in msg and 'CodebookOTLoss' in msg and 'Known types' in msg
 
 
+@pytest.mark.parametrize('ot_cost_features', ['plan', 'student'])
 @pytest.mark.parametrize('plan_from_teacher', [False, True])
-def test_terms_match_independent_float64_reference(plan_from_teacher):
+def test_terms_match_independent_float64_reference(plan_from_teacher, ot_cost_features):
     B, K, d, eps, tau = 24, 12, 8, 0.1, 0.2
     loss_fn = CodebookOTLoss(num_codewords=K, embed_dim=d, epsilon=eps, temperature=tau,
-                             sinkhorn_tol=1e-7, sinkhorn_max_iters=20000)
+                             sinkhorn_tol=1e-7, sinkhorn_max_iters=20000, ot_cost_features=ot_cost_features)
     zv, zt = _feats(0, B, d), _feats(1, B, d)
     tv, tt = (_feats(2, B, d), _feats(3, B, d)) if plan_from_teacher else (zv, zt)
     out = loss_fn(zv, zt, tv if plan_from_teacher else None, tt if plan_from_teacher else None)
@@ -53,9 +54,10 @@ def test_terms_match_independent_float64_reference(plan_from_teacher):
     # Swapped prediction: the image is scored against the text's plan and vice versa.
     assert out['loss_i2p'].item() == pytest.approx(-(q_t * logp_v).sum(1).mean().item(), rel=1e-4)
     assert out['loss_t2p'].item() == pytest.approx(-(q_v * logp_t).sum(1).mean().item(), rel=1e-4)
-    # <T, M> with M from the student features and T the plan of that modality.
-    cost_v = 1 - zv.double() @ C.double().T
-    cost_t = 1 - zt.double() @ C.double().T
+    # <T, M>, M from the plan's own features ('plan') or the student features ('student').
+    cost_feats_v, cost_feats_t = (tv, tt) if ot_cost_features == 'plan' else (zv, zt)
+    cost_v = 1 - cost_feats_v.double() @ C.double().T
+    cost_t = 1 - cost_feats_t.double() @ C.double().T
     assert out['loss_ot_v'].item() == pytest.approx((q_v / B * cost_v).sum().item(), rel=1e-4)
     assert out['loss_ot_t'].item() == pytest.approx((q_t / B * cost_t).sum().item(), rel=1e-4)
 
@@ -69,7 +71,7 @@ def test_teacher_and_student_plans_differ():
 
 
 def test_gradients_reach_codebook_and_students_never_plans():
-    loss_fn = CodebookOTLoss(num_codewords=10, embed_dim=8)
+    loss_fn = CodebookOTLoss(num_codewords=10, embed_dim=8, ot_cost_features='student')
     zv, zt = _feats(0, 16, 8, True), _feats(1, 16, 8, True)
     tv, tt = _feats(2, 16, 8, True), _feats(3, 16, 8, True)
     sum(loss_fn(zv, zt, tv, tt).values()).backward()
@@ -178,3 +180,68 @@ def test_bad_construction():
         CodebookOTLoss(num_codewords=5, embed_dim=8, epsilon=0)
     with pytest.raises(TypeError, match='codebook must be'):
         CodebookOTLoss(codebook=torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize('with_teacher', [False, True])
+def test_plan_side_ot_cost_moves_only_the_codebook(with_teacher):
+    # The default: L_ot is the cost of the plans' own features, so the student features get no
+    # gradient from loss_ot_* and the codebook does; the student form pulls the students too.
+    for ot_cost_features, students_move in (('plan', False), ('student', True)):
+        loss_fn = CodebookOTLoss(num_codewords=10, embed_dim=8, ot_cost_features=ot_cost_features)
+        zv, zt = _feats(0, 16, 8, True), _feats(1, 16, 8, True)
+        tv, tt = (_feats(2, 16, 8), _feats(3, 16, 8)) if with_teacher else (None, None)
+        out = loss_fn(zv, zt, tv, tt)
+        (out['loss_ot_v'] + out['loss_ot_t']).backward()
+        moved = zv.grad is not None and zv.grad.abs().sum().item() > 0
+        assert moved == students_move, ot_cost_features
+        assert (zt.grad is not None and zt.grad.abs().sum().item() > 0) == students_move
+        assert loss_fn.codebook.weight.grad.abs().sum() > 0
+
+
+def test_default_is_plan_side_ot_cost_and_off_drops_the_terms():
+    assert CodebookOTLoss(num_codewords=4, embed_dim=3).ot_cost_features == 'plan'
+    off = CodebookOTLoss(num_codewords=4, embed_dim=3, ot_cost_features='off')
+    assert sorted(off(_feats(0, 6, 3), _feats(1, 6, 3))) == ['loss_i2p', 'loss_t2p']
+    with pytest.raises(ValueError, match="ot_cost_features must be one of .*'plan'.*got 'teacher'"):
+        CodebookOTLoss(num_codewords=4, embed_dim=3, ot_cost_features='teacher')
+
+
+def _adamw_angular_steps(codebook, steps=20, lr=1e-3, seed=0):
+    """Per-step angle (radians) every codeword turns under AdamW(lr, wd 0.02) with random gradients."""
+    opt = torch.optim.AdamW(codebook.parameters(), lr=lr, weight_decay=0.02)
+    g = torch.Generator().manual_seed(seed)
+    angles = []
+    for _ in range(steps):
+        before = codebook().detach()
+        opt.zero_grad()
+        (codebook() * torch.randn(codebook.weight.shape, generator=g)).sum().backward()
+        opt.step()
+        cos = (before * codebook().detach()).sum(1).clamp(-1, 1)
+        angles.append(torch.arccos(cos))
+    return torch.stack(angles)                                   # (steps, K)
+
+
+def test_codeword_angular_step_under_adamw_is_about_lr_by_default():
+    # Documented bound (codebook.py): a codeword of norm r turns at most ~lr*sqrt(d)/r per Adam
+    # step; the default N(0, 1) init has r ~ sqrt(d), i.e. about lr radians per step.
+    lr, K, d = 1e-3, 128, 256
+    torch.manual_seed(0)
+    default = Codebook(num_codewords=K, embed_dim=d)
+    norms = default.weight.detach().norm(dim=1)
+    assert norms.min() > 0.8 * d ** 0.5 and norms.max() < 1.2 * d ** 0.5
+    steps = _adamw_angular_steps(default, lr=lr)
+    assert steps.max() <= 1.3 * lr            # sqrt(d)/min norm <= 1.25, plus Adam's epsilon slack
+    torch.manual_seed(0)
+    unit = _adamw_angular_steps(Codebook(num_codewords=K, embed_dim=d, init_norm=1.0), lr=lr)
+    # Unit-norm codewords turn about sqrt(d) = 16 times faster: the choice is not cosmetic.
+    assert unit.mean() > 8 * steps.mean()
+    assert unit.max() <= 1.05 * lr * d ** 0.5
+
+
+def test_codebook_init_norm_is_checked_and_applied():
+    assert torch.allclose(Codebook(5, 7, init_norm=3.0).weight.norm(dim=1), torch.full((5,), 3.0))
+    for bad in (0.0, -1.0, float('nan'), 'big'):
+        with pytest.raises(ValueError, match='init_norm'):
+            Codebook(5, 7, init_norm=bad)
+    loss_fn = CodebookOTLoss(num_codewords=5, embed_dim=7, codeword_init_norm=2.0)
+    assert torch.allclose(loss_fn.codebook.weight.norm(dim=1), torch.full((5,), 2.0))

@@ -4,6 +4,16 @@ CODIS (Duan et al., CVPR 2022) aligns both modalities to one set of codewords
 :math:`C \in \mathbb{R}^{K \times d}`; rows are L2-normalised whenever they are used, so the
 cost of assigning a unit-norm feature ``z`` to codeword ``k`` is :math:`1 - z \cdot c_k`.
 
+Initial norm and step size: codewords are normalised when used, so only their direction
+matters, but the *parameter's* norm sets how fast that direction moves. Under Adam-type
+optimisers (AdamW over all parameters, the usual set-up) the update of every coordinate is about
+``lr`` per step whatever the gradient's scale, so a codeword of norm :math:`r` turns by at most
+about :math:`\mathrm{lr}\sqrt{d}/r` radians per step. The default initialisation draws every
+entry from N(0, 1), :math:`r \approx \sqrt{d}`, so a codeword turns by about ``lr`` radians per
+step, like the weights of the heads it is trained with; ``init_norm=1.0`` (unit-norm codewords)
+makes it turn :math:`\sqrt{d}` times faster (16x at d = 256), which measured worse on real data
+(``benchmarks/real_data_ablation.py``, docs/ot_and_codebook.md).
+
 Usage statistics: :meth:`Codebook.update_usage` takes an assignment matrix (rows = instances;
 ``CodebookOTLoss`` passes the students' predicted codeword distributions -- a transport plan's
 column mass is uniform by construction) and keeps an exponential moving average of the mass each
@@ -19,6 +29,9 @@ Example::
     >>> cost = codebook.cost(z)              # (8, 128), values in [0, 2]
 """
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -49,26 +62,38 @@ def check_features(name: str, feats: torch.Tensor, embed_dim: int) -> None:
 
 @MODELS.register_module()
 class Codebook(nn.Module):
-    """K learnable codewords of dimension d, L2-normalised when used.
+    r"""K learnable codewords of dimension d, L2-normalised when used.
 
     Args:
         num_codewords: K. The paper does not state its K; its ablation brackets it between 500
             (worse) and 3000 codewords. Default 1024.
         embed_dim: d, the dimension of the shared image-text embedding.
         usage_momentum: EMA momentum of the per-codeword usage statistics.
+        init_norm: ``None`` (default): entries drawn from N(0, 1), norm about :math:`\sqrt{d}`, so
+            the angular step under Adam-type optimisers is about ``lr`` radians; a number: random
+            directions scaled to this norm (``1.0`` = unit-norm codewords, which turn
+            :math:`\sqrt{d}` times faster). See the module docstring.
     """
 
-    def __init__(self, num_codewords: int = 1024, embed_dim: int = 256, usage_momentum: float = 0.99):
+    def __init__(self, num_codewords: int = 1024, embed_dim: int = 256, usage_momentum: float = 0.99,
+                 init_norm: Optional[float] = None):
         super().__init__()
         if num_codewords < 1 or embed_dim < 1:
             raise ValueError(f'num_codewords and embed_dim must be positive, got {num_codewords}, {embed_dim}')
         if not 0.0 <= usage_momentum < 1.0:
             raise ValueError(f'usage_momentum must be in [0, 1), got {usage_momentum}')
+        if init_norm is not None and not (isinstance(init_norm, (int, float)) and math.isfinite(init_norm)
+                                          and init_norm > 0):
+            raise ValueError(f'init_norm must be None (N(0, 1) entries) or a finite number > 0, got {init_norm!r}')
         self.num_codewords = num_codewords
         self.embed_dim = embed_dim
         self.usage_momentum = usage_momentum
-        # Random unit vectors: a uniform spread over the sphere, as SwAV's prototypes.
-        self.weight = nn.Parameter(F.normalize(torch.randn(num_codewords, embed_dim), dim=1))
+        self.init_norm = None if init_norm is None else float(init_norm)
+        # Gaussian rows: directions uniform over the sphere (as SwAV's prototypes), norm ~ sqrt(d).
+        weight = torch.randn(num_codewords, embed_dim)
+        if init_norm is not None:
+            weight = F.normalize(weight, dim=1) * float(init_norm)
+        self.weight = nn.Parameter(weight)
         self.register_buffer('usage', torch.full((num_codewords,), 1.0 / num_codewords))
 
     def forward(self) -> torch.Tensor:
@@ -106,4 +131,5 @@ class Codebook(nn.Module):
         return self.mass_perplexity(self.usage)
 
     def extra_repr(self) -> str:
-        return f'num_codewords={self.num_codewords}, embed_dim={self.embed_dim}'
+        init = 'N(0, 1)' if self.init_norm is None else self.init_norm
+        return f'num_codewords={self.num_codewords}, embed_dim={self.embed_dim}, init_norm={init}'

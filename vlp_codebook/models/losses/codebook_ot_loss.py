@@ -10,14 +10,23 @@ are assignment distributions over codewords. With the student predictions
     L_{i2p} &= -\tfrac{1}{B}\textstyle\sum_i \sum_k q^t_{ik} \log p^v_{ik}
         \quad\text{(image predicts the text's assignment)} \\
     L_{t2p} &= -\tfrac{1}{B}\textstyle\sum_i \sum_k q^v_{ik} \log p^t_{ik} \\
-    L_{ot,v} &= \langle T_{i2p}, 1 - Z_v C^\top \rangle, \qquad
-    L_{ot,t} = \langle T_{t2p}, 1 - Z_t C^\top \rangle \\
+    L_{ot,v} &= \langle T_{i2p}, 1 - \tilde Z_v C^\top \rangle, \qquad
+    L_{ot,t} = \langle T_{t2p}, 1 - \tilde Z_t C^\top \rangle \\
     L_{code} &= L_{t2p} + L_{i2p} + L_{ot,t} + L_{ot,v}
+
+**Which features the OT cost term sees** (:math:`\tilde Z`, ``ot_cost_features``; the paper does
+not say). ``'plan'`` (default): the features the plan was computed from (the momentum teacher's
+when given), detached, so :math:`L_{ot}` moves only the codebook towards the data. ``'student'``:
+the student features, so :math:`L_{ot}` also pulls the students towards codewords. ``'off'``: no
+:math:`L_{ot}` terms. Measured on real data with 10 paired seeds
+(``benchmarks/real_data_ablation.py``, docs/ot_and_codebook.md), the student form hurt retrieval
+and the plan form helped, hence the default.
 
 The swapped prediction is SwAV's (Caron et al., NeurIPS 2020) across modalities. The plans
 come from ``*_plan_feats`` when given (the paper's best: momentum-teacher features) and from
 the student features otherwise -- the "teacher feature" / "student feature" ablation. The
-gradient reaches the student features and the codebook, never the plans. Everything is fp32
+gradient reaches the student features (through the swapped predictions, and through
+:math:`L_{ot}` with ``ot_cost_features='student'``) and the codebook, never the plans. Everything is fp32
 whatever the autocast dtype.
 
 Under DDP each rank passes its own rows: the plans are those of the joint batch (the solver
@@ -46,14 +55,15 @@ from vlp_codebook.models.codebook import Codebook, check_features, entropy
 from vlp_codebook.ot import sinkhorn
 from vlp_codebook.registry import MODELS
 
-__all__ = ['CodebookOTLoss']
+__all__ = ['CodebookOTLoss', 'OT_COST_FEATURES']
 
 TERMS = ('i2p', 't2p', 'ot_v', 'ot_t')
+OT_COST_FEATURES = ('plan', 'student', 'off')
 
 
 @MODELS.register_module()
 class CodebookOTLoss(nn.Module):
-    """Codebook optimal-transport loss with its own :class:`Codebook`.
+    r"""Codebook optimal-transport loss with its own :class:`Codebook`.
 
     Args:
         num_codewords: K (when ``codebook`` is not given). Default 1024; see ``docs/ot_and_codebook.md``.
@@ -66,6 +76,14 @@ class CodebookOTLoss(nn.Module):
         loss_weight: multiplies every term (the ablation's "0.5x / 2.0x codebook").
         term_weights: per-term weights, keys ``i2p, t2p, ot_v, ot_t`` (missing keys: 1.0). A
             term of weight 0 is neither computed nor returned.
+        ot_cost_features: what the :math:`L_{ot}` terms transport: ``'plan'`` (default; the plans'
+            own features, detached: only the codebook gets their gradient), ``'student'`` (the
+            student features, which are pulled towards codewords too) or ``'off'`` (no
+            :math:`L_{ot}`). Chosen by ``benchmarks/real_data_ablation.py``.
+        codeword_init_norm: ``init_norm`` of the codebook built here (when ``codebook`` is not
+            given): ``None`` (default) = N(0, 1) entries, so a codeword turns about ``lr`` radians
+            per Adam step; ``1.0`` = unit-norm codewords (:math:`\sqrt{d}` times faster). See
+            :class:`~vlp_codebook.models.codebook.Codebook`.
         track_usage: in training mode, update the codebook's usage EMA with the students'
             predicted codeword mass and record ``code_perplexity`` / ``code_plan_perplexity`` in
             ``last_stats`` (see docs/ot_and_codebook.md).
@@ -81,10 +99,14 @@ class CodebookOTLoss(nn.Module):
                  sinkhorn_max_iters: int = 500,
                  loss_weight: float = 1.0,
                  term_weights: Optional[Mapping[str, float]] = None,
+                 ot_cost_features: str = 'plan',
+                 codeword_init_norm: Optional[float] = None,
                  track_usage: bool = True):
         super().__init__()
+        if ot_cost_features not in OT_COST_FEATURES:
+            raise ValueError(f'ot_cost_features must be one of {list(OT_COST_FEATURES)}, got {ot_cost_features!r}')
         if codebook is None:
-            codebook = Codebook(num_codewords=num_codewords, embed_dim=embed_dim)
+            codebook = Codebook(num_codewords=num_codewords, embed_dim=embed_dim, init_norm=codeword_init_norm)
         elif isinstance(codebook, Mapping):
             codebook = MODELS.build(dict(codebook))
         if not isinstance(codebook, Codebook):
@@ -102,6 +124,9 @@ class CodebookOTLoss(nn.Module):
         self.sinkhorn_tol = float(sinkhorn_tol)
         self.sinkhorn_max_iters = int(sinkhorn_max_iters)
         self.loss_weight = float(loss_weight)
+        self.ot_cost_features = ot_cost_features
+        if ot_cost_features == 'off':
+            term_weights.update(ot_v=0.0, ot_t=0.0)
         self.term_weights = {t: float(term_weights.get(t, 1.0)) * self.loss_weight for t in TERMS}
         self.track_usage = track_usage
         self.last_stats: Dict[str, float] = {}
@@ -147,7 +172,10 @@ class CodebookOTLoss(nn.Module):
                              f'{tuple(image_feats.shape)} and {tuple(text_feats.shape)}')
         for name, plan_feats, feats in (('image_plan_feats', image_plan_feats, image_feats),
                                         ('text_plan_feats', text_plan_feats, text_feats)):
-            if plan_feats is not None and plan_feats.shape[0] != feats.shape[0]:
+            if plan_feats is None:
+                continue
+            check_features(name, plan_feats, d)
+            if plan_feats.shape[0] != feats.shape[0]:
                 raise ValueError(f'{name} must have one row per instance ({feats.shape[0]}), got '
                                  f'shape {tuple(plan_feats.shape)}')
         terms = self.enabled_terms
@@ -155,10 +183,16 @@ class CodebookOTLoss(nn.Module):
             codewords = self.codebook()                                  # (K, d) fp32
             zv = F.normalize(image_feats.float(), dim=1)
             zt = F.normalize(text_feats.float(), dim=1)
-            q_v = self.assignments(zv if image_plan_feats is None else image_plan_feats, 'image')
-            q_t = self.assignments(zt if text_plan_feats is None else text_plan_feats, 'text')
+            plan_v = zv if image_plan_feats is None else F.normalize(image_plan_feats.float(), dim=1)
+            plan_t = zt if text_plan_feats is None else F.normalize(text_plan_feats.float(), dim=1)
+            plan_v, plan_t = plan_v.detach(), plan_t.detach()
+            q_v = self.assignments(plan_v, 'image')
+            q_t = self.assignments(plan_t, 'text')
             sim_v = zv @ codewords.T                                     # (B, K)
             sim_t = zt @ codewords.T
+            # 'plan': the cost of the plans' own (detached) features, so only the codebook
+            # gets the gradient of L_ot; 'student': the students are pulled to codewords too.
+            student_cost = self.ot_cost_features == 'student'
             losses: Dict[str, torch.Tensor] = {}
             if 'i2p' in terms:
                 losses['loss_i2p'] = _soft_cross_entropy(sim_v / self.temperature, q_t)
@@ -167,9 +201,11 @@ class CodebookOTLoss(nn.Module):
             # Transport cost per unit of this rank's mass: <T, M> on one process, and the
             # DDP average over ranks of equal batch size otherwise.
             if 'ot_v' in terms:
-                losses['loss_ot_v'] = (q_v * (1.0 - sim_v)).sum(1).mean()
+                cost_sim_v = sim_v if student_cost else plan_v @ codewords.T
+                losses['loss_ot_v'] = (q_v * (1.0 - cost_sim_v)).sum(1).mean()
             if 'ot_t' in terms:
-                losses['loss_ot_t'] = (q_t * (1.0 - sim_t)).sum(1).mean()
+                cost_sim_t = sim_t if student_cost else plan_t @ codewords.T
+                losses['loss_ot_t'] = (q_t * (1.0 - cost_sim_t)).sum(1).mean()
             losses = {k: v * self.term_weights[k[len('loss_'):]] for k, v in losses.items()}
         if self.training and self.track_usage:
             self._usage_stats(sim_v, sim_t, q_v, q_t)
