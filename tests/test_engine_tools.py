@@ -30,7 +30,8 @@ from mmengine.runner import checkpoint as mmengine_checkpoint  # noqa: E402
 
 import vlp_codebook.engine  # noqa: E402,F401
 from vlp_codebook.engine import config as config_module  # noqa: E402
-from vlp_codebook.engine.checkpoint import load_from_trusted_local  # noqa: E402
+from vlp_codebook.engine.checkpoint import (checkpoint_loading, load_checkpoint_file,  # noqa: E402
+                                            load_from_safe_local)
 from vlp_codebook.engine.distributed import cpu_model_wrapper_cfg, init_cpu_process_group, setup_launcher  # noqa: E402
 from vlp_codebook.engine.hooks import ModelScalarsLoggerHook, MomentumTeacherHook  # noqa: E402
 from vlp_codebook.engine.optim_wrapper import BF16AutocastOptimWrapper  # noqa: E402
@@ -56,24 +57,33 @@ def full_run(tmp_path_factory):
 
 # ---------------------------------------------------------------- checkpoint loader
 
-def test_our_checkpoint_loader_is_registered_and_needed(full_run):
+def test_our_checkpoint_loader_is_scoped_and_needed(full_run):
     checkpoint = str(full_run.work_dir / 'iter_4.pth')
-    assert CheckpointLoader._get_checkpoint_loader(checkpoint) is load_from_trusted_local
-    # mmengine's own local loader (torch.load with the torch >= 2.6 default weights_only=True)
-    # refuses the pickled message hub / optimizer state of an mmengine checkpoint
-    with pytest.raises(pickle.UnpicklingError):
+    # importing vlp_codebook.engine leaves mmengine's loader alone ...
+    assert CheckpointLoader._get_checkpoint_loader(checkpoint) is mmengine_checkpoint.load_from_local
+    # ... which (torch >= 2.6: weights_only=True, no allow-list) cannot read an mmengine checkpoint
+    with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer'):
         mmengine_checkpoint.load_from_local(checkpoint, map_location='cpu')
-    loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+    with checkpoint_loading():
+        assert CheckpointLoader._get_checkpoint_loader(checkpoint) is load_from_safe_local
+        with checkpoint_loading(trust=True):   # nested blocks restore the outer one
+            pass
+        assert CheckpointLoader._get_checkpoint_loader(checkpoint) is load_from_safe_local
+        loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+    assert CheckpointLoader._get_checkpoint_loader(checkpoint) is mmengine_checkpoint.load_from_local
     assert loaded['meta']['iter'] == 4
     assert {'state_dict', 'optimizer', 'message_hub', 'param_schedulers'} <= set(loaded)
+    # the message hub's buffers come back as HistoryBuffers with their statistics methods
+    buffer = loaded['message_hub']['log_scalars']['train/loss']
+    assert buffer.mean(4) == pytest.approx(float(np.mean(full_run.losses[:4])), rel=1e-6)
 
 
 def test_checkpoint_loader_missing_file_names_the_path(tmp_path):
     missing = tmp_path / 'nope' / 'iter_3.pth'
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(FileNotFoundError, match=str(missing)), checkpoint_loading():
         CheckpointLoader.load_checkpoint(str(missing))
     with pytest.raises(FileNotFoundError, match='directory'):
-        load_from_trusted_local(str(tmp_path))
+        load_checkpoint_file(str(tmp_path))
 
 
 # ---------------------------------------------------------------- training run + hooks
@@ -180,8 +190,9 @@ def test_without_iteration_seed_hook_resume_differs(full_run, tmp_path):
                                   '--resume', str(full_run.work_dir / 'iter_4.pth')])
     cfg = train_tool.build_train_config(args)
     cfg.custom_hooks = [h for h in cfg.custom_hooks if h['type'] != 'IterationSeedHook']
-    runner = train_tool.build_runner(cfg)
-    runner.train()
+    with checkpoint_loading():
+        runner = train_tool.build_runner(cfg)
+        runner.train()
     resumed = train_losses(runner)
     np.testing.assert_array_equal(resumed[:4], full_run.losses[:4])
     assert np.abs(resumed[4:] - full_run.losses[4:]).max() > 1e-3

@@ -1,18 +1,24 @@
-"""Runner extensions: checkpoint loading for torch >= 2.6, CPU distributed set-up, hooks.
+"""Runner extensions: safe checkpoint loading, CPU distributed set-up, hooks.
 
-Importing this package registers the trusted local checkpoint loader
-(:mod:`vlp_codebook.engine.checkpoint`) and the hooks (momentum teacher, extra scalars,
-per-iteration seeding for exact resumption) and the bf16 optimizer wrapper below in the
+Importing this package registers the hooks (momentum teacher, extra scalars, per-iteration
+seeding for exact resumption, checkpoint coverage) and the bf16 optimizer wrapper below in the
 ``vlp_codebook`` registries. The registries import it lazily (``HOOKS``, ``LOOPS``,
 ``OPTIM_WRAPPERS``... list it in their ``locations``) and the tools import it first.
+
+Importing it changes nothing in mmengine's checkpoint loading: the tools load checkpoints
+inside :func:`~vlp_codebook.engine.checkpoint.checkpoint_loading` (``weights_only=True`` with
+a short allow-list; see :mod:`vlp_codebook.engine.checkpoint` and docs/security.md).
 """
-from .checkpoint import load_from_trusted_local, register_checkpoint_loader
+from .checkpoint import (CorruptCheckpointError, UntrustedCheckpointError, checkpoint_loading,
+                         load_checkpoint_file)
+from .checkpoint_coverage import CheckpointCoverageHook, load_model_weights, state_dict_coverage
 from .distributed import init_cpu_process_group, setup_launcher
 from .hooks import ModelScalarsLoggerHook, MomentumTeacherHook
 from .optim_wrapper import BF16AutocastOptimWrapper
 from .iteration_seed import IterationSeedHook
 from .itm_rerank_loop import ITMRerankTestLoop, ITMRerankValLoop
 
-__all__ = ['load_from_trusted_local', 'register_checkpoint_loader', 'init_cpu_process_group',
+__all__ = ['checkpoint_loading', 'load_checkpoint_file', 'UntrustedCheckpointError', 'CorruptCheckpointError',
+           'CheckpointCoverageHook', 'load_model_weights', 'state_dict_coverage', 'init_cpu_process_group',
            'setup_launcher', 'MomentumTeacherHook', 'ModelScalarsLoggerHook', 'BF16AutocastOptimWrapper',
            'IterationSeedHook', 'ITMRerankValLoop', 'ITMRerankTestLoop']

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlp_codebook.tools.train import add_cfg_options
+from vlp_codebook.tools.train import add_cfg_options, add_checkpoint_args
 
 __all__ = ['parse_args', 'main', 'overlay']
 
@@ -32,12 +32,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='vlp_codebook.tools.gradcam', description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config', help='config file path, or the name of a shipped config')
-    parser.add_argument('checkpoint', help='checkpoint file (a trusted .pth written by the train tool)')
+    parser.add_argument('checkpoint', help='checkpoint file (.pth written by the train tool), loaded as data')
     parser.add_argument('image', help='image file')
     parser.add_argument('caption', help='the caption to explain')
     parser.add_argument('--out', default='gradcam', help='output directory (default: ./gradcam)')
     parser.add_argument('--layer', type=int, default=None, help='fusion layer (default: the third, as ALBEF)')
     add_cfg_options(parser, 'model.fusion_encoder.num_layers=6')
+    add_checkpoint_args(parser)   # --trust-checkpoint, --allow-missing-weights (docs/security.md)
     return parser.parse_args(argv)
 
 
@@ -61,8 +62,7 @@ def overlay(image: torch.Tensor, cam: torch.Tensor, alpha: float = 0.5) -> Image
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
-    import vlp_codebook.engine  # noqa: F401  (the torch >= 2.6 checkpoint loader)
-    from mmengine.runner import load_checkpoint
+    from vlp_codebook.engine.checkpoint_coverage import load_model_weights
 
     from vlp_codebook.analysis.gradcam import default_layer, itm_gradcam
     from vlp_codebook.datasets.image_loading import load_image
@@ -71,8 +71,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     cfg = load_config(args.config, cfg_options=args.cfg_options)
     model = MODELS.build(cfg.model)
-    # The loader vlp_codebook.engine registers raises FileNotFoundError naming a missing path.
-    load_checkpoint(model, args.checkpoint, map_location='cpu', logger='current')
+    # as data (weights_only=True); refuses a checkpoint that leaves parameters random
+    load_model_weights(model, args.checkpoint, trust=args.trust_checkpoint or None,
+                       allow_missing=args.allow_missing_weights)
     model.eval()
     image = load_image(args.image, model.image_tower.encoder.image_size)
     data = model.data_preprocessor({'images': image[None], 'texts': [args.caption]}, False)

@@ -3,11 +3,15 @@
 Usage::
 
     python -m vlp_codebook.tools.test CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options KEY=VALUE ...]
-        [--launcher none|pytorch]
+        [--launcher none|pytorch] [--trust-checkpoint] [--allow-missing-weights]
     mim run vlp_codebook test CONFIG CHECKPOINT ...      # from a regular (non-editable) install
 
 ``CONFIG`` is a path or a shipped config's name (as for the train tool); it must define
 ``test_dataloader``, ``test_evaluator`` and ``test_cfg``. Prints and returns the metrics.
+
+The checkpoint is loaded as data (``weights_only=True`` with an allow-list, see docs/security.md;
+``--trust-checkpoint`` for a file you wrote that needs more) and must fill every parameter of
+the model: metrics of a partly random model are refused unless ``--allow-missing-weights``.
 """
 from __future__ import annotations
 
@@ -16,12 +20,15 @@ import os.path as osp
 import sys
 from typing import Dict, List, Optional
 
-import vlp_codebook.engine  # noqa: F401  (registers the torch >= 2.6 checkpoint loader, hooks)
+import vlp_codebook.engine  # noqa: F401  (registers the hooks)
 from mmengine.config import Config
+
+from vlp_codebook.engine.checkpoint import checkpoint_loading
 
 from vlp_codebook.engine.config import load_config
 from vlp_codebook.engine.registry_errors import explain_unknown_types
-from vlp_codebook.tools.train import build_runner, default_work_dir, parse_with_common_args
+from vlp_codebook.tools.train import (add_checkpoint_coverage_hook, build_runner, default_work_dir,
+                                      parse_with_common_args)
 
 __all__ = ['parse_args', 'build_test_config', 'main']
 
@@ -32,7 +39,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='vlp_codebook.tools.test', description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config', help='config file path, or the name of a shipped config')
-    parser.add_argument('checkpoint', help='checkpoint file (a trusted .pth written by the train tool)')
+    parser.add_argument('checkpoint', help='checkpoint file (.pth written by the train tool or convert_albef)')
     parser.add_argument('--work-dir', help='directory for the test logs (default: the config\'s work_dir, '
                         'else ./work_dirs/<config name>)')
     return parse_with_common_args(parser, argv, 'test_dataloader.batch_size=8')
@@ -57,6 +64,7 @@ def build_test_config(args: argparse.Namespace) -> Config:
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or default_work_dir(cfg)
     cfg.load_from = checkpoint
     cfg.resume = False
+    add_checkpoint_coverage_hook(cfg, 'evaluate', getattr(args, 'allow_missing_weights', False))
     return cfg
 
 
@@ -64,9 +72,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     """Test; returns the metrics dict of ``runner.test()``."""
     args = parse_args(argv)
     cfg = build_test_config(args)
-    runner = build_runner(cfg, args.launcher)
-    with explain_unknown_types():
-        metrics = runner.test()
+    with checkpoint_loading(trust=args.trust_checkpoint or None):
+        runner = build_runner(cfg, args.launcher)
+        with explain_unknown_types():
+            metrics = runner.test()
     return metrics
 
 

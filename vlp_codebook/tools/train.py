@@ -20,10 +20,11 @@ import os.path as osp
 import sys
 from typing import List, Optional
 
-# registers the torch >= 2.6 checkpoint loader, the hooks and optim wrappers before anything loads
+# registers the hooks and optim wrappers before anything is built
 import vlp_codebook.engine  # noqa: F401  (import for its registrations)
 from mmengine.config import Config, DictAction
 
+from vlp_codebook.engine.checkpoint import TRUST_ENV, checkpoint_loading
 from vlp_codebook.engine.config import load_config
 from vlp_codebook.engine.distributed import LAUNCHERS, setup_launcher
 from vlp_codebook.engine.iteration_seed import IterationSeedHook
@@ -60,12 +61,31 @@ def parse_with_common_args(parser: argparse.ArgumentParser, argv: Optional[List[
     add_cfg_options(parser, cfg_example)
     parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
                         help='"pytorch" when started by torchrun (gloo on CPU, nccl on GPU)')
+    add_checkpoint_args(parser)
     # torch.distributed.launch (deprecated) passes --local-rank; torchrun sets LOCAL_RANK
     parser.add_argument('--local-rank', '--local_rank', type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint`` and ``--allow-missing-weights`` (see docs/security.md)."""
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='unpickle checkpoints without the allow-list (weights_only=False): ONLY for files '
+                        f'you wrote yourself; same as {TRUST_ENV}=1')
+    parser.add_argument('--allow-missing-weights', action='store_true',
+                        help='go on (with a warning) when the checkpoint leaves model weights unloaded')
+
+
+def add_checkpoint_coverage_hook(cfg: Config, mode: str, allow_missing: bool = False) -> None:
+    """Check the loaded checkpoint against the model (:class:`CheckpointCoverageHook`)."""
+    hooks = [h for h in (cfg.get('custom_hooks') or [])
+             if not (isinstance(h, dict) and h.get('type') == 'CheckpointCoverageHook')]
+    hooks.append(dict(type='CheckpointCoverageHook', mode=mode, allow_missing=allow_missing,
+                      expected_missing=cfg.get('load_from_expected_missing')))
+    cfg.custom_hooks = hooks
 
 
 def default_work_dir(cfg: Config) -> str:
@@ -118,6 +138,9 @@ def build_train_config(args: argparse.Namespace) -> Config:
                                     f'(resolved path: {osp.abspath(checkpoint)})')
         cfg.resume = True
         cfg.load_from = checkpoint
+    if cfg.get('resume') or cfg.get('load_from'):
+        add_checkpoint_coverage_hook(cfg, 'resume' if cfg.get('resume') else 'finetune',
+                                     getattr(args, 'allow_missing_weights', False))
     return cfg
 
 
@@ -143,9 +166,11 @@ def main(argv: Optional[List[str]] = None):
     """Train; returns the Runner (its ``message_hub`` holds the logged scalars)."""
     args = parse_args(argv)
     cfg = build_train_config(args)
-    runner = build_runner(cfg, args.launcher)
-    with explain_unknown_types():
-        runner.train()
+    # checkpoints (resume, load_from, encoders' pretrained=) load as data inside this block
+    with checkpoint_loading(trust=args.trust_checkpoint or None):
+        runner = build_runner(cfg, args.launcher)
+        with explain_unknown_types():
+            runner.train()
     return runner
 
 

@@ -1,0 +1,223 @@
+"""No number from the wrong weights: how much of a model a checkpoint fills, checked before use.
+
+mmengine loads ``load_from`` with ``strict=False`` and reports missing keys in one log line, so a
+checkpoint of another model (or an empty one) evaluates a *randomly initialised* model and the
+test tool prints its metrics with exit code 0. Here:
+
+* :func:`state_dict_coverage` compares a checkpoint with a model: ``loaded``, ``missing``,
+  ``mismatched`` (same name, other shape: mmengine skips those too) and ``unexpected`` keys.
+* :class:`CheckpointCoverageHook` runs the check when the Runner loads a checkpoint
+  (``after_load_checkpoint``, before the weights are copied), in one of three modes:
+
+  ====================  =====================================================================
+  ``mode``              refuses (``RuntimeError`` listing the keys, counted) when
+  ====================  =====================================================================
+  ``'evaluate'``        any parameter stays unloaded (test tool); ``allow_missing=True`` only warns
+  ``'finetune'``        any key beyond ``expected_missing`` stays unloaded (``load_from`` in
+                        training); prints a loaded/missing/unexpected summary either way
+  ``'resume'``          any parameter stays unloaded (resuming another model's run)
+  ====================  =====================================================================
+
+* :func:`load_model_weights` does the same outside a Runner (the Grad-CAM tool).
+
+``expected_missing`` defaults to :data:`EXPECTED_MISSING_FROM_ALBEF`: what an ALBEF checkpoint
+converted by ``tools.convert_albef`` does not have (the codebook, the queues, step counters), so
+starting CODIS from ALBEF is accepted and a checkpoint of some other model is not. A model can
+declare its own list as an attribute ``load_from_expected_missing``; a config can set
+``load_from_expected_missing = [...]`` (fnmatch patterns), which the train tool passes on.
+
+Usage (what the tools add to ``custom_hooks``)::
+
+    custom_hooks = [dict(type='CheckpointCoverageHook', mode='finetune')]
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from torch import nn
+
+from vlp_codebook.registry import HOOKS
+
+__all__ = ['EXPECTED_MISSING_FROM_ALBEF', 'Coverage', 'state_dict_coverage', 'checkpoint_state_dict',
+           'check_coverage', 'load_model_weights', 'CheckpointCoverageHook', 'MODES']
+
+#: fnmatch patterns of CODIS state-dict keys that an ALBEF checkpoint (converted) does not hold
+EXPECTED_MISSING_FROM_ALBEF: Tuple[str, ...] = (
+    'codebook_loss.codebook.*',   # the codebook is CODIS's own
+    'image_queue.*', 'text_queue.*',  # teacher feature queues refill within queue_size / batch steps
+    'num_steps', 'num_anonymous_ids', '*.num_updates',  # counters
+)
+MODES = ('evaluate', 'finetune', 'resume')
+#: mmengine's default ``revise_keys`` of ``Runner.load_checkpoint``
+DEFAULT_REVISE_KEYS = ((r'^module\.', ''),)
+_SHOWN = 20
+
+
+@dataclass
+class Coverage:
+    """Keys of a model's state dict (parameters and persistent buffers) against a checkpoint's."""
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    mismatched: List[Tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, checkpoint, model)
+    unexpected: List[str] = field(default_factory=list)
+    parameters: frozenset = frozenset()
+
+    @property
+    def unloaded(self) -> List[str]:
+        """Missing or of another shape: the model keeps its initial values there."""
+        return sorted(self.missing + [key for key, _, _ in self.mismatched])
+
+    @property
+    def unloaded_parameters(self) -> List[str]:
+        return [key for key in self.unloaded if key in self.parameters]
+
+    def summary(self) -> str:
+        """``loaded 120/124 keys; missing 4; shape mismatch 0; unexpected 2``."""
+        total = len(self.loaded) + len(self.missing) + len(self.mismatched)
+        return (f'loaded {len(self.loaded)}/{total} keys; missing {len(self.missing)}; '
+                f'shape mismatch {len(self.mismatched)}; unexpected {len(self.unexpected)}')
+
+
+def checkpoint_state_dict(checkpoint: Any, revise_keys: Iterable[Tuple[str, str]] = DEFAULT_REVISE_KEYS
+                          ) -> Mapping[str, Any]:
+    """The state dict inside ``checkpoint`` as mmengine reads it (``['state_dict']`` if there,
+    ``_metadata`` dropped, each ``(pattern, replacement)`` of ``revise_keys`` applied)."""
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get('state_dict'), Mapping):
+        checkpoint = checkpoint['state_dict']
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f'the checkpoint holds a {type(checkpoint).__name__}, not a state dict')
+    state = {k: v for k, v in checkpoint.items() if k != '_metadata'}
+    for pattern, replacement in revise_keys:
+        state = {re.sub(pattern, replacement, k): v for k, v in state.items()}
+    return state
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if is_model_wrapper(model) else model
+
+
+def state_dict_coverage(model: nn.Module, state: Mapping[str, Any]) -> Coverage:
+    """Which of ``model``'s state-dict keys ``state`` (name -> tensor) fills."""
+    model = _unwrap(model)
+    own = model.state_dict()
+    coverage = Coverage(parameters=frozenset(name for name, _ in model.named_parameters()))
+    for key, value in own.items():
+        if key not in state:
+            coverage.missing.append(key)
+        elif isinstance(state[key], torch.Tensor) and tuple(state[key].shape) != tuple(value.shape):
+            coverage.mismatched.append((key, tuple(state[key].shape), tuple(value.shape)))
+        else:
+            coverage.loaded.append(key)
+    coverage.unexpected = sorted(k for k in state if k not in own)
+    return coverage
+
+
+def _listing(keys: Sequence[str]) -> str:
+    shown = ', '.join(keys[:_SHOWN])
+    return shown + (f', ... ({len(keys) - _SHOWN} more)' if len(keys) > _SHOWN else '')
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+
+
+def check_coverage(coverage: Coverage, source: str, mode: str = 'evaluate', allow_missing: bool = False,
+                   expected_missing: Optional[Iterable[str]] = None, flag: str = '--allow-missing-weights') -> None:
+    """Raise ``RuntimeError`` if ``coverage`` is not enough for ``mode`` (see the module docstring).
+
+    Args:
+        coverage: from :func:`state_dict_coverage`.
+        source: the checkpoint path, for the message.
+        mode: ``'evaluate'``, ``'finetune'`` or ``'resume'``.
+        allow_missing: only warn (the user's explicit ``flag``).
+        expected_missing: fnmatch patterns of keys ``'finetune'`` accepts as missing.
+        flag: how the user allows it, named in the message.
+    """
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    if mode == 'finetune':
+        patterns = tuple(EXPECTED_MISSING_FROM_ALBEF if expected_missing is None else expected_missing)
+        bad = [key for key in coverage.unloaded if not _matches(key, patterns)]
+        why = (f'{len(bad)} model key(s) beyond the expected fresh ones ({", ".join(patterns) or "none"}) '
+               'are not in it or have another shape')
+    else:
+        bad = coverage.unloaded_parameters
+        why = f'{len(bad)} of the model\'s {len(coverage.parameters)} parameters are not in it or have another shape'
+    if not bad:
+        return
+    shapes = {key: (ckpt, mine) for key, ckpt, mine in coverage.mismatched}
+    listed = _listing([f'{k} (checkpoint {shapes[k][0]} vs model {shapes[k][1]})' if k in shapes else k
+                       for k in bad])
+    message = (f'checkpoint {source}: {why}, so they would keep their random initial values. '
+               f'{coverage.summary()}. Unloaded: {listed}.')
+    if coverage.unexpected:
+        message += f' The checkpoint has {len(coverage.unexpected)} key(s) the model lacks, e.g. ' \
+                   f'{_listing(coverage.unexpected[:5])} (another model or config?).'
+    if allow_missing:
+        print_log(f'{message} Continuing because of {flag}.', logger='current', level=30)
+        return
+    what = {'evaluate': 'Metrics of such a model mean nothing', 'resume': 'This is not a checkpoint of this model',
+            'finetune': 'Fine-tuning would start these from scratch'}[mode]
+    hint = (' (or list them in the config as load_from_expected_missing = [...])' if mode == 'finetune' else '')
+    raise RuntimeError(f'{message} {what}: check the checkpoint and the config. '
+                       f'To go on anyway, pass {flag}{hint}.')
+
+
+def load_model_weights(model: nn.Module, filename: str, trust: Optional[bool] = None,
+                       allow_missing: bool = False, flag: str = '--allow-missing-weights') -> Coverage:
+    """Load a local checkpoint into ``model`` safely, refusing one that leaves parameters unloaded.
+
+    ``trust``: see :func:`vlp_codebook.engine.checkpoint.load_checkpoint_file`. Returns the coverage.
+    """
+    from vlp_codebook.engine.checkpoint import load_checkpoint_file
+
+    checkpoint = load_checkpoint_file(filename, map_location='cpu', trust=trust)
+    state = checkpoint_state_dict(checkpoint)
+    coverage = state_dict_coverage(model, state)
+    check_coverage(coverage, str(filename), 'evaluate', allow_missing=allow_missing, flag=flag)
+    loadable = {k: v for k, v in state.items() if k in set(coverage.loaded)}
+    _unwrap(model).load_state_dict(loadable, strict=False)
+    print_log(f'checkpoint {filename}: {coverage.summary()}', logger='current')
+    return coverage
+
+
+@HOOKS.register_module()
+class CheckpointCoverageHook(Hook):
+    """Checks every checkpoint the Runner loads against the model (see the module docstring).
+
+    Args:
+        mode: ``'evaluate'`` (test), ``'finetune'`` (``load_from`` in training), ``'resume'``.
+        allow_missing: warn instead of raising (``--allow-missing-weights``).
+        expected_missing: fnmatch patterns for ``'finetune'``; None: the model's
+            ``load_from_expected_missing`` attribute, else :data:`EXPECTED_MISSING_FROM_ALBEF`.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, mode: str = 'evaluate', allow_missing: bool = False,
+                 expected_missing: Optional[Sequence[str]] = None):
+        if mode not in MODES:
+            raise ValueError(f'CheckpointCoverageHook: mode must be one of {MODES}, got {mode!r}')
+        self.mode = mode
+        self.allow_missing = bool(allow_missing)
+        self.expected_missing = None if expected_missing is None else tuple(expected_missing)
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        model = _unwrap(runner.model)
+        coverage = state_dict_coverage(model, checkpoint_state_dict(checkpoint))
+        source = getattr(runner, '_load_from', None) or 'the checkpoint'
+        expected = self.expected_missing
+        if expected is None:
+            expected = getattr(model, 'load_from_expected_missing', None)
+        print_log(f'checkpoint {source}: {coverage.summary()}'
+                  + (f'; missing: {_listing(coverage.missing)}' if coverage.missing else '')
+                  + (f'; unexpected: {_listing(coverage.unexpected)}' if coverage.unexpected else ''),
+                  logger='current')
+        check_coverage(coverage, str(source), self.mode, self.allow_missing, expected)
