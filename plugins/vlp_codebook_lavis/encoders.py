@@ -17,6 +17,8 @@ Model-config keys read here (all optional unless stated):
   ``vit_layer_norm_epsilon``, ``vit_grad_ckpt``.
 * ``vit_pretrained``: a local DeiT/ViT checkpoint (state dict, or ``{'model': state dict}``)
   loaded into the ViT with its position embedding interpolated (ALBEF pretraining starts from DeiT).
+  It is loaded as data (``weights_only=True``, see the core's docs/security.md); a file that
+  needs more is refused unless ``VLP_CODEBOOK_TRUST_CHECKPOINTS=1``.
 * ``med_config_path`` (required): BERT config JSON, resolved by :func:`vlp_codebook_lavis.paths.resolve_path`.
 * ``bert_pretrained``: a local directory of a BERT checkpoint (``save_pretrained`` format)
   for the pretraining text encoder.
@@ -38,9 +40,9 @@ import os
 from functools import partial
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
+from vlp_codebook.engine.checkpoint import load_checkpoint_file
 from vlp_codebook_lavis.paths import default_tokenizer_path, resolve_path
 
 __all__ = ['load_bert_tokenizer', 'add_blip_special_tokens', 'build_vision_encoder',
@@ -99,7 +101,11 @@ def build_vision_encoder(cfg: Mapping) -> nn.Module:
     checkpoint = cfg.get('vit_pretrained')
     if checkpoint:
         path = resolve_path(checkpoint, what='vit_pretrained')
-        state = torch.load(path, map_location='cpu', weights_only=False)
+        # as data (weights_only=True + allow-list); VLP_CODEBOOK_TRUST_CHECKPOINTS=1 to unpickle freely
+        state = load_checkpoint_file(path, map_location='cpu', what='vit_pretrained')
+        if not isinstance(state, Mapping):
+            raise ValueError(f'vit_pretrained {path}: expected a state dict (or {{"model": state dict}}), '
+                             f'got a {type(state).__name__}')
         state = state.get('model', state)
         if 'pos_embed' in state:
             state['pos_embed'] = interpolate_pos_embed(state['pos_embed'], encoder)

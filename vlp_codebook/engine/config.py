@@ -18,6 +18,7 @@ Usage::
 """
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -26,7 +27,17 @@ from mmengine.config import Config
 
 from vlp_codebook.registry import SCOPE
 
-__all__ = ['shipped_configs_dir', 'list_shipped_configs', 'resolve_config', 'load_config']
+__all__ = ['shipped_configs_dir', 'list_shipped_configs', 'resolve_config', 'load_config', 'RUNNER_KEYS',
+           'check_top_level_keys', 'check_optimizer_types']
+
+#: top-level keys the mmengine Runner (``Runner.from_cfg``) and our tools read
+RUNNER_KEYS = (
+    'model', 'work_dir', 'train_dataloader', 'val_dataloader', 'test_dataloader', 'train_cfg', 'val_cfg',
+    'test_cfg', 'auto_scale_lr', 'optim_wrapper', 'param_scheduler', 'val_evaluator', 'test_evaluator',
+    'default_hooks', 'custom_hooks', 'data_preprocessor', 'load_from', 'resume', 'launcher', 'env_cfg',
+    'log_processor', 'log_level', 'visualizer', 'default_scope', 'randomness', 'experiment_name',
+    'runner_type', 'model_wrapper_cfg', 'custom_imports', 'compile', 'strategy', 'load_from_expected_missing',
+)
 
 
 def shipped_configs_dir() -> Path:
@@ -81,10 +92,60 @@ def load_config(config: str, cfg_options: Optional[Dict] = None) -> Config:
 
     ``default_scope`` is set to ``'vlp_codebook'`` when the config has none, so the Runner
     builds ``type='CODIS'`` & co. from our registries (and still finds mmengine's own types).
+
+    Raises:
+        FileNotFoundError: see :func:`resolve_config`.
+        KeyError: a misspelled top-level key (:func:`check_top_level_keys`) or an unknown
+            optimizer type (:func:`check_optimizer_types`); the message lists the close matches.
     """
-    cfg = Config.fromfile(str(resolve_config(config)))
+    path = resolve_config(config)
+    cfg = Config.fromfile(str(path))
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+    check_top_level_keys(cfg, str(path))
+    check_optimizer_types(cfg, str(path))
     if not cfg.get('default_scope'):
         cfg.default_scope = SCOPE
     return cfg
+
+
+def check_top_level_keys(cfg: Config, source: str = 'the config') -> None:
+    """Raise ``KeyError`` for a top-level key that is a near miss of one the Runner reads.
+
+    A config may define helper variables (``image_size = 384``) the Runner never reads, so an
+    unknown key alone is fine; but ``trian_cfg`` next to no ``train_cfg`` is a typo that would be
+    silently ignored (mmengine would train with the defaults, or not at all). A key is refused
+    when it is not one of :data:`RUNNER_KEYS` and :func:`difflib.get_close_matches` (cutoff 0.8)
+    finds one of them for it. Keys starting with ``_`` are never checked.
+    """
+    for key in cfg.keys():
+        if key in RUNNER_KEYS or key.startswith('_'):
+            continue
+        close = difflib.get_close_matches(key, RUNNER_KEYS, n=2, cutoff=0.8)
+        if close:
+            raise KeyError(f'{source}: top-level key {key!r} is not one the Runner reads, so it would be '
+                           f'silently ignored. Did you mean {" or ".join(map(repr, close))}? (A helper '
+                           f'variable of your own? Start its name with "_".) Keys the Runner reads: '
+                           f'{", ".join(RUNNER_KEYS)}')
+
+
+def _optimizer_cfgs(wrapper) -> List[dict]:
+    if not isinstance(wrapper, dict):
+        return []
+    if isinstance(wrapper.get('optimizer'), dict):
+        return [wrapper['optimizer']]
+    # several optimizers: optim_wrapper = dict(constructor=..., generator=dict(optimizer=...), ...)
+    return [sub['optimizer'] for sub in wrapper.values()
+            if isinstance(sub, dict) and isinstance(sub.get('optimizer'), dict)]
+
+
+def check_optimizer_types(cfg: Config, source: str = 'the config') -> None:
+    """Raise ``KeyError`` listing the known optimizers when ``optim_wrapper.optimizer.type`` is
+    not one (mmengine itself fails later with ``TypeError: None is not a callable object``)."""
+    from vlp_codebook.registry import OPTIMIZERS, unknown_type_message
+    import mmengine.optim  # noqa: F401  (registers torch's optimizers in mmengine's registry)
+
+    for optimizer in _optimizer_cfgs(cfg.get('optim_wrapper')):
+        type_name = optimizer.get('type')
+        if isinstance(type_name, str) and OPTIMIZERS.get(type_name) is None:
+            raise KeyError(f'{source}: optim_wrapper.optimizer: {unknown_type_message(OPTIMIZERS, type_name)}')

@@ -3,10 +3,12 @@
 Usage::
 
     python -m vlp_codebook.tools.convert_albef SRC DST [--config CONFIG [--cfg-options KEY=VALUE ...]]
+        [--trust-checkpoint]
     mim run vlp_codebook convert_albef SRC DST --config codis_base_pretrain
 
 ``SRC`` is a LOCAL ALBEF checkpoint (the ALBEF repository's ``ALBEF_4M.pth``, or a LAVIS
-``albef_*``/``codis_*`` model's saved ``state_dict()``). ``DST`` gets ``{'state_dict': ...,
+``albef_*``/``codis_*`` model's saved ``state_dict()``), loaded as data (``weights_only=True``; see
+docs/security.md for ``--trust-checkpoint``). ``DST`` gets ``{'state_dict': ...,
 'meta': ...}``, loadable with ``load_from=DST`` (the codebook and queues start fresh: mmengine
 lists them as missing keys). With ``--config`` the converted tensors are checked against the
 model that config builds -- every tensor must exist there with the same shape -- and the
@@ -33,6 +35,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('dst', help='output file for the CODIS state dict')
     parser.add_argument('--config', help='CODIS config (path or shipped name) to check the result against')
     add_cfg_options(parser, 'model.image_encoder.image_size=384')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='unpickle SRC without the allow-list (weights_only=False): only for a file you trust')
     return parser.parse_args(argv)
 
 
@@ -53,9 +57,11 @@ def check_against_model(state, model) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     from vlp_codebook.models.albef_weights import albef_to_codis_state_dict
+    from vlp_codebook.engine.checkpoint import checkpoint_loading
     from vlp_codebook.models.encoders.pretrained import read_state_dict
 
-    source = read_state_dict(args.src, arg_name='src')
+    with checkpoint_loading(trust=args.trust_checkpoint or None):  # as data unless --trust-checkpoint
+        source = read_state_dict(args.src, arg_name='src')
     model = None
     image_size = patch_size = None
     if args.config:

@@ -51,12 +51,18 @@ def check_local_path(path: str, arg_name: str = 'pretrained') -> str:
     return path
 
 
-def _load_file(path: str) -> Dict[str, torch.Tensor]:
+def _load_file(path: str, arg_name: str = 'pretrained') -> Dict[str, torch.Tensor]:
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
-        return load_file(path, device='cpu')
-    # weights_only: a checkpoint is data, never code to run.
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            return load_file(path, device='cpu')
+        except Exception as error:  # safetensors raises its own SafetensorError / OSError
+            raise ValueError(f'{arg_name}: {os.path.abspath(path)} is not a readable safetensors file '
+                             f'({type(error).__name__}: {error}); download or copy it again') from error
+    # A checkpoint is data, never code to run: weights_only=True with the allow-list, unless
+    # VLP_CODEBOOK_TRUST_CHECKPOINTS=1 (see vlp_codebook.engine.checkpoint, docs/security.md).
+    from vlp_codebook.engine.checkpoint import load_checkpoint_file
+    obj = load_checkpoint_file(path, map_location='cpu', what=arg_name)
     for key in ('state_dict', 'model', 'module'):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -69,10 +75,10 @@ def read_state_dict(path: str, arg_name: str = 'pretrained') -> Dict[str, torch.
     """All tensors of the checkpoint at ``path`` (a directory or a file), on CPU."""
     path = check_local_path(path, arg_name)
     if os.path.isfile(path):
-        return _load_file(path)
+        return _load_file(path, arg_name)
     for name in WEIGHT_FILES:
         if os.path.isfile(os.path.join(path, name)):
-            return _load_file(os.path.join(path, name))
+            return _load_file(os.path.join(path, name), arg_name)
     for name in INDEX_FILES:
         index_path = os.path.join(path, name)
         if os.path.isfile(index_path):
@@ -80,7 +86,7 @@ def read_state_dict(path: str, arg_name: str = 'pretrained') -> Dict[str, torch.
                 shards = sorted(set(json.load(f)['weight_map'].values()))
             state: Dict[str, torch.Tensor] = {}
             for shard in shards:
-                state.update(_load_file(os.path.join(path, shard)))
+                state.update(_load_file(os.path.join(path, shard), arg_name))
             return state
     raise FileNotFoundError(f'{arg_name}={path!r} is a directory without weights: expected one of '
                             f'{", ".join(WEIGHT_FILES + INDEX_FILES)}')
