@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ['clean_caption', 'swap_left_right']
+__all__ = ['clean_caption', 'swap_left_right', 'check_unicode']
 
 _DELETED = re.compile(r"[,.'!?\"()*#:;~]")
 _SPACED = re.compile(r'[-/]')
@@ -31,15 +31,31 @@ def clean_caption(text: str, max_words: int = 30) -> str:
 
     Raises:
         TypeError: ``text`` is not a string.
+        ValueError: ``text`` is not valid Unicode: it holds a lone surrogate (``'\\udcff'``), as
+            JSON escapes or ``errors='surrogateescape'`` decoding of non-UTF-8 bytes produce; the
+            tokenizer would fail on it much later.
     """
     if not isinstance(text, str):
         raise TypeError(f'caption must be a str, got {type(text).__name__}: {text!r}')
+    check_unicode(text)
     text = text.lower().replace('<person>', 'person')
     text = _SPACED.sub(' ', _DELETED.sub('', text))
     words = _WHITESPACE.sub(' ', text).strip().split(' ')
     if max_words >= 1:
         words = words[:max_words]
     return ' '.join(words)
+
+
+def check_unicode(text: str, what: str = 'caption') -> str:
+    """``text`` if it encodes to UTF-8, else ``ValueError`` naming the first lone surrogate."""
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError as error:
+        bad = text[error.start]
+        raise ValueError(f'{what} {text!r:.120} holds a lone surrogate {bad!r} (U+{ord(bad):04X}) at position '
+                         f'{error.start}: not valid Unicode (a \\ud800-\\udfff escape in the JSON, or bytes '
+                         'that were not UTF-8); fix the text in the annotation file') from None
+    return text
 
 
 def swap_left_right(text: str) -> str:

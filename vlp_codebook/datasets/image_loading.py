@@ -1,7 +1,7 @@
 """Image files to float tensors with PIL + numpy + torch only (no torchvision in the core).
 
 ``load_image(path, image_size)`` opens any format PIL reads, composites transparency onto
-white (emoji PNGs are RGBA), converts to RGB, resizes to ``image_size`` x ``image_size``
+white (emoji PNGs are RGBA), scales 16-bit and [0, 1] float grayscale to 8 bits, converts to RGB, resizes to ``image_size`` x ``image_size``
 (bicubic) and returns a ``(3, H, W)`` float32 tensor with values in [0, 1]. Normalisation
 (mean/std) belongs to the model's data preprocessor, not to the dataset.
 
@@ -30,11 +30,47 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ['load_image', 'pil_to_tensor', 'to_rgb', 'random_crop_box', 'check_crop_scale']
+__all__ = ['load_image', 'pil_to_tensor', 'to_rgb', 'to_8bit', 'random_crop_box', 'check_crop_scale']
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` in RGB mode; transparent pixels become white, as on a page."""
+#: 16-bit integer modes (16-bit grayscale PNG/TIFF): 0..65535 maps to 0..255
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+def to_8bit(image: Image.Image, source: str = 'image') -> Image.Image:
+    """High-bit-depth grayscale as 8-bit ``'L'``, scaled (PIL's own ``convert`` clips instead:
+    a 16-bit PNG turns white, a float TIFF in [0, 1] black). Other modes are returned as they are.
+
+    * 16-bit (``I;16*``, and ``I`` from a PNG, which older Pillow uses for 16-bit): divided by 257.
+    * float (``F``): values in [0, 1] are multiplied by 255.
+
+    Raises:
+        ValueError (naming ``source``): a float image with values outside [0, 1] or not finite, or a
+            32-bit integer image (mode ``I`` not from a PNG), whose range cannot be known.
+    """
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES or (mode == 'I' and image.format == 'PNG'):
+        array = np.asarray(image).astype(np.float64) / 257.0
+    elif mode == 'F':
+        array = np.asarray(image).astype(np.float64)
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if not (np.isfinite(array).all() and low >= 0.0 and high <= 1.0):
+            raise ValueError(f'{source}: a floating-point image with values in [{low:g}, {high:g}]; only '
+                             'float images in [0, 1] can be read (save it as 8- or 16-bit PNG, or scale it '
+                             'to [0, 1])')
+        array = array * 255.0
+    elif mode == 'I':
+        raise ValueError(f'{source}: a 32-bit integer image (PIL mode I, {image.format or "unknown"} format), '
+                         'whose value range cannot be known; save it as an 8- or 16-bit image')
+    else:
+        return image
+    return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode='L')
+
+
+def to_rgb(image: Image.Image, source: str = 'image') -> Image.Image:
+    """``image`` in RGB mode; transparent pixels become white, as on a page; 16-bit and float
+    grayscale are scaled to 8 bits first (:func:`to_8bit`)."""
+    image = to_8bit(image, source)
     if image.mode in ('RGBA', 'LA') or (image.mode == 'P' and 'transparency' in image.info):
         rgba = image.convert('RGBA')
         background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
@@ -104,7 +140,8 @@ def load_image(path: str, image_size: int, crop_scale: Optional[Tuple[float, flo
 
     Raises:
         FileNotFoundError: no file at ``path`` (the message gives the absolute path).
-        ValueError: ``image_size`` < 1, a bad ``crop_scale``, or PIL cannot decode the file.
+        ValueError: ``image_size`` < 1, a bad ``crop_scale``, PIL cannot decode the file, or its
+            pixel values have no known range (see :func:`to_8bit`).
     """
     if image_size < 1:
         raise ValueError(f'image_size must be a positive int, got {image_size}')
@@ -113,7 +150,7 @@ def load_image(path: str, image_size: int, crop_scale: Optional[Tuple[float, flo
         raise FileNotFoundError(f'image file not found: {os.path.abspath(path)}')
     try:
         with Image.open(path) as image:
-            image = to_rgb(image)
+            image = to_rgb(image, source=f'image file {os.path.abspath(path)}')
     except OSError as error:  # PIL.UnidentifiedImageError is an OSError
         raise ValueError(f'cannot decode image file {os.path.abspath(path)}: {error}') from error
     if crop_scale is not None:

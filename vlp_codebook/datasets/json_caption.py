@@ -55,7 +55,7 @@ def load_annotations(ann_file: AnnFiles) -> List[Tuple[str, int, dict]]:
 
     Raises:
         FileNotFoundError: an annotation file is missing (absolute path in the message).
-        ValueError: a file is not valid JSON.
+        ValueError: a file is not UTF-8 or not valid JSON.
         TypeError: a file's top level is not a list, or an entry is not an object.
     """
     files = [ann_file] if isinstance(ann_file, (str, os.PathLike)) else list(ann_file)
@@ -66,11 +66,20 @@ def load_annotations(ann_file: AnnFiles) -> List[Tuple[str, int, dict]]:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f'annotation file not found: {os.path.abspath(path)}')
-        with open(path, encoding='utf-8') as handle:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f'annotation file {os.path.abspath(path)} is not valid JSON: {error}') from error
+        with open(path, 'rb') as handle:
+            raw = handle.read()
+        try:
+            text = raw.decode('utf-8-sig')   # UTF-8 with or without a byte-order mark
+        except UnicodeDecodeError as error:
+            line = raw.count(b'\n', 0, error.start) + 1
+            raise ValueError(
+                f'annotation file {os.path.abspath(path)} is not UTF-8: byte 0x{raw[error.start]:02x} at offset '
+                f'{error.start} (line {line}). JSON annotation files must be UTF-8; if this one is Latin-1 / '
+                f'Windows-1252, re-save it, e.g. iconv -f latin1 -t utf-8 IN > OUT') from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f'annotation file {os.path.abspath(path)} is not valid JSON: {error}') from error
         if not isinstance(data, list):
             raise TypeError(f'annotation file {os.path.abspath(path)} must hold a JSON list of entries '
                             f'like {{"image": ..., "caption": ...}}, got a JSON {type(data).__name__}')
@@ -95,7 +104,10 @@ def _captions(path: str, index: int, entry: dict, max_words: int) -> List[str]:
         raise TypeError(f'entry {index} of {path}: "caption" must be a str or a list of str, got {raw!r:.80}')
     if not raw_list:
         raise ValueError(f'entry {index} of {path}: "caption" is an empty list')
-    captions = [clean_caption(c, max_words) for c in raw_list]
+    try:
+        captions = [clean_caption(c, max_words) for c in raw_list]
+    except ValueError as error:   # a lone surrogate
+        raise ValueError(f'entry {index} of {path}: {error}') from None
     for caption, original in zip(captions, raw_list):
         if not caption:
             raise ValueError(f'entry {index} of {path}: caption {original!r} is empty after cleaning')
