@@ -187,14 +187,19 @@ def load_checkpoint_file(filename: Union[str, os.PathLike], map_location: Any = 
     except pickle.UnpicklingError as error:
         if not trusted and 'Weights only load failed' in str(error):
             names = _offending_globals(path, error)
-            found = (f'it needs {len(names)} type(s) outside the allow-list: {", ".join(names)}' if names
-                     else f'torch refused it: {str(error).splitlines()[-1][:300]}')
+            if not names:   # no foreign type: a pickle the safe unpickler cannot parse
+                raise _corrupt(path, what, error, _weights_only_reason(error)) from None
             raise UntrustedCheckpointError(
-                f'refusing to unpickle {what} {path}: {found}. A checkpoint is loaded as data '
+                f'refusing to unpickle {what} {path}: it needs {len(names)} type(s) outside the allow-list: '
+                f'{", ".join(names)}. A checkpoint is loaded as data '
                 f'(torch.load weights_only=True with the types mmengine checkpoints need); loading this '
                 f'one would let the file run code. {_what_to_do(what)}') from None
         raise _corrupt(path, what, error) from error
     except (EOFError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+        raise _corrupt(path, what, error) from error
+    except OSError as error:   # torch's zip reader on a truncated archive: "[Errno 22] Invalid argument"
+        if isinstance(error, (PermissionError, FileNotFoundError)):
+            raise
         raise _corrupt(path, what, error) from error
     except RuntimeError as error:
         if any(marker in str(error) for marker in _CORRUPT_RUNTIME):
@@ -202,14 +207,23 @@ def load_checkpoint_file(filename: Union[str, os.PathLike], map_location: Any = 
         raise
 
 
-def _corrupt(path: str, what: str, error: BaseException) -> CorruptCheckpointError:
+def _weights_only_reason(error: BaseException) -> str:
+    """The one line of torch's weights-only refusal that says what it met."""
+    text = str(error)
+    after = text.split('WeightsUnpickler error:', 1)[-1].strip()
+    return after.splitlines()[0][:200] if after else text.splitlines()[0][:200]
+
+
+def _corrupt(path: str, what: str, error: BaseException, reason: Optional[str] = None) -> CorruptCheckpointError:
     size = os.path.getsize(path)
+    if reason is None:
+        reason = str(error).splitlines()[0][:200] if str(error) else '(no message)'
     return CorruptCheckpointError(
-        f'{what} {path} ({size} bytes) is not a readable PyTorch checkpoint: '
-        f'{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else "(no message)"}. '
+        f'{what} {path} ({size} bytes) is not a readable PyTorch checkpoint: {type(error).__name__}: {reason}. '
         'The file is truncated (an interrupted download or copy, a full disk), damaged, or not a '
         'torch.save file at all (safetensors, an archive, a Git LFS pointer). Download or copy it '
-        'again, or train again to write a new one.')
+        f'again, or train again to write a new one. (If it is intact, written by you with pickle features '
+        f'the safe loader does not read, {TRUST_FLAG} / {TRUST_ENV}=1 loads it: see docs/security.md.)')
 
 
 def load_from_safe_local(filename: str, map_location: Any = None) -> Any:

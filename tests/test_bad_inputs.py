@@ -1,0 +1,411 @@
+"""Bad input -> the expected error (or the correct handling), one table per area.
+
+Scan the ``CASES`` tables: each row is ``(what is given, exception, words the message must hold)``.
+
+1. A malicious checkpoint (its unpickling creates a marker file) through every load path:
+   refused and the marker absent by default; with the explicit opt-in the code runs (which
+   proves the "refused" rows would notice it running).
+2. Checkpoints that load but do not fit the model: test / gradcam / load_from / resume refuse.
+3. Corrupt checkpoint files: the error names the file and what to do.
+4. Configs: a misspelled top-level key, an unknown optimizer.
+5. Data: lone surrogates in captions (hypothesis), non-UTF-8 annotation files, 16-bit and float
+   images (scaled, or refused).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os.path as osp
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+FIXTURES = Path(__file__).resolve().parent / 'fixtures'
+TOY_CONFIG = str(FIXTURES / 'toy_config.py')
+CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs')
+if str(FIXTURES) not in sys.path:
+    sys.path.insert(0, str(FIXTURES))
+
+from mmengine.runner import CheckpointLoader  # noqa: E402
+
+import vlp_codebook.engine  # noqa: E402,F401
+from vlp_codebook.datasets import CaptionPretrainDataset, CaptionRetrievalDataset, clean_caption, load_image  # noqa: E402
+from vlp_codebook.engine.checkpoint import (TRUST_ENV, CorruptCheckpointError, UntrustedCheckpointError,  # noqa: E402
+                                            checkpoint_loading, load_checkpoint_file)
+from vlp_codebook.engine.config import list_shipped_configs, load_config  # noqa: E402
+from vlp_codebook.tools import test as test_tool  # noqa: E402
+from vlp_codebook.tools import train as train_tool  # noqa: E402
+
+
+# ============================================================== 1. malicious checkpoints
+
+class _CreatesFile:
+    """Unpickling this calls ``open(marker, 'w')``: a stand-in for any code an attacker wants run."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+@pytest.fixture
+def evil(tmp_path):
+    """(path of a checkpoint that creates ``marker`` when unpickled, marker path)."""
+    marker = tmp_path / 'code_ran'
+    path = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {'w': torch.zeros(1)}, 'meta': _CreatesFile(str(marker)), 'model': {}}, path)
+    assert not marker.exists()
+    return str(path), marker
+
+
+GRADCAM_CONFIG = """_base_ = [{base!r}]
+model = dict(image_encoder=dict(num_layers=1, hidden_size=32, num_heads=2), embed_dim=16,
+             text_encoder=dict(hidden_size=32, num_heads=2), queue_size=16,
+             fusion_encoder=dict(hidden_size=32, num_heads=2, encoder_width=32))
+"""
+
+
+def _gradcam_inputs(tmp_path):
+    config = tmp_path / 'tiny.py'
+    config.write_text(GRADCAM_CONFIG.format(base=osp.join(CONFIGS, 'codis_demo.py')))
+    image = tmp_path / 'scene.png'
+    Image.new('RGB', (32, 32), (200, 30, 30)).save(image)
+    return str(config), str(image)
+
+
+def _via_test_tool(path, tmp_path, trust):
+    test_tool.main([TOY_CONFIG, path, '--work-dir', str(tmp_path / 'w')] + (['--trust-checkpoint'] if trust else []))
+
+
+def _via_train_resume(path, tmp_path, trust):
+    train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path / 'w'), '--resume', path]
+                    + (['--trust-checkpoint'] if trust else []))
+
+
+def _via_train_load_from(path, tmp_path, trust):
+    train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path / 'w'), '--cfg-options', f'load_from={path}']
+                    + (['--trust-checkpoint'] if trust else []))
+
+
+def _via_gradcam(path, tmp_path, trust):
+    from vlp_codebook.tools import gradcam
+    config, image = _gradcam_inputs(tmp_path)
+    gradcam.main([config, path, image, 'a red square', '--out', str(tmp_path / 'maps')]
+                 + (['--trust-checkpoint'] if trust else []))
+
+
+def _via_convert_albef(path, tmp_path, trust):
+    from vlp_codebook.tools import convert_albef
+    convert_albef.main([path, str(tmp_path / 'out.pth')] + (['--trust-checkpoint'] if trust else []))
+
+
+def _via_mmengine_loader(path, tmp_path, trust):
+    # mmengine's own CheckpointLoader after `import vlp_codebook.engine` (done above): the import
+    # changes nothing; the opt-in is a trusting checkpoint_loading block
+    with checkpoint_loading(trust=True) if trust else contextlib.nullcontext():
+        CheckpointLoader.load_checkpoint(path, map_location='cpu')
+
+
+def _via_encoder_pretrained(path, tmp_path, trust):
+    from vlp_codebook.models.encoders import ViTImageEncoder
+    with pytest.MonkeyPatch.context() as patch:
+        if trust:
+            patch.setenv(TRUST_ENV, '1')
+        ViTImageEncoder(image_size=32, num_heads=2, pretrained=path)
+
+
+def _via_lavis_vit_pretrained(path, tmp_path, trust):
+    from omegaconf import OmegaConf
+    from vlp_codebook_lavis.encoders import build_vision_encoder
+    with pytest.MonkeyPatch.context() as patch:
+        if trust:
+            patch.setenv(TRUST_ENV, '1')
+        build_vision_encoder(OmegaConf.create(dict(vit_type='custom', image_size=32, vit_patch_size=16,
+                                                   vit_width=32, vit_depth=1, vit_num_heads=2, vit_pretrained=path)))
+
+
+LOAD_PATHS = {
+    'tools.test CONFIG evil.pth': _via_test_tool,
+    'tools.train --resume evil.pth': _via_train_resume,
+    'tools.train --cfg-options load_from=evil.pth': _via_train_load_from,
+    'tools.gradcam CONFIG evil.pth IMAGE CAPTION': _via_gradcam,
+    'tools.convert_albef evil.pth OUT': _via_convert_albef,
+    'mmengine CheckpointLoader after import vlp_codebook.engine': _via_mmengine_loader,
+    'ViTImageEncoder(pretrained=evil.pth)': _via_encoder_pretrained,
+    'LAVIS plugin vit_pretrained=evil.pth': _via_lavis_vit_pretrained,
+}
+
+
+@pytest.mark.parametrize('route', list(LOAD_PATHS))
+def test_malicious_checkpoint_is_refused_by_default(route, evil, tmp_path, monkeypatch):
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    path, marker = evil
+    with pytest.raises(pickle_error()) as error:
+        LOAD_PATHS[route](path, tmp_path, trust=False)
+    assert not marker.exists(), f'{route}: code from the checkpoint ran'
+    if isinstance(error.value, UntrustedCheckpointError):   # ours: file, type and opt-in named
+        message = str(error.value)
+        assert 'evil.pth' in message and 'io.open' in message
+        assert '--trust-checkpoint' in message and f'{TRUST_ENV}=1' in message
+    else:   # mmengine's own loader, untouched: torch's refusal
+        assert route.startswith('mmengine') and 'Weights only load failed' in str(error.value)
+
+
+@pytest.mark.parametrize('route', list(LOAD_PATHS))
+def test_malicious_checkpoint_runs_only_after_the_opt_in(route, evil, tmp_path):
+    path, marker = evil
+    # what happens after unpickling (a wrong model, no 'meta'...) does not matter here
+    with contextlib.suppress(Exception):
+        LOAD_PATHS[route](path, tmp_path, trust=True)
+    assert marker.exists(), f'{route}: the opt-in did not unpickle (so the refusal test proves nothing)'
+
+
+def pickle_error():
+    import pickle
+    return pickle.UnpicklingError
+
+
+# ============================================================== 2. checkpoints that do not fit
+
+@pytest.fixture(scope='module')
+def toy_checkpoint(tmp_path_factory):
+    """A real 4-iteration toy run's checkpoint (optimizer, message hub, schedulers: all of it)."""
+    work_dir = tmp_path_factory.mktemp('toy_run')
+    train_tool.main([TOY_CONFIG, '--work-dir', str(work_dir), '--cfg-options', 'train_cfg.max_iters=4'])
+    return work_dir / 'iter_4.pth'
+
+
+def _toy_state(toy_checkpoint):
+    return load_checkpoint_file(toy_checkpoint)['state_dict']
+
+
+def test_checkpoints_the_project_writes_still_work(toy_checkpoint, tmp_path):
+    metrics = test_tool.main([TOY_CONFIG, str(toy_checkpoint), '--work-dir', str(tmp_path / 'test')])
+    assert np.isfinite(metrics['mse'])
+    runner = train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path / 'resume'), '--resume', str(toy_checkpoint)])
+    assert runner.iter == 8
+    runner = train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path / 'finetune'),
+                              '--cfg-options', f'load_from={toy_checkpoint}', 'train_cfg.max_iters=1'])
+    assert runner.iter == 1
+
+
+def _saved(tmp_path, name, state):
+    path = tmp_path / name
+    torch.save({'state_dict': state}, path)
+    return str(path)
+
+
+def test_test_tool_refuses_a_checkpoint_of_another_model_and_lists_the_unloaded(tmp_path):
+    other = _saved(tmp_path, 'other.pth', {'backbone.weight': torch.zeros(3)})
+    with pytest.raises(RuntimeError) as error:
+        test_tool.main([TOY_CONFIG, other, '--work-dir', str(tmp_path / 'w')])
+    message = str(error.value)
+    assert "8 of the model's 8 parameters" in message and 'student.0.weight' in message
+    assert 'loaded 0/8 keys' in message and '--allow-missing-weights' in message and 'other.pth' in message
+    # explicit flag: a (warned) number
+    metrics = test_tool.main([TOY_CONFIG, other, '--work-dir', str(tmp_path / 'w'), '--allow-missing-weights'])
+    assert np.isfinite(metrics['mse'])
+
+
+def test_test_tool_refuses_other_shapes_and_partial_checkpoints(toy_checkpoint, tmp_path):
+    state = dict(_toy_state(toy_checkpoint))
+    state['student.0.weight'] = torch.zeros(3, 3)
+    del state['teacher.3.bias']
+    bad = _saved(tmp_path, 'bad.pth', state)
+    with pytest.raises(RuntimeError) as error:
+        test_tool.main([TOY_CONFIG, bad, '--work-dir', str(tmp_path / 'w')])
+    message = str(error.value)
+    assert "2 of the model's 8 parameters" in message
+    assert 'student.0.weight (checkpoint (3, 3) vs model (16, 4))' in message and 'teacher.3.bias' in message
+
+
+def test_gradcam_refuses_a_checkpoint_that_leaves_parameters_random(tmp_path):
+    from vlp_codebook.tools import gradcam
+    config, image = _gradcam_inputs(tmp_path)
+    empty = _saved(tmp_path, 'empty.pth', {})
+    with pytest.raises(RuntimeError, match=r'empty\.pth: (\d+) of the model\'s \1 parameters .*--allow-missing-weights'):
+        gradcam.main([config, empty, image, 'a red square', '--out', str(tmp_path / 'maps')])
+    assert not (tmp_path / 'maps').exists()
+
+
+def test_load_from_fails_beyond_the_expected_missing_keys(toy_checkpoint, tmp_path, capsys):
+    students = {k: v for k, v in _toy_state(toy_checkpoint).items() if k.startswith('student.')}
+    partial = _saved(tmp_path, 'students.pth', students)
+    with pytest.raises(RuntimeError) as error:
+        train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path / 'a'), '--cfg-options', f'load_from={partial}'])
+    assert '4 model key(s) beyond the expected fresh ones' in str(error.value)
+    assert 'teacher.0.weight' in str(error.value) and 'load_from_expected_missing' in str(error.value)
+    # declared as expected: accepted, with the summary in the log
+    runner = train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path / 'b'), '--cfg-options',
+                              f'load_from={partial}', "load_from_expected_missing=['teacher.*']",
+                              'train_cfg.max_iters=1'])
+    assert runner.iter == 1
+    log = next((tmp_path / 'b').glob('*/*.log')).read_text()
+    assert 'loaded 4/8 keys; missing 4; shape mismatch 0; unexpected 0' in log
+
+
+def test_resume_from_another_models_checkpoint_is_refused(tmp_path):
+    other = tmp_path / 'other.pth'
+    torch.save({'state_dict': {'x': torch.zeros(1)}, 'meta': {'epoch': 0, 'iter': 4}}, other)
+    with pytest.raises(RuntimeError, match="This is not a checkpoint of this model"):
+        train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path / 'w'), '--resume', str(other)])
+
+
+def test_converted_albef_keys_are_the_expected_missing_ones():
+    # EXPECTED_MISSING_FROM_ALBEF must match real CODIS keys (a renamed buffer would silently fail)
+    from vlp_codebook.engine.checkpoint_coverage import EXPECTED_MISSING_FROM_ALBEF, _matches
+    from test_codis_model import tiny_model
+    keys = list(tiny_model().state_dict())
+    for pattern in EXPECTED_MISSING_FROM_ALBEF:
+        assert any(_matches(k, [pattern]) for k in keys), pattern
+
+
+# ============================================================== 3. corrupt checkpoint files
+
+def _truncated(tmp_path, toy_checkpoint):
+    data = Path(toy_checkpoint).read_bytes()
+    return data[: len(data) // 2]
+
+
+CORRUPT_CASES = [
+    # (file contents, words the message must hold)
+    ('truncated', 'is not a readable PyTorch checkpoint'),
+    (b'', 'is not a readable PyTorch checkpoint'),
+    (b'\x80\x04not really a pickle', 'is not a readable PyTorch checkpoint'),
+    (b'version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n', 'Git LFS pointer'),
+]
+
+
+@pytest.mark.parametrize('contents, words', CORRUPT_CASES, ids=['truncated', 'empty', 'garbage', 'lfs-pointer'])
+def test_corrupt_checkpoint_names_the_file_and_what_to_do(contents, words, tmp_path, toy_checkpoint):
+    path = tmp_path / 'broken.pth'
+    path.write_bytes(_truncated(tmp_path, toy_checkpoint) if contents == 'truncated' else contents)
+    for trust in (False, True):
+        with pytest.raises(CorruptCheckpointError) as error:
+            load_checkpoint_file(path, trust=trust)
+        assert str(path) in str(error.value) and words in str(error.value)
+        assert 'Download or copy it again' in str(error.value)
+    with pytest.raises(CorruptCheckpointError, match='broken.pth'):   # and through the test tool
+        test_tool.main([TOY_CONFIG, str(path), '--work-dir', str(tmp_path / 'w')])
+
+
+def test_corrupt_encoder_checkpoints_name_the_file(tmp_path):
+    from vlp_codebook.models.encoders import ViTImageEncoder
+    (tmp_path / 'vit.pth').write_bytes(b'garbage')
+    with pytest.raises(CorruptCheckpointError, match=r'pretrained .*vit\.pth'):
+        ViTImageEncoder(image_size=32, num_heads=2, pretrained=str(tmp_path / 'vit.pth'))
+    (tmp_path / 'vit.safetensors').write_bytes(b'garbage')
+    with pytest.raises(ValueError, match=r'vit\.safetensors is not a readable safetensors file'):
+        ViTImageEncoder(image_size=32, num_heads=2, pretrained=str(tmp_path / 'vit.safetensors'))
+
+
+# ============================================================== 4. configs
+
+CONFIG_CASES = [
+    # (--cfg-options, exception, words the message must hold)
+    ('trian_cfg.max_iters=3', KeyError, ["top-level key 'trian_cfg'", "Did you mean 'train_cfg'"]),
+    ('optim_wraper.clip_grad=None', KeyError, ["Did you mean 'optim_wrapper'"]),
+    ('param_schedulers=[]', KeyError, ["Did you mean 'param_scheduler'"]),
+    ('optim_wrapper.optimizer.type=AdamWW', KeyError, ["type='AdamWW'", "Did you mean 'AdamW'", 'Known types:', 'SGD']),
+]
+
+
+@pytest.mark.parametrize('option, exception, words', CONFIG_CASES, ids=[c[0].split('=')[0] for c in CONFIG_CASES])
+def test_bad_config(option, exception, words, tmp_path):
+    with pytest.raises(exception) as error:
+        train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path), '--cfg-options', option])
+    for word in words:
+        assert word in error.value.args[0]
+
+
+def test_helper_variables_and_every_shipped_config_pass_the_key_check(tmp_path):
+    config = tmp_path / 'helpers.py'
+    config.write_text(f"_base_ = [{TOY_CONFIG!r}]\nimage_size = 64\nmax_epochs = 3\n_trian_cfg = 1\n")
+    load_config(str(config))
+    for name in list_shipped_configs():
+        load_config(name)
+
+
+# ============================================================== 5. data
+
+def _annotations(tmp_path, caption, encoding='utf-8'):
+    path = tmp_path / 'ann.json'
+    path.write_bytes(json.dumps([{'image': 'a.png', 'caption': caption}], ensure_ascii=False)
+                     .encode(encoding, errors='surrogatepass'))
+    return str(path)
+
+
+@given(prefix=st.text(max_size=20), surrogate=st.integers(0xD800, 0xDFFF), suffix=st.text(max_size=20))
+def test_caption_with_a_lone_surrogate_is_refused(prefix, surrogate, suffix):
+    with pytest.raises(ValueError, match=f'lone surrogate .* \\(U\\+{surrogate:04X}\\)'):
+        clean_caption(prefix + chr(surrogate) + suffix)
+
+
+@given(st.text(st.characters(blacklist_categories=('Cs',)), max_size=60))
+def test_any_valid_caption_cleans_to_encodable_text(text):
+    cleaned = clean_caption(text, max_words=30)
+    cleaned.encode('utf-8')
+    assert cleaned == cleaned.lower().strip() and len(cleaned.split(' ')) <= 30
+
+
+def test_dataset_names_the_entry_with_a_lone_surrogate(tmp_path):
+    path = tmp_path / 'ann.json'
+    path.write_text('[{"image": "a.png", "caption": "fine"}, {"image": "b.png", "caption": "bad \\udcff"}]')
+    for dataset in (CaptionPretrainDataset, CaptionRetrievalDataset):
+        with pytest.raises(ValueError, match=r"entry 1 of .*ann\.json: caption 'bad \\udcff' holds a lone surrogate"):
+            dataset(str(path))
+
+
+def test_latin1_annotation_file_is_named(tmp_path):
+    path = _annotations(tmp_path, 'un café au lait', encoding='latin-1')
+    with pytest.raises(ValueError, match=r'ann\.json is not UTF-8: byte 0xe9 at offset \d+ \(line 1\).*iconv'):
+        CaptionPretrainDataset(path)
+    # UTF-8, with or without a byte-order mark, is read
+    assert len(CaptionPretrainDataset(_annotations(tmp_path, 'un café', encoding='utf-8-sig'))) == 1
+
+
+def _gradient(dtype, high):
+    return (np.linspace(0, 1, 32 * 32).reshape(32, 32) * high).astype(dtype)
+
+
+@pytest.mark.parametrize('name, array, mode', [
+    ('grey16.png', _gradient(np.uint16, 65535), 'I;16'),
+    ('grey16.tif', _gradient(np.uint16, 65535), 'I;16'),
+    ('float01.tif', _gradient(np.float32, 1.0), 'F'),
+])
+def test_high_bit_depth_images_are_scaled_not_saturated(name, array, mode, tmp_path):
+    path = tmp_path / name
+    Image.fromarray(array).save(path)
+    with Image.open(path) as image:
+        assert image.mode == mode
+    loaded = load_image(str(path), 32)
+    expected = torch.from_numpy(array.astype(np.float64) / array.max()).float()
+    for channel in loaded:   # grey: the same in R, G, B; within one 8-bit step of the true value
+        torch.testing.assert_close(channel, expected, rtol=0, atol=1 / 255 + 1e-6)
+
+
+@given(st.integers(0, 65535))
+def test_sixteen_bit_grey_maps_to_value_over_65535(value):
+    from vlp_codebook.datasets.image_loading import pil_to_tensor
+    image = Image.fromarray(np.full((2, 2), value, dtype=np.uint16))
+    assert abs(pil_to_tensor(image)[0, 0, 0].item() - value / 65535) <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.parametrize('name, array, words', [
+    ('float255.tif', _gradient(np.float32, 255.0), 'values in [0, 255]'),
+    ('negative.tif', _gradient(np.float32, 1.0) - 0.5, 'values in [-0.5, 0.5]'),
+    ('int32.tif', _gradient(np.int32, 100000), '32-bit integer image'),
+])
+def test_images_of_unknown_range_are_refused(name, array, words, tmp_path):
+    path = tmp_path / name
+    Image.fromarray(array).save(path)
+    with pytest.raises(ValueError) as error:
+        load_image(str(path), 32)
+    assert str(path) in str(error.value) and words in str(error.value)
