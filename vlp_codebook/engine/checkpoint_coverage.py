@@ -5,7 +5,9 @@ checkpoint of another model (or an empty one) evaluates a *randomly initialised*
 test tool prints its metrics with exit code 0. Here:
 
 * :func:`state_dict_coverage` compares a checkpoint with a model: ``loaded``, ``missing``,
-  ``mismatched`` (same name, other shape: mmengine skips those too) and ``unexpected`` keys.
+  ``mismatched`` (same name, other shape: mmengine skips those too, unless a module on the key's
+  path says with ``can_load_shape(name, shape)`` that it resizes it, as the ViT does with its
+  position grid) and ``unexpected`` keys.
 * :class:`CheckpointCoverageHook` runs the check when the Runner loads a checkpoint
   (``after_load_checkpoint``, before the weights are copied), in one of three modes:
 
@@ -111,12 +113,29 @@ def state_dict_coverage(model: nn.Module, state: Mapping[str, Any]) -> Coverage:
     for key, value in own.items():
         if key not in state:
             coverage.missing.append(key)
-        elif isinstance(state[key], torch.Tensor) and tuple(state[key].shape) != tuple(value.shape):
+        elif (isinstance(state[key], torch.Tensor) and tuple(state[key].shape) != tuple(value.shape)
+              and not _resized_on_load(model, key, tuple(state[key].shape))):
             coverage.mismatched.append((key, tuple(state[key].shape), tuple(value.shape)))
         else:
             coverage.loaded.append(key)
     coverage.unexpected = sorted(k for k in state if k not in own)
     return coverage
+
+
+def _resized_on_load(model: nn.Module, key: str, shape: tuple) -> bool:
+    """Whether a module on ``key``'s path declares (``can_load_shape``) that it resizes this tensor
+    when loading (the ViT's position grid of another image size)."""
+    parts = key.split('.')
+    for depth in range(len(parts) - 1, -1, -1):
+        prefix = '.'.join(parts[:depth])
+        try:
+            module = model.get_submodule(prefix) if prefix else model
+        except AttributeError:
+            continue
+        check = getattr(module, 'can_load_shape', None)
+        if callable(check) and check('.'.join(parts[depth:]), shape):
+            return True
+    return False
 
 
 def _listing(keys: Sequence[str]) -> str:

@@ -128,6 +128,13 @@ class ViTImageEncoder(nn.Module):
             state[key] = resize_position_embeddings(state[key], self.num_patches)
         load_matching(self.vit, state, source)
 
+    def can_load_shape(self, name: str, shape) -> bool:
+        """Whether a checkpoint tensor ``name`` (relative to this module) of another ``shape`` still
+        loads: a position grid of another image size (same width) is resized on load."""
+        own = self.vit.embeddings.position_embeddings
+        return (name == 'vit.embeddings.position_embeddings' and len(shape) == 3 and shape[0] == 1
+                and shape[-1] == own.shape[-1])
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints of another image size (pretraining at 256 px, fine-tuning at 384) carry
         # another position grid: resize it, as ALBEF's interpolate_pos_embed, rather than let a
