@@ -66,7 +66,13 @@ EXPECTED = {
     'codewords_3000.py': (('t2i', 'i2t', 'i2i', 't2t'), True, 'teacher', 3000, 1.0),
     'codebook_weight_0p5x.py': (('t2i', 'i2t', 'i2i', 't2t'), True, 'teacher', 1024, 0.5),
     'codebook_weight_2x.py': (('t2i', 'i2t', 'i2i', 't2t'), True, 'teacher', 1024, 2.0),
+    'ot_cost_student.py': (('t2i', 'i2t', 'i2i', 't2t'), True, 'teacher', 1024, 1.0),
+    'ot_cost_off.py': (('t2i', 'i2t', 'i2i', 't2t'), True, 'teacher', 1024, 1.0),
+    'codebook_unit_init.py': (('t2i', 'i2t', 'i2i', 't2t'), True, 'teacher', 1024, 1.0),
 }
+# Codebook options that differ from the base config (ot_cost_features, codeword_init_norm).
+CODEBOOK_OPTIONS = {'ot_cost_student.py': ('student', None), 'ot_cost_off.py': ('off', None),
+                    'codebook_unit_init.py': ('plan', 1.0)}
 
 
 def test_every_ablation_config_is_listed():
@@ -84,7 +90,10 @@ def test_ablation_builds_with_the_paper_row_components(path):
         assert model.codebook_plan_features == plan_feats
         assert model.codebook_loss.codebook.num_codewords == codewords
         assert model.codebook_loss.loss_weight == weight
-        expected |= CODE_TERMS
+        ot_cost, init_norm = CODEBOOK_OPTIONS.get(osp.basename(path), ('plan', None))
+        assert model.codebook_loss.ot_cost_features == ot_cost
+        assert model.codebook_loss.codebook.init_norm == init_norm
+        expected |= CODE_TERMS if ot_cost != 'off' else CODE_TERMS - {'loss_code_ot_v', 'loss_code_ot_t'}
     else:
         assert model.codebook_loss is None
         assert not any('codebook' in name for name, _ in model.named_parameters())

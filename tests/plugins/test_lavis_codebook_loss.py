@@ -158,3 +158,16 @@ def test_lavis_state_dict_loads_with_only_codis_keys_missing(lavis_plugin, tmp_p
         loaded = cls.from_config(OmegaConf.merge(cfg, switch))
         torch.testing.assert_close(loaded.text_proj.weight, plain.text_proj.weight)
         torch.testing.assert_close(loaded.visual_encoder.pos_embed, plain.visual_encoder.pos_embed)
+
+
+@pytest.mark.parametrize('arch', ['codis_retrieval', 'codis_blip_retrieval', 'codis_pretrain'])
+def test_codebook_block_options_reach_the_loss(lavis_plugin, arch):
+    """The shipped YAMLs use the measured defaults; a `codebook_loss:` block can switch them."""
+    cls = lavis_plugin.MODEL_NAMES[arch]
+    model = cls.from_config(tiny_cfg(cls))
+    assert model.codebook_loss.ot_cost_features == 'plan'
+    assert model.codebook_loss.codebook.init_norm is None
+    changed = cls.from_config(tiny_cfg(cls, codebook_loss=dict(ot_cost_features='student', codeword_init_norm=1.0)))
+    assert changed.codebook_loss.ot_cost_features == 'student'
+    torch.testing.assert_close(changed.codebook_loss.codebook.weight.norm(dim=1),
+                               torch.ones(changed.codebook_loss.codebook.num_codewords))
