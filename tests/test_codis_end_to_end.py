@@ -79,6 +79,7 @@ def test_itm_rerank_test_loop_matches_an_independent_rerank(trained):
     from mmengine.runner import load_checkpoint
 
     from vlp_codebook.datasets.collate import vlp_collate
+    from vlp_codebook.engine.checkpoint import checkpoint_loading
     from vlp_codebook.datasets.synthetic_shapes import SyntheticShapesDataset
     from vlp_codebook.evaluation.itm_rerank import itm_rerank
     from vlp_codebook.evaluation.retrieval import retrieval_recalls
@@ -92,7 +93,8 @@ def test_itm_rerank_test_loop_matches_an_independent_rerank(trained):
     # The same evaluation by hand: embeddings from predict, ITM from raw inputs per pair.
     cfg = Config.fromfile(DEMO)
     model = MODELS.build(cfg.model).eval()
-    load_checkpoint(model, ckpt, map_location='cpu')
+    with checkpoint_loading():   # mmengine's loader cannot read the message hub's buffers alone
+        load_checkpoint(model, ckpt, map_location='cpu')
     data = SyntheticShapesDataset(num_images=10, split='test', image_size=32)
     inputs = model.data_preprocessor(vlp_collate([data[i] for i in range(10)]), False)
     outputs = model(**inputs, mode='predict')
