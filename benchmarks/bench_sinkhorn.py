@@ -16,9 +16,10 @@ codewords c (K x 256), ε = 0.05, is solved by
 
 Every method is timed on the same cost in one process: ``--repeats`` calls in a row, three
 blocks per method taking turns, median of the 3 x ``--repeats`` times, so the ratios are side
-by side under the same machine load. "ours" uses the fused CPU passes of
-``vlp_codebook._native`` where they can be built (the column says so otherwise); "torch path"
-is the same solver with them switched off. ``err`` is ``max(||T1 - a||_1, ||T^T 1 - b||_1)``.
+by side under the same machine load. "ours" is the solver with its default ``check_every`` for
+the device; ``--check-every N`` adds a column with that setting (the CPU default checks every
+iteration). ``err`` is ``max(||T1 - a||_1, ||T^T 1 - b||_1)``. ``--device cuda`` runs ours and
+SwAV-3 on the GPU and POT's torch backend (``ot.sinkhorn`` on CUDA tensors, float64) there too.
 
 Feature kinds: ``clustered`` draws each feature as a noisy copy of a random codeword (noise
 0.08 per dimension, as a trained encoder's features concentrate near codewords); ``isotropic``
@@ -35,11 +36,11 @@ import ot
 import torch
 from torch.nn import functional as F
 
-from vlp_codebook import ot as vlp_ot
 from vlp_codebook.ot import sinkhorn
 
 
-def make_cost(B: int, K: int, kind: str, dim: int = 256, seed: int = 0) -> torch.Tensor:
+def make_cost(B: int, K: int, kind: str, dim: int = 256, seed: int = 0,
+              device: str = 'cpu') -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     codewords = F.normalize(torch.randn(K, dim, generator=g), dim=1)
     if kind == 'clustered':
@@ -47,7 +48,7 @@ def make_cost(B: int, K: int, kind: str, dim: int = 256, seed: int = 0) -> torch
         feats = F.normalize(codewords[idx] + 0.08 * torch.randn(B, dim, generator=g), dim=1)
     else:
         feats = F.normalize(torch.randn(B, dim, generator=g), dim=1)
-    return 1.0 - feats @ codewords.T
+    return (1.0 - feats @ codewords.T).to(device)
 
 
 def marginal_error(plan, a, b) -> float:
@@ -70,77 +71,122 @@ def swav_style(cost: torch.Tensor, eps: float, iters: int = 3) -> torch.Tensor:
     return q
 
 
-def timed_blocks(fns, repeats, blocks=3):
+def timed_blocks(fns, repeats, blocks=3, sync=lambda: None):
     """Median time of each function over ``blocks`` x ``repeats`` calls: ``repeats`` calls in a
     row (a training loop calls the solver on a cost it has just computed, so caches are warm),
-    and the methods take turns block by block so that all of them see the same machine load."""
+    and the methods take turns block by block so that all of them see the same machine load.
+    ``sync`` waits for the device (``torch.cuda.synchronize`` on a GPU)."""
     outs, times = {}, {name: [] for name in fns}
     for _ in range(blocks):
         for name, fn in fns.items():
             for _ in range(repeats):
+                sync()
                 t0 = time.perf_counter()
                 outs[name] = fn()
+                sync()
                 times[name].append(time.perf_counter() - t0)
     return outs, {name: statistics.median(t) for name, t in times.items()}
 
 
-def ours_torch_path(cost, eps):
-    """Our solver with the fused CPU passes switched off (the path GPUs and small problems take)."""
-    vlp_ot._NATIVE_ENABLED = False
-    try:
-        return sinkhorn(cost, eps, tol=1e-4, return_info=True)
-    finally:
-        vlp_ot._NATIVE_ENABLED = True
-
-
-def run(kind, grid, eps, repeats):
+def run(kind, grid, eps, repeats, device='cpu', check_every=None):
     rows = []
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     for B, K in grid:
-        cost = make_cost(B, K, kind)
-        cost64 = cost.double().numpy()
-        a, b = np.full(B, 1.0 / B), np.full(K, 1.0 / K)
-        sinkhorn(cost, eps)  # warm-up (and the one-off build of the fused CPU passes)
-        outs, t = timed_blocks({
+        cost = make_cost(B, K, kind, device=device)
+        if device == 'cpu':
+            cost_pot = cost.double().numpy()
+            a, b = np.full(B, 1.0 / B), np.full(K, 1.0 / K)
+        else:  # POT's torch backend on the same device
+            cost_pot = cost.double()
+            a = torch.full((B,), 1.0 / B, dtype=torch.float64, device=device)
+            b = torch.full((K,), 1.0 / K, dtype=torch.float64, device=device)
+        sinkhorn(cost, eps)  # warm-up
+        fns = {
             'ours': lambda: sinkhorn(cost, eps, tol=1e-4, return_info=True),
-            'ours_torch': lambda: ours_torch_path(cost, eps),
-            'pot': lambda: ot.sinkhorn(a, b, cost64, eps, stopThr=1e-6, numItermax=100000, log=True),
+            'pot': lambda: ot.sinkhorn(a, b, cost_pot, eps, stopThr=1e-6, numItermax=100000, log=True),
             'swav': lambda: swav_style(cost, eps),
-        }, repeats)
+        }
+        if check_every is not None:
+            fns['ours_ce'] = lambda: sinkhorn(cost, eps, tol=1e-4, check_every=check_every,
+                                              return_info=True)
+        outs, t = timed_blocks(fns, repeats, sync=sync)
         (plan, info), (plan_pot, log), plan_swav = outs['ours'], outs['pot'], outs['swav']
-        rows.append(dict(kind=kind, B=B, K=K, ours_ms=t['ours'] * 1e3, ours_it=info.iterations,
-                         backend=info.backend, ours_err=marginal_error(plan, a, b),
-                         torch_ms=t['ours_torch'] * 1e3, pot_ms=t['pot'] * 1e3,
-                         pot_it=int(log['niter']), pot_err=marginal_error(plan_pot, a, b),
-                         swav_ms=t['swav'] * 1e3, swav_err=marginal_error(plan_swav, a, b),
-                         max_diff=float(np.abs(plan.double().numpy() - plan_pot).max() * B),
-                         speedup=t['pot'] / t['ours'], speedup_torch=t['pot'] / t['ours_torch']))
+        plan, plan_pot, plan_swav = (torch.as_tensor(p).cpu() for p in (plan, plan_pot, plan_swav))
+        a_cpu, b_cpu = np.full(B, 1.0 / B), np.full(K, 1.0 / K)
+        row = dict(kind=kind, B=B, K=K, ours_ms=t['ours'] * 1e3, ours_it=info.iterations,
+                   ours_reads=info.host_reads, ours_err=marginal_error(plan, a_cpu, b_cpu),
+                   pot_ms=t['pot'] * 1e3, pot_it=int(log['niter']),
+                   pot_err=marginal_error(plan_pot, a_cpu, b_cpu),
+                   swav_ms=t['swav'] * 1e3, swav_err=marginal_error(plan_swav, a_cpu, b_cpu),
+                   max_diff=float((plan.double() - plan_pot.double()).abs().max() * B),
+                   speedup=t['pot'] / t['ours'])
+        if check_every is not None:
+            row['ce_ms'] = t['ours_ce'] * 1e3
+            row['ce_it'] = outs['ours_ce'][1].iterations
+        rows.append(row)
     return rows
+
+
+def per_iteration(grid, eps, device, peak_gbps=None, repeats=5):
+    """Time of one Sinkhorn iteration, as the slope between solves of 10 and 40 iterations
+    (tol 1e-12, never met), and the bandwidth it reaches: an iteration reads the fp32 kernel
+    twice (``K v`` and ``Kᵀu``), 8·B·K bytes; the vectors are negligible."""
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+    print('| B | K | ms / iteration | GB/s | % of peak |')
+    print('|---|---|---|---|---|')
+    for B, K in grid:
+        cost = make_cost(B, K, 'clustered', device=device)
+        solve = {n: (lambda n=n: sinkhorn(cost, eps, tol=1e-12, max_iters=n, check_every=n,
+                                          warn_not_converged=False)) for n in (10, 40)}
+        _, t = timed_blocks(solve, repeats, sync=sync)
+        per_it = (t[40] - t[10]) / 30
+        gbps = 8.0 * B * K / per_it / 1e9
+        peak = f'{100 * gbps / peak_gbps:.0f} %' if peak_gbps else 'n/a'
+        print(f'| {B} | {K} | {per_it * 1e3:.3f} | {gbps:.0f} | {peak} |', flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='only B=1024, K=4096')
+    parser.add_argument('--grid', nargs='+', default=None, metavar='BxK',
+                        help='sizes to run, e.g. 1024x4096 4096x16384 (overrides --quick)')
     parser.add_argument('--kinds', nargs='+', default=['clustered', 'isotropic'])
     parser.add_argument('--epsilon', type=float, default=0.05)
     parser.add_argument('--repeats', type=int, default=5, help='calls in a row per block (3 blocks)')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s)')
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    parser.add_argument('--check-every', type=int, default=None,
+                        help='also time ours with this check_every')
+    parser.add_argument('--per-iteration', action='store_true',
+                        help='also print the time and memory bandwidth of one iteration')
+    parser.add_argument('--peak-gbps', type=float, default=None,
+                        help='the device\'s peak memory bandwidth, for --per-iteration (H200: 4800)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    grid = [(1024, 4096)] if args.quick else [(B, K) for B in (256, 1024, 4096) for K in (1024, 4096)]
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, POT {ot.__version__}, '
-          f'epsilon={args.epsilon}, median of 3 x {args.repeats} calls')
-    header = ('| features | B | K | ours ms | ours iters | ours err | ours, torch path ms | POT ms '
-              '| POT iters | POT err | SwAV-3 ms | SwAV-3 err | max ΔT·B | POT / ours | POT / torch path |')
+    if args.grid:
+        grid = [tuple(int(x) for x in size.lower().split('x')) for size in args.grid]
+    else:
+        grid = [(1024, 4096)] if args.quick else [(B, K) for B in (256, 1024, 4096) for K in (1024, 4096)]
+    where = (torch.cuda.get_device_name() if args.device.startswith('cuda')
+             else f'{torch.get_num_threads()} threads')
+    print(f'torch {torch.__version__}, {where}, POT {ot.__version__}, epsilon={args.epsilon}, '
+          f'median of 3 x {args.repeats} calls')
+    ce = args.check_every
+    header = ('| features | B | K | ours ms | ours iters | host reads | ours err | POT ms | POT iters '
+              '| POT err | SwAV-3 ms | SwAV-3 err | max ΔT·B | POT / ours |'
+              + (f' ours check_every={ce} ms | iters |' if ce is not None else ''))
     print(header)
     print('|' + '---|' * (header.count('|') - 1))
     for kind in args.kinds:
-        for r in run(kind, grid, args.epsilon, args.repeats):
-            ours = f"{r['ours_ms']:.1f}" + ('' if r['backend'] == 'cpu-fused' else f" ({r['backend']})")
-            print(f"| {r['kind']} | {r['B']} | {r['K']} | {ours} | {r['ours_it']} | "
-                  f"{r['ours_err']:.1e} | {r['torch_ms']:.1f} | {r['pot_ms']:.1f} | {r['pot_it']} | "
-                  f"{r['pot_err']:.1e} | {r['swav_ms']:.1f} | {r['swav_err']:.1e} | "
-                  f"{r['max_diff']:.1e} | {r['speedup']:.1f}x | {r['speedup_torch']:.1f}x |", flush=True)
+        for r in run(kind, grid, args.epsilon, args.repeats, args.device, ce):
+            extra = f" {r['ce_ms']:.2f} | {r['ce_it']} |" if ce is not None else ''
+            print(f"| {r['kind']} | {r['B']} | {r['K']} | {r['ours_ms']:.2f} | {r['ours_it']} | "
+                  f"{r['ours_reads']} | {r['ours_err']:.1e} | {r['pot_ms']:.1f} | {r['pot_it']} | "
+                  f"{r['pot_err']:.1e} | {r['swav_ms']:.2f} | {r['swav_err']:.1e} | "
+                  f"{r['max_diff']:.1e} | {r['speedup']:.1f}x |{extra}", flush=True)
+    if args.per_iteration:
+        per_iteration(grid, args.epsilon, args.device, args.peak_gbps, args.repeats)
 
 
 if __name__ == '__main__':

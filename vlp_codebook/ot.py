@@ -18,26 +18,34 @@ How it is computed, and why:
 * **Converged, not truncated.** Iterations run until the L1 marginal error
   :math:`\max(\|T\mathbf{1}-a\|_1, \|T^\top\mathbf{1}-b\|_1)` is below ``tol`` (default 1e-4);
   SwAV's fixed 3 iterations leave errors of order 1e-1 (see ``docs/ot_and_codebook.md``).
-  Every iteration ends on an exact row update, so rows are met to float precision and the
-  reported error is the column error.
-* **Stable for ε from 1e-3 to 1.** Scaling iterations in fp32 with *absorption*: the scalings
-  ``u, v`` are folded into log-domain potentials ``f, g`` whenever they leave [1e-30, 1e30]
+  Every iteration ends on an exact row update, so rows are met to float precision (a plan
+  stopped by ``max_iters`` still carries exactly the mass of ``a``) and the error that decides
+  is the column error.
+* **No host waits inside the loop.** Iterations run in blocks of ``check_every``; a block is a
+  fixed sequence of kernels with no data-dependent Python branch (Anderson's safeguard below is
+  ``torch.where``), so on a GPU it queues without stalling and CUDA graphs / ``torch.compile``
+  can take it. After each block *one* host read fetches the marginal errors, the range of the
+  scalings and (after the first block) the input checks: a solve of ``n`` iterations reads the
+  device ``ceil(n / check_every)`` times (``SinkhornInfo.host_reads``). The default is 1 on the
+  CPU, where a read costs nothing, and 4 on accelerators (``docs/ot_and_codebook.md``).
+* **Stable for ε from 1e-3 to 1.** Scaling iterations in fp32 with *absorption*: at a check,
+  scalings ``u, v`` that left [1e-15, 1e15] are folded into log-domain potentials ``f, g``
   (Schmitzer, "Stabilized sparse scaling algorithms for entropy regularized transport
-  problems", SISC 2019), and the kernel ``exp((f_i + g_j - M_ij)/ε)`` is rebuilt. No
-  exponential of a positive number larger than the absorption threshold is ever taken.
-* **Fast.** The kernel starts as the row softmax of ``-M/ε`` (one fused, max-subtracted pass
-  that also does the first row update); each iteration is two fp32 matrix-vector products, on
-  the CPU through oneDNN and ``embedding_bag`` rather than MKL's sgemv (2-3x faster here).
-  The column update ``log v ← log b - log Kᵀu`` is a fixed-point map, accelerated by
-  safeguarded Anderson mixing of the last 3 iterates (Walker & Ni, SINUM 2011): 6 instead of 8
-  iterations on clustered 1024 x 4096 costs at ε = 0.05, 17 instead of 30 at ε = 0.01, and
-  convergence on near-permutation problems where plain Sinkhorn stalls.
+  problems", SISC 2019) and the kernel ``exp((f_i + g_j - M_ij)/ε)`` is rebuilt; a block in
+  which a scaling over- or underflowed is replaced by an exact log-domain update. Costs whose
+  range is more than 1e5 ε are refused (fp32 cannot resolve their kernel).
+* **Fast.** The kernel starts as the row softmax of ``-M/ε`` (one max-subtracted pass that also
+  does the first row update); each iteration is two fp32 matrix-vector products. The column
+  update ``log v ← log b - log Kᵀu`` is a fixed-point map, accelerated by safeguarded Anderson
+  mixing of the last 3 iterates (Walker & Ni, SINUM 2011): 6 instead of 8 iterations on
+  clustered 1024 x 4096 costs at ε = 0.05, 17 instead of 30 at ε = 0.01, and convergence on
+  near-permutation problems where plain Sinkhorn stalls.
 * **fp32, no gradient, any device.** Inputs of any floating dtype (bf16 and fp16 included)
   are upcast; autocast is disabled inside.
 * **Sharded instances.** With ``torch.distributed`` initialised each rank passes its own rows
   of the cost; the column sums are all-reduced through :mod:`vlp_codebook.dist`, so every rank
   gets its rows of the plan of the joint batch (the idea of SwAV's ``distributed_sinkhorn``,
-  run to convergence).
+  run to convergence). All ranks take every decision on the same all-reduced numbers.
 
 Example::
 
@@ -56,25 +64,39 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
-import numpy as np
 import torch
-from torch.nn import functional as F
 
-from vlp_codebook import _native, dist
+from vlp_codebook import dist
 
-__all__ = ['sinkhorn', 'SinkhornInfo', 'transport_cost', 'check_finite']
+__all__ = ['sinkhorn', 'SinkhornInfo', 'transport_cost', 'check_finite', 'default_check_every']
 
-# Scalings are folded into the potentials once they leave [1/_ABSORB, _ABSORB]; fp32 reaches 3e38.
-_ABSORB = 1e30
-_LOG_ABSORB = math.log(_ABSORB)
-# Kernels with at least this many entries use the faster CPU matrix-vector paths below.
-_FAST_CPU_MIN_SIZE = 1 << 16
-_ROW_BLOCKS = 8
-_ONEDNN_OK = True
-# Set to False to force the pure-torch path (tests compare the two).
-_NATIVE_ENABLED = True
+# At a check, scalings outside [1/e^_LOG_ABSORB, e^_LOG_ABSORB] are folded into the potentials.
+# 1e15 leaves a factor 1e23 of headroom to fp32's 3e38 for the iterations of the next block.
+_LOG_ABSORB = math.log(1e15)
+_LOG_ABSORB_LAST = math.log(1e30)
+# Refused above this (max(cost) - min(cost)) / epsilon: fp32 rounds the exponent of the kernel
+# by ~2^-24 times it (0.6 % of the entries at 1e5), and Sinkhorn needs about as many iterations.
+MAX_COST_RANGE_OVER_EPSILON = 1e5
+# Tikhonov weight of Anderson's Gram system, relative to its trace: Sinkhorn residuals become
+# exactly linearly dependent near convergence.
+_ANDERSON_RIDGE = 1e-10
+# Iterations per host read by device type (see default_check_every).
+CHECK_EVERY = {'cpu': 1}
+CHECK_EVERY_ACCELERATOR = 4
+
+
+def default_check_every(device: torch.device) -> int:
+    """Iterations between convergence checks when ``check_every`` is not given.
+
+    On the CPU a host read costs nothing (the numbers are already in host memory), so every
+    iteration is checked and none is wasted. On an accelerator each read waits for the queue to
+    drain; 4 costs at most 3 spare iterations (a few microseconds of bandwidth each at
+    1024 x 4096) against one stall per iteration. ``benchmarks/gpu_check.sh`` measures the
+    sweep on a GPU.
+    """
+    return CHECK_EVERY.get(torch.device(device).type, CHECK_EVERY_ACCELERATOR)
 
 
 @dataclass
@@ -82,15 +104,14 @@ class SinkhornInfo:
     """Diagnostics of one :func:`sinkhorn` call.
 
     Attributes:
-        iterations: Sinkhorn iterations run (one row and one column update each).
+        iterations: Sinkhorn iterations run (one column and one row update each).
         marginal_error: ``max(row_error, col_error)``.
         row_error: ``||T 1 - a||_1`` over the joint batch.
         col_error: ``||T^T 1 - b||_1``.
         converged: ``marginal_error <= tol``.
-        absorptions: how often the scalings were folded into the log-domain potentials.
-        backend: ``'cpu-fused'`` when the compiled CPU code of :mod:`vlp_codebook._native`
-            ran (the whole loop in one process, the passes under torch.distributed),
-            ``'torch'`` otherwise (GPU, small problems, or no C compiler).
+        absorptions: how often the scalings were folded into the log-domain potentials
+            (including exact log-domain restarts after an over- or underflow).
+        host_reads: how often the solver read numbers back from the device.
     """
     iterations: int
     marginal_error: float
@@ -98,32 +119,15 @@ class SinkhornInfo:
     col_error: float
     converged: bool
     absorptions: int
-    backend: str = 'torch'
+    host_reads: int = 0
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` if ``tensor`` holds NaN or inf."""
-    # NaN and inf propagate into the sum: one cheap reduction instead of a boolean copy of the
-    # tensor; only a non-finite sum (or an overflowing one) pays for the exact element check.
-    if torch.isfinite(tensor.sum()):
-        return
-    if not torch.isfinite(tensor).all():
-        bad = (~torch.isfinite(tensor)).sum().item()
+    """Raise ``ValueError`` naming ``name`` if ``tensor`` holds NaN or inf (one host read)."""
+    bad = int((~torch.isfinite(tensor)).sum().item())
+    if bad:
         raise ValueError(f'{name} must be finite, but {bad} of its {tensor.numel()} entries '
                          f'are NaN or inf (shape {tuple(tensor.shape)})')
-
-
-def _marginal(name: str, value: Optional[torch.Tensor], size: int, total: float,
-              device: torch.device) -> torch.Tensor:
-    if value is None:
-        return torch.full((size,), 1.0 / total, dtype=torch.float32, device=device)
-    value = torch.as_tensor(value, device=device).to(torch.float32)
-    if value.shape != (size,):
-        raise ValueError(f'{name} must have shape ({size},) to match the cost, got {tuple(value.shape)}')
-    check_finite(name, value)
-    if (value < 0).any():
-        raise ValueError(f'{name} must be non-negative, got a minimum of {value.min().item():.3g}')
-    return value
 
 
 @torch.no_grad()
@@ -135,6 +139,7 @@ def sinkhorn(cost: torch.Tensor,
              max_iters: int = 1000,
              tol: float = 1e-4,
              anderson: int = 3,
+             check_every: Optional[int] = None,
              process_group: Optional[object] = None,
              return_info: bool = False,
              warn_not_converged: bool = True,
@@ -152,6 +157,9 @@ def sinkhorn(cost: torch.Tensor,
             returned with a ``RuntimeWarning`` (and ``info.converged = False``).
         tol: target L1 marginal error.
         anderson: how many past iterates Anderson acceleration mixes (0: plain Sinkhorn-Knopp).
+        check_every: iterations between convergence checks, each one host read (default:
+            :func:`default_check_every` of the cost's device). The solve stops at the first
+            check that meets ``tol``, so it may run up to ``check_every - 1`` spare iterations.
         process_group: the group the rows are sharded over (default: the world, if any).
         return_info: also return a :class:`SinkhornInfo`.
         warn_not_converged: warn when ``max_iters`` is reached before ``tol``.
@@ -161,8 +169,10 @@ def sinkhorn(cost: torch.Tensor,
         batch) to ``b``; ``(plan, info)`` when ``return_info``.
 
     Raises:
-        ValueError: ``cost`` not 2-D, empty, not finite; ε not positive and finite; marginals of
-            the wrong shape, negative or with different totals.
+        ValueError: ``cost`` not 2-D, empty, not finite, or spanning more than
+            ``MAX_COST_RANGE_OVER_EPSILON`` times ε; ε not positive and finite; marginals of
+            the wrong shape, not finite, negative or with different totals. Checks on values
+            are made at the first host read, after the first block of iterations.
     """
     if not isinstance(cost, torch.Tensor) or cost.dim() != 2:
         raise ValueError('cost must be a 2-D tensor (instances x codewords), got '
@@ -171,32 +181,21 @@ def sinkhorn(cost: torch.Tensor,
         raise ValueError(f'cost must have at least one column (codeword), got shape {tuple(cost.shape)}')
     if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f'epsilon must be a positive finite number, got {epsilon!r}')
-    if isinstance(anderson, bool) or not isinstance(anderson, int) or anderson < 0:
-        raise ValueError(f'anderson must be a non-negative int (0 disables it), got {anderson!r}')
-    if max_iters < 1 or not tol > 0:
-        raise ValueError(f'max_iters must be >= 1 and tol > 0, got max_iters={max_iters}, tol={tol}')
+    _check_count('anderson', anderson, minimum=0)
+    _check_count('max_iters', max_iters, minimum=1)
+    if check_every is None:
+        check_every = default_check_every(cost.device)
+    _check_count('check_every', check_every, minimum=1)
+    if not tol > 0:
+        raise ValueError(f'tol must be > 0, got {tol!r}')
 
     with torch.autocast(device_type=cost.device.type, enabled=False):
         M = cost.detach().to(torch.float32)
-        # Large CPU problems run the compiled passes of vlp_codebook._native when they could be
-        # built (the first of them counts NaN/inf while it reads the cost); the rest is torch.
-        fused = _fused_kernels_for(M)
-        if fused is None:
-            check_finite('cost', M)
         B, K = M.shape
-        device = M.device
-        B_joint = int(dist.all_reduce_sum(torch.tensor([B], dtype=torch.float64, device=device),
-                                          process_group).item())
-        if B_joint == 0:
-            raise ValueError('cost has no rows (instances) on any rank')
-        a = _marginal('a', a, B, B_joint, device)
-        b = _marginal('b', b, K, K, device)
-        mass_a = dist.all_reduce_sum(a.sum(), process_group).item()
-        mass_b = b.sum().item()
-        if abs(mass_a - mass_b) > 1e-4 * max(mass_a, mass_b):
-            raise ValueError(f'the marginals must have equal total mass, got sum(a)={mass_a:.6g} '
-                             f'and sum(b)={mass_b:.6g}')
-        plan, info = _solve(M, float(epsilon), a, b, max_iters, tol, anderson, process_group, fused)
+        if not dist.is_distributed(process_group) and B == 0:
+            raise ValueError('cost has no rows (instances)')
+        solver = _Solver(M, float(epsilon), a, b, tol, anderson, process_group)
+        plan, info = solver.run(max_iters, check_every)
 
     if warn_not_converged and not info.converged:
         warnings.warn(f'sinkhorn: marginal error {info.marginal_error:.3g} > tol={tol:g} after '
@@ -205,120 +204,206 @@ def sinkhorn(cost: torch.Tensor,
     return (plan, info) if return_info else plan
 
 
-def _solve(M, eps, a, b, max_iters, tol, anderson, group, fused):
-    log_a = torch.log(a)  # -inf where a == 0: those rows get no mass
-    log_b = torch.log(b)
-    # The kernel is K_ij = exp((f_i + g_j - M_ij) / eps) with potentials f (rows), g (columns).
-    # It starts as the row softmax of -M/eps (g = 0, f_i = -eps logsumexp_j(-M_ij / eps)):
-    # one max-subtracted pass, every entry <= 1, and rows that already sum to 1, so the first
-    # row update is u = a without a matrix-vector product. f stays implicit until needed.
-    if fused is not None:
-        M, a = M.contiguous(), a.contiguous()
-        Kmat = _empty_like(M)
-        local_col, nonfinite = fused.softmax_rows_colsum(M, Kmat, a, 1.0 / eps)  # this rank's K^T a
-        if nonfinite:
-            check_finite('cost', M)  # raises, naming the count
-    else:
-        Kmat = _row_softmax_(torch.mul(M, -1.0 / eps, out=_empty_like(M)))
-        local_col = None
-    f = None
-    g = torch.zeros_like(b)
-    # Rows with a_i = 0 get u_i = 0 (not a / 0); the mask is only applied when there are any.
-    empty_rows = ~(a > 0) if bool((a <= 0).any()) else None
-    u = a.clone()
-    v = torch.ones_like(b)
-    # log v in float64: Anderson mixing works on it, and fp32 would round v to |log v| * 6e-8
-    # relative, a marginal-error floor of ~1e-6 once |log v| reaches ~20.
-    log_v = torch.zeros_like(b, dtype=torch.float64)
-    log_b64 = log_b.double()
-    Kv = torch.ones_like(a)
-    mixer = _AndersonMixer(anderson)
-    absorptions = 0
-    col_err = math.inf
-    iters = 0
-    # Single-process CPU solves run the whole loop in C (the same algorithm; Python's small
-    # vector ops per iteration cost about as much as the fused passes); under
-    # torch.distributed the column sums are all-reduced between passes, so Python drives.
-    in_c = (fused is not None and not dist.is_distributed(group)
-            and anderson <= fused.MAX_ANDERSON)
-    while iters < max_iters:
-        if in_c:
-            if local_col is None:
-                local_col = _rmatvec(Kmat, u)
-            u, v, Kv, local_col = (t.contiguous() for t in (u, v, Kv, local_col))
-            status, used, col_err = fused.run_loop(Kmat, a, b.contiguous(), u, v, Kv, local_col,
-                                                   max_iters - iters, tol, anderson, _LOG_ABSORB)
-            iters += used
-            if status in (fused.CONVERGED, fused.MAX_ITERS):
-                break
-            if status == fused.NONFINITE_COLUMNS:
-                f, g, u, v, Kmat = _absorb(f, g, u, v, Kmat, M, eps, a, log_a, log_b, group, full=True)
-            else:  # a scaling left the safe range: fold them into the potentials
-                log_uv = _scalings_log_range(u, v, empty_rows)
-                f, g, u, v, Kmat = _absorb(f, g, u, v, Kmat, M, eps, a, log_a, log_b, group,
-                                           full=not math.isfinite(log_uv))
-            Kv, local_col = _matvec(Kmat, v), None
-            absorptions += 1
-            continue
-        iters += 1
-        if local_col is None:
-            local_col = _rmatvec(Kmat, u)
-        col = dist.all_reduce_sum(local_col, group)  # (K,) joint column sums / v
-        local_col = None
-        col_err = (v * col - b).abs().sum().item()
-        if not math.isfinite(col_err):
-            # A column underflowed: restart from exact log-domain potentials.
-            f, g, u, v, Kmat = _absorb(f, g, u, v, Kmat, M, eps, a, log_a, log_b, group, full=True)
-            Kv, log_v = _matvec(Kmat, v), torch.zeros_like(log_v)
-            mixer.reset()
-            absorptions += 1
-            continue
-        if col_err <= tol:
-            break
-        # The column update is the fixed-point map log v -> log(b / col); Anderson mixing
-        # extrapolates it from the last few iterates (and backs off when that goes wrong).
-        log_v = mixer.step(log_v, log_b64 - torch.log(col.double()), col_err)
-        v = torch.exp(log_v).float()
-        # Row update, exact: every iteration ends with rows met to float precision. The fused
-        # pass also returns the next column sums, computed while each row was in cache.
-        if fused is not None:
-            u, Kv, local_col = fused.iteration(Kmat, v, a)
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f'{name} must be an int >= {minimum}, got {value!r}')
+
+
+def _read(values: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Device scalars -> floats, with one host read."""
+    names = list(values)
+    stacked = torch.stack([values[n].detach().reshape(()).to(torch.float64) for n in names])
+    return dict(zip(names, stacked.tolist()))
+
+
+class _Solver:
+    """State of one solve: kernel ``K = exp((f_i + g_j - M_ij)/ε)`` and scalings ``u, v``; the
+    plan is ``diag(u) K diag(v)``. ``f is None`` while the kernel is still the initial row
+    softmax (its row potentials are implicit)."""
+
+    def __init__(self, M, eps, a, b, tol, anderson, group):
+        self.M, self.eps, self.tol, self.group = M, eps, tol, group
+        B, K = M.shape
+        device = M.device
+        self.sharded = dist.is_distributed(group)
+        # Value checks, read with the first check (no host read of their own).
+        self.input_checks: Dict[str, torch.Tensor] = {}
+        self._check_cost()
+        if self.sharded:
+            rows = dist.all_reduce_sum(torch.tensor(float(B), dtype=torch.float64, device=device), group)
+            self.input_checks['joint_rows'] = rows
+            joint_rows = rows.float().clamp_min(1.0)
         else:
-            Kv = _matvec(Kmat, v)
-            u = a / Kv
-        if empty_rows is not None:
-            u.masked_fill_(empty_rows, 0.0)
-        # Fold u, v into f, g before they can overflow fp32, or restart if a row underflowed.
-        log_uv = _scalings_log_range(u, v, empty_rows)
-        if dist.is_distributed(group):
-            log_uv = dist.all_reduce_max(torch.tensor([log_uv], device=M.device), group).item()
-        if log_uv > _LOG_ABSORB:
-            f, g, u, v, Kmat = _absorb(f, g, u, v, Kmat, M, eps, a, log_a, log_b, group,
-                                       full=not math.isfinite(log_uv))
-            Kv, log_v = _matvec(Kmat, v), torch.zeros_like(log_v)
-            local_col = None
-            mixer.reset()
-            absorptions += 1
+            joint_rows = float(B)
+        self.a = self._marginal('a', a, B, device, joint_rows)
+        self.b = self._marginal('b', b, K, device, float(K))
+        self.log_a = torch.log(self.a)  # -inf where a == 0: those rows get no mass
+        self.log_b64 = torch.log(self.b).double()
+        # The initial kernel is the row softmax of -M/eps: g = 0, f_i = -eps logsumexp_j(-M_ij/eps),
+        # every entry <= 1, rows summing to 1, so u = a is already the first row update.
+        self.kernel = torch.softmax(M * (-1.0 / eps), dim=1)
+        self.f: Optional[torch.Tensor] = None
+        self.g = torch.zeros(K, dtype=torch.float32, device=device)
+        self.mixer = _AndersonMixer(anderson)
+        self._set_scalings(self.a.clone(), torch.ones_like(self.b))
 
-    if not col_err <= tol:  # stopped by max_iters: measure the columns of the final u, v
-        if local_col is None:
-            local_col = _rmatvec(Kmat, u)
-        col_err = (v * dist.all_reduce_sum(local_col, group) - b).abs().sum().item()
-    row_err = dist.all_reduce_sum((u * Kv - a).abs().sum(), group).item()
-    if fused is not None:
-        plan = fused.scale_rows_cols_(Kmat, u, v)
-    else:
-        plan = Kmat.mul_(u[:, None]).mul_(v[None, :])
-    err = max(row_err, col_err)
-    info = SinkhornInfo(iterations=iters, marginal_error=err, row_error=row_err, col_error=col_err,
-                        converged=err <= tol, absorptions=absorptions,
-                        backend='cpu-fused' if fused is not None else 'torch')
-    return plan, info
+    # ---------------------------------------------------------------- inputs
+    def _check_cost(self) -> None:
+        M = self.M
+        if M.shape[0] == 0:
+            lo = hi = M.new_zeros(())
+        else:
+            lo, hi = torch.aminmax(M)
+        finite = torch.isfinite(hi - lo)
+        stats = torch.stack([torch.where(finite, -lo, 0.0), torch.where(finite, hi, 0.0),
+                             (~finite).float()])
+        stats = dist.all_reduce_max(stats, self.group)
+        self.input_checks['cost_nonfinite'] = stats[2]
+        self.input_checks['cost_range'] = stats[0] + stats[1]
 
+    def _marginal(self, name, value, size, device, total) -> torch.Tensor:
+        if value is None:
+            return torch.ones(size, dtype=torch.float32, device=device) / total
+        value = torch.as_tensor(value, device=device).to(torch.float32)
+        if value.shape != (size,):
+            raise ValueError(f'{name} must have shape ({size},) to match the cost, got {tuple(value.shape)}')
+        bad = (~torch.isfinite(value) | (value < 0)).sum().float()
+        mass = torch.where(torch.isfinite(value), value, 0.0).sum()
+        if name == 'a':
+            bad, mass = dist.all_reduce_sum(bad, self.group), dist.all_reduce_sum(mass, self.group)
+        self.input_checks[f'{name}_bad'] = bad
+        self.input_checks[f'{name}_mass'] = mass
+        return value
 
-# Tikhonov weight of Anderson's Gram system, relative to its trace (the C loop uses the same):
-# Sinkhorn residuals become exactly linearly dependent near convergence.
-_ANDERSON_RIDGE = 1e-10
+    def _raise_on_bad_input(self, read: Dict[str, float]) -> None:
+        if read['cost_nonfinite']:
+            check_finite('cost', self.M)  # names the count on this rank
+            raise ValueError('cost must be finite, but another rank holds NaN or inf entries')
+        ratio = read['cost_range'] / self.eps
+        if ratio > MAX_COST_RANGE_OVER_EPSILON:
+            raise ValueError(
+                f'cost spans {read["cost_range"]:.3g} (max - min), {ratio:.3g} times epsilon='
+                f'{self.eps:g}: above {MAX_COST_RANGE_OVER_EPSILON:g}, fp32 rounds the kernel '
+                f'exp(-cost/epsilon) by a factor up to e^{ratio * 2 ** -24:.2g} per entry and the '
+                'plan would be wrong; rescale the cost (cosine costs of unit-norm features lie in '
+                '[0, 2]) or raise epsilon')
+        if read.get('joint_rows', 1.0) == 0:
+            raise ValueError('cost has no rows (instances) on any rank')
+        for name in ('a', 'b'):
+            if read.get(f'{name}_bad', 0.0):
+                raise ValueError(f'{name} must be finite and non-negative, but {int(read[f"{name}_bad"])} '
+                                 'of its entries are not')
+        if 'a_mass' in read or 'b_mass' in read:
+            mass_a = read.get('a_mass', 1.0)
+            mass_b = read.get('b_mass', 1.0)
+            if abs(mass_a - mass_b) > 1e-4 * max(mass_a, mass_b):
+                raise ValueError(f'the marginals must have equal total mass, got sum(a)={mass_a:.6g} '
+                                 f'and sum(b)={mass_b:.6g}')
+
+    # ------------------------------------------------------------ iterations
+    def _set_scalings(self, u, v) -> None:
+        """New ``u, v`` (with ``log v`` in float64 for Anderson mixing: fp32 would round ``v``
+        to ``|log v| * 6e-8`` relative, an error floor of ~1e-6 once ``|log v|`` reaches ~20),
+        and the products that go with them."""
+        self.u, self.v = u, v
+        self.log_v = torch.log(v).double()
+        self.Kv = self.kernel @ v
+        self.col = dist.all_reduce_sum(self.kernel.T @ u, self.group)  # (K,) joint K^T u
+        self.mixer.reset()
+
+    def _iterate(self) -> None:
+        """One column update (Anderson-mixed) and one exact row update: a fixed kernel sequence."""
+        err = (self.v * self.col - self.b).abs().sum()
+        # The plain column update of log v, centred: the plan is blind to a constant added to
+        # log v (the row update takes it back out of u), and without centring the mixing of
+        # images that differ by such constants can drift log v until the scalings overflow.
+        image = self.log_b64 - torch.log(self.col.double())
+        image = image - image.mean()
+        self.log_v = self.mixer.step(self.log_v, image, err)
+        self.v = torch.exp(self.log_v).float()
+        self.Kv = self.kernel @ self.v
+        self.u = torch.where(self.a > 0, self.a / self.Kv, 0.0)
+        self.col = dist.all_reduce_sum(self.kernel.T @ self.u, self.group)
+
+    def _state(self) -> Dict[str, torch.Tensor]:
+        """Errors and the log-range of the scalings, as device scalars (same on every rank)."""
+        col_err = (self.v * self.col - self.b).abs().sum()
+        row_err = dist.all_reduce_sum((self.u * self.Kv - self.a).abs().sum(), self.group)
+        log_u = torch.where(self.a > 0, torch.log(self.u), 0.0)
+        log_range = torch.cat([log_u, torch.log(self.v)]).abs().amax()
+        return dict(col_err=col_err, row_err=row_err, accepted_err=self.mixer.accepted(self.v.device),
+                    log_range=dist.all_reduce_max(log_range, self.group))
+
+    def run(self, max_iters: int, check_every: int) -> Tuple[torch.Tensor, SinkhornInfo]:
+        iters = absorptions = reads = 0
+        while True:
+            block = min(check_every, max_iters - iters)
+            for _ in range(block):
+                self._iterate()
+            iters += block
+            state = self._state()
+            if reads == 0:
+                state.update(self.input_checks)
+            read = _read(state)
+            reads += 1
+            if reads == 1:
+                self._raise_on_bad_input(read)
+            if not all(math.isfinite(read[k]) for k in ('col_err', 'row_err', 'log_range')):
+                # A scaling over- or underflowed in this block: exact log-domain update instead.
+                self._log_domain_update()
+                absorptions += 1
+                if iters < max_iters:
+                    continue
+                read = _read(self._state())
+                reads += 1
+            converged = max(read['col_err'], read['row_err']) <= self.tol
+            if converged or iters >= max_iters:
+                break
+            # Absorb large scalings, but not those of an extrapolation that the next step's
+            # safeguard will reject (col_err above the last accepted error): folded into the
+            # kernel it could not be undone. Past 1e30 there is no choice left.
+            if read['log_range'] > _LOG_ABSORB_LAST or (
+                    read['log_range'] > _LOG_ABSORB and not read['col_err'] > read['accepted_err']):
+                self._absorb()
+                absorptions += 1
+        plan = self.kernel.mul_(self.u[:, None]).mul_(self.v[None, :])
+        err = max(read['row_err'], read['col_err'])
+        info = SinkhornInfo(iterations=iters, marginal_error=err, row_error=read['row_err'],
+                            col_error=read['col_err'], converged=err <= self.tol,
+                            absorptions=absorptions, host_reads=reads)
+        return plan, info
+
+    # ------------------------------------------------------------ absorption
+    def _rebuild_kernel(self, u) -> None:
+        M, eps = self.M, self.eps
+        torch.sub(self.f[:, None], M, out=self.kernel).add_(self.g[None, :]).div_(eps).exp_()
+        self._set_scalings(u, torch.ones_like(self.b))
+
+    def _absorb(self) -> None:
+        """Fold finite scalings into the potentials: ``f += ε log u``, ``g += ε log v``."""
+        eps = self.eps
+        if self.f is None and self.M.shape[0] > 0:
+            # Row potentials of the initial softmax, read off each row's largest entry
+            # (>= 1/K, so its logarithm is exact): f_i = eps log K_ij + M_ij - g_j.
+            k_max, j_max = self.kernel.max(dim=1)
+            self.f = eps * torch.log(k_max) + self.M.gather(1, j_max[:, None]).squeeze(1) - self.g[j_max]
+        elif self.f is None:
+            self.f = self.M.new_zeros(0)
+        self.f = self.f + eps * torch.log(torch.where(self.u > 0, self.u, 1.0))
+        self.g = self.g + eps * torch.log(self.v)
+        self._rebuild_kernel(torch.where(self.a > 0, 1.0, 0.0))
+
+    def _log_domain_update(self) -> None:
+        """Exact potentials from the cost alone (immune to under/overflow of ``u, v, K``): a
+        row, a column and a row update in the log domain, after which rows sum to ``a``."""
+        M, eps = self.M, self.eps
+        g = self.g if self.f is None else torch.where(torch.isfinite(self.g), self.g, 0.0)
+        f = eps * (self.log_a - torch.logsumexp((g[None, :] - M) / eps, dim=1))
+        f = torch.where(torch.isfinite(f), f, 0.0)  # rows with a_i = 0
+        self.g = eps * (torch.log(self.b) - _logsumexp_joint((f[:, None] - M) / eps, self.group))
+        f = eps * (self.log_a - torch.logsumexp((self.g[None, :] - M) / eps, dim=1))
+        self.f = torch.where(torch.isfinite(f), f, 0.0)
+        self._rebuild_kernel(torch.where(self.a > 0, 1.0, 0.0))
 
 
 class _AndersonMixer:
@@ -334,167 +419,79 @@ class _AndersonMixer:
     rejected, and the plain step :math:`G(x)` from the last accepted iterate is taken instead
     (and accepted whatever its error), so a bad extrapolation costs one iteration and the
     method never does much worse than plain Sinkhorn. ``depth = 0`` is plain Sinkhorn.
+
+    Every step is the same sequence of tensor operations: the history is a ring of
+    ``depth + 1`` slots with a 0/1 mask of the slots in use, the least-squares system is solved
+    over all slots (unused ones decoupled by an identity row), and the safeguard's choices are
+    ``torch.where``s on device scalars; nothing is read back to the host.
     """
 
     def __init__(self, depth: int):
         self.depth = depth
-        self.stored = 0  # pairs stored so far; slots are reused oldest-first once all are full
-        self.images = self.residuals = self.gram = None  # (depth+1, n) and (depth+1, depth+1)
-        self.accepted = None  # (error, G(x)) of the last accepted iterate
-        self.take_plain = False
+        self.count = 0      # steps taken: the slot written next is count % (depth + 1)
+        self.images = None  # (depth+1, n) G(x_k); residuals likewise; gram (depth+1, depth+1)
 
     def reset(self) -> None:
         """Forget everything (after the kernel was rebuilt, old iterates mean nothing)."""
-        self.stored = 0
-        self.accepted = None
-        self.take_plain = False
+        self.images = None
+        self.count = 0
 
-    def step(self, x: torch.Tensor, gx: torch.Tensor, error: float) -> torch.Tensor:
-        """Next iterate, given the current one ``x``, its image ``gx`` and its error."""
+    def accepted(self, device: torch.device) -> torch.Tensor:
+        """Error of the last accepted iterate (a device scalar; inf if none)."""
+        if self.images is None or self.depth == 0:
+            return torch.tensor(math.inf, dtype=torch.float64, device=device)
+        return self.accepted_error
+
+    def step(self, x: torch.Tensor, gx: torch.Tensor, error) -> torch.Tensor:
+        """Next iterate, given the current one ``x``, its image ``gx`` and its error (a
+        number or a device scalar)."""
         if self.depth == 0:
             return gx
-        if self.accepted is not None and error > self.accepted[0] and not self.take_plain:
-            self.stored = 0
-            self.take_plain = True
-            return self.accepted[1]
-        self.take_plain = False
-        self.accepted = (error, gx)
         slots = self.depth + 1
+        error = torch.as_tensor(error, dtype=torch.float64, device=gx.device)
         if self.images is None:
             self.images = gx.new_zeros((slots, gx.numel()))
             self.residuals = gx.new_zeros((slots, gx.numel()))
             self.gram = gx.new_zeros((slots, slots), dtype=torch.float64)
-        slot = self.stored % slots
-        self.stored += 1
-        n = min(self.stored, slots)
+            self.in_use = gx.new_zeros(slots, dtype=torch.float64)
+            self.accepted_error = torch.full((), math.inf, dtype=torch.float64, device=gx.device)
+            self.accepted_image = gx
+            self.took_plain = torch.zeros((), dtype=torch.bool, device=gx.device)
+            self.one_hot = torch.eye(slots, dtype=torch.float64, device=gx.device)
+        reject = (error > self.accepted_error) & ~self.took_plain
+        slot = self.count % slots
+        self.count += 1
+        # The new pair goes into its slot whatever happens: a rejection empties the history.
         r = self.residuals[slot]
         torch.sub(gx, x, out=r)
         r.sub_(r.mean())
         self.images[slot] = gx
-        # Only the new row of the Gram matrix R R^T is computed; the order of the stored pairs
-        # does not matter to the least-squares weights.
-        dots = (self.residuals[:n] @ r).double()
-        self.gram[slot, :n] = dots
-        self.gram[:n, slot] = dots
-        if n == 1:
-            return gx
-        gram = self.gram[:n, :n].clone()
+        # Only the new row of the Gram matrix R R^T is computed; slot order does not matter.
+        dots = (self.residuals @ r).double()
+        self.gram[slot] = dots
+        self.gram[:, slot] = dots
+        in_use = torch.maximum(self.in_use, self.one_hot[slot])
+        in_use = torch.where(reject, 0.0, in_use)
+        gram = self.gram * (in_use[:, None] * in_use[None, :])
         # Tikhonov term relative to the residual scale keeps the tiny system well posed.
-        gram.diagonal().add_(_ANDERSON_RIDGE * gram.diagonal().sum() + 1e-300)
-        weights = torch.linalg.solve(gram, torch.ones(n, dtype=gram.dtype, device=gram.device))
-        total = weights.sum().item()
-        if not math.isfinite(total) or total == 0.0:
-            self.stored = 0
-            return gx
-        return (weights / total).to(gx.dtype) @ self.images[:n]
-
-
-def _fused_kernels_for(M: torch.Tensor) -> Optional['_native.NativeKernels']:
-    """The compiled CPU passes if they apply to this cost (large, on the CPU), else None."""
-    if M.device.type == 'cpu' and M.numel() >= _FAST_CPU_MIN_SIZE and _NATIVE_ENABLED:
-        return _native.kernels()
-    return None
-
-
-def _scalings_log_range(u: torch.Tensor, v: torch.Tensor, empty_rows) -> float:
-    """``max |log|`` over the scalings ``u`` (rows with mass only) and ``v``."""
-    u_pos = u if empty_rows is None else u.masked_fill(empty_rows, 1.0)
-    return _log_range(torch.cat([u_pos, v]))
-
-
-def _log_range(x: torch.Tensor) -> float:
-    """``max |log x|`` over a positive vector (inf if an entry is 0 or inf), via its extremes."""
-    if x.numel() == 0:
-        return 0.0
-    lo, hi = torch.stack(torch.aminmax(x)).tolist()
-    if not (lo > 0 and math.isfinite(hi)):
-        return math.inf
-    return max(abs(math.log(lo)), abs(math.log(hi)))
-
-
-def _row_softmax_(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over dim 1, in place (one fused max-subtract-exp-normalise pass per row)."""
-    return torch._softmax(x, 1, False, out=x)
-
-
-def _matvec(kernel: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``kernel @ v``: (B, K) x (K,) -> (B,), the row half of every iteration.
-
-    On the CPU, for large kernels, oneDNN's fp32 inner-product primitive (what torch's own
-    CPU ``linear`` fusions call) instead of MKL's sgemv, which torch's ``mv`` reaches and
-    which ran 2-3x slower here (0.39 vs 0.21 ms at 1024 x 4096, 2 threads, see
-    ``docs/ot_and_codebook.md``); both accumulate in fp32. Falls back to ``mv`` when that
-    operator is unavailable or disabled.
-    """
-    global _ONEDNN_OK
-    if _ONEDNN_OK and kernel.device.type == 'cpu' and kernel.numel() >= _FAST_CPU_MIN_SIZE \
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
-        try:
-            return torch.ops.mkldnn._linear_pointwise(v[None], kernel, None, 'none', [], '')[0]
-        except (AttributeError, RuntimeError, NotImplementedError):
-            _ONEDNN_OK = False  # not in this build: use mv from now on
-    return kernel @ v
-
-
-def _rmatvec(kernel: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``kernel.T @ u``: (B, K) x (B,) -> (K,), the column half of every iteration.
-
-    On the CPU, for large kernels, the weighted sum of rows is ``embedding_bag``'s
-    per-sample-weighted ``'sum'`` over a few blocks of rows (one bag per block, run in
-    parallel, then added): a streaming, vectorised kernel that ran 2-3x faster than MKL's
-    transposed sgemv here (0.16 vs 0.41 ms at 1024 x 4096, 2 threads).
-    """
-    B = kernel.shape[0]
-    if kernel.device.type == 'cpu' and kernel.numel() >= _FAST_CPU_MIN_SIZE and B > 0:
-        block = -(-B // _ROW_BLOCKS)
-        rows = torch.arange(B, device=kernel.device)
-        offsets = torch.arange(0, B, block, device=kernel.device)
-        return F.embedding_bag(rows, kernel, offsets, mode='sum', per_sample_weights=u).sum(0)
-    return kernel.T @ u
-
-
-def _empty_like(M: torch.Tensor) -> torch.Tensor:
-    """An uninitialised fp32 tensor shaped like ``M`` for the kernel (which becomes the plan).
-
-    On the CPU it is allocated by numpy, which asks the kernel for transparent huge pages for
-    large arrays (``madvise``); torch's allocator does not, and faulting in 4 KiB pages of a
-    fresh 16 MB kernel costs about as much as computing its ``exp`` (measured: 9.4 ms -> 4.9 ms
-    for the kernel at 1024 x 4096, and fewer TLB misses in every matrix-vector product).
-    """
-    if M.device.type != 'cpu':
-        return torch.empty_like(M)
-    return torch.from_numpy(np.empty(tuple(M.shape), dtype=np.float32))
-
-
-def _absorb(f, g, u, v, Kmat, M, eps, a, log_a, log_b, group, full):
-    """Fold the scalings into the potentials and rebuild the kernel (all entries <= ~1).
-
-    ``f is None`` means the row potentials are still those of the initial row softmax; they
-    are read off the kernel: for any entry, f_i = eps log K_ij + M_ij - g_j (the row maximum
-    is used, which is at least 1/K, so the logarithm is exact).
-    """
-    if full:
-        # Exact log-domain updates from the cost alone, immune to under/overflow of u, v, K.
-        f = eps * (log_a - torch.logsumexp((g[None, :] - M) / eps, dim=1))
-        f = torch.where(torch.isfinite(f), f, torch.zeros_like(f))  # rows with a_i = 0
-        g = eps * (log_b - _logsumexp_joint((f[:, None] - M) / eps, group))
-        f = eps * (log_a - torch.logsumexp((g[None, :] - M) / eps, dim=1))
-        f = torch.where(torch.isfinite(f), f, torch.zeros_like(f))
-        u = torch.where(a > 0, 1.0, 0.0).to(u)  # the rows of the new kernel sum to a already
-    else:
-        if f is None:
-            k_max, j_max = Kmat.max(dim=1)
-            f = eps * torch.log(k_max) + M.gather(1, j_max[:, None]).squeeze(1) - g[j_max]
-        f = f + eps * torch.log(torch.where(u > 0, u, 1.0))
-        g = g + eps * torch.log(v.clamp_min(1e-38))
-        u = torch.where(a > 0, 1.0, 0.0).to(u)
-    Kmat = torch.sub(f[:, None], M, out=Kmat).add_(g[None, :]).div_(eps).exp_()
-    return f, g, u, torch.ones_like(v), Kmat
+        ridge = _ANDERSON_RIDGE * gram.diagonal().sum() + 1e-300
+        system = gram + torch.diag(in_use * ridge + (1.0 - in_use))
+        weights = torch.linalg.solve_ex(system, in_use[:, None])[0][:, 0]
+        total = weights.sum()
+        usable = torch.isfinite(total) & (total != 0)
+        mixed = (weights / torch.where(usable, total, 1.0)).to(gx.dtype) @ self.images
+        self.in_use = torch.where(usable | reject, in_use, 0.0)
+        out = torch.where(reject, self.accepted_image, torch.where(usable, mixed, gx))
+        self.accepted_error = torch.where(reject, self.accepted_error, error)
+        self.accepted_image = torch.where(reject, self.accepted_image, gx)
+        self.took_plain = reject
+        return out
 
 
 def _logsumexp_joint(x: torch.Tensor, group) -> torch.Tensor:
     """log-sum-exp over dim 0 of a row-sharded matrix: max-subtracted, sums all-reduced."""
-    joint_max = dist.all_reduce_max(x.max(dim=0).values, group)
+    local_max = x.max(dim=0).values if x.shape[0] else x.new_full((x.shape[1],), -math.inf)
+    joint_max = dist.all_reduce_max(local_max, group)
     joint_max = torch.where(torch.isfinite(joint_max), joint_max, torch.zeros_like(joint_max))
     s = dist.all_reduce_sum(torch.exp(x - joint_max).sum(dim=0), group)
     return torch.log(s) + joint_max
