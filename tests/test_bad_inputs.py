@@ -398,6 +398,20 @@ def test_sixteen_bit_grey_maps_to_value_over_65535(value):
     assert abs(pil_to_tensor(image)[0, 0, 0].item() - value / 65535) <= 0.5 / 255 + 1e-6
 
 
+@given(dtype=st.sampled_from(['uint8', 'uint16', 'float32']), height=st.integers(1, 12), width=st.integers(1, 12),
+       seed=st.integers(0, 2**16))
+def test_any_grey_image_reads_as_its_fraction_of_full_scale(dtype, height, width, seed):
+    # any shape, 8-bit, 16-bit or [0, 1] float: each pixel reads as value / full scale (one 8-bit step)
+    from vlp_codebook.datasets.image_loading import pil_to_tensor
+    rng = np.random.default_rng(seed)
+    full = {'uint8': 255, 'uint16': 65535, 'float32': 1.0}[dtype]
+    array = (rng.random((height, width)) * full).astype(dtype)
+    tensor = pil_to_tensor(Image.fromarray(array))
+    assert tensor.shape == (3, height, width)
+    expected = torch.from_numpy(array.astype(np.float64) / full).float()
+    torch.testing.assert_close(tensor[1], expected, rtol=0, atol=0.5 / 255 + 1e-6)
+
+
 @pytest.mark.parametrize('name, array, words', [
     ('float255.tif', _gradient(np.float32, 255.0), 'values in [0, 255]'),
     ('negative.tif', _gradient(np.float32, 1.0) - 0.5, 'values in [-0.5, 0.5]'),

@@ -170,8 +170,8 @@ def test_resume_gives_the_same_next_losses(full_run, tmp_path):
     # the first 4 come from the checkpoint's message hub, the last 4 were computed again
     assert len(resumed) == MAX_ITERS
     np.testing.assert_allclose(resumed, full_run.losses, rtol=1e-6, atol=0)
-    final_full = torch.load(full_run.work_dir / 'iter_8.pth', weights_only=False)['state_dict']
-    final_resumed = torch.load(tmp_path / 'iter_8.pth', weights_only=False)['state_dict']
+    final_full = load_checkpoint_file(full_run.work_dir / 'iter_8.pth')['state_dict']
+    final_resumed = load_checkpoint_file(tmp_path / 'iter_8.pth')['state_dict']
     for name, value in final_full.items():
         torch.testing.assert_close(final_resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
@@ -212,7 +212,7 @@ def test_test_tool_evaluates_the_checkpoint(full_run, tmp_path):
     checkpoint = full_run.work_dir / 'iter_8.pth'
     metrics = test_tool.main([TOY_CONFIG, str(checkpoint), '--work-dir', str(tmp_path)])
     # the same number by hand: the checkpoint's student weights on the test split (seed 1)
-    state = torch.load(checkpoint, weights_only=False)['state_dict']
+    state = load_checkpoint_file(checkpoint)['state_dict']
     data = ToyRegressionDataset(num_samples=16, seed=1)
     hidden = torch.relu(data.inputs @ state['student.0.weight'].T + state['student.0.bias'])
     prediction = (hidden @ state['student.3.weight'].T + state['student.3.bias']).squeeze(-1)
@@ -344,7 +344,7 @@ def test_two_cpu_processes_match_one_process_on_the_joint_batch(tmp_path):
     returncode, output = run_process_group(command, env=env, timeout=180)
     assert returncode == 0, output[-5000:]
     assert 'Distributed training is not used' not in output
-    weights_one = torch.load(tmp_path / 'one' / 'iter_4.pth', weights_only=False)['state_dict']
-    weights_two = torch.load(tmp_path / 'two' / 'iter_4.pth', weights_only=False)['state_dict']
+    weights_one = load_checkpoint_file(tmp_path / 'one' / 'iter_4.pth')['state_dict']
+    weights_two = load_checkpoint_file(tmp_path / 'two' / 'iter_4.pth')['state_dict']
     for name, value in weights_one.items():
         torch.testing.assert_close(weights_two[name], value, rtol=1e-5, atol=1e-6, msg=name)
