@@ -62,6 +62,7 @@ def overlay(image: torch.Tensor, cam: torch.Tensor, alpha: float = 0.5) -> Image
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
+    from vlp_codebook.engine.checkpoint import checkpoint_loading
     from vlp_codebook.engine.checkpoint_coverage import load_model_weights
 
     from vlp_codebook.analysis.gradcam import default_layer, itm_gradcam
@@ -70,7 +71,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     from vlp_codebook.registry import MODELS
 
     cfg = load_config(args.config, cfg_options=args.cfg_options)
-    model = MODELS.build(cfg.model)
+    with checkpoint_loading(trust=args.trust_checkpoint or None):   # encoders' pretrained= too
+        model = MODELS.build(cfg.model)
     # as data (weights_only=True); refuses a checkpoint that leaves parameters random
     load_model_weights(model, args.checkpoint, trust=args.trust_checkpoint or None,
                        allow_missing=args.allow_missing_weights)
