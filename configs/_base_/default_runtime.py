@@ -7,6 +7,9 @@ default_hooks = dict(
     checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3),
     sampler_seed=dict(type='DistSamplerSeedHook'),
 )
+# PNGs in WORK_DIR/plots/ at each validation and at the end (losses, retrieval R@k, codebook
+# health, retrieval gallery); `python -m vlp_codebook.tools.plot WORK_DIR` redraws them afterwards.
+custom_hooks = [dict(type='TrainingPlotsHook')]
 env_cfg = dict(
     cudnn_benchmark=False,
     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),

@@ -16,9 +16,10 @@ from .distributed import init_cpu_process_group, setup_launcher
 from .hooks import ModelScalarsLoggerHook, MomentumTeacherHook
 from .optim_wrapper import BF16AutocastOptimWrapper
 from .iteration_seed import IterationSeedHook
+from .plot_hook import TrainingPlotsHook
 from .itm_rerank_loop import ITMRerankTestLoop, ITMRerankValLoop
 
 __all__ = ['checkpoint_loading', 'load_checkpoint_file', 'UntrustedCheckpointError', 'CorruptCheckpointError',
            'CheckpointCoverageHook', 'load_model_weights', 'state_dict_coverage', 'init_cpu_process_group',
            'setup_launcher', 'MomentumTeacherHook', 'ModelScalarsLoggerHook', 'BF16AutocastOptimWrapper',
-           'IterationSeedHook', 'ITMRerankValLoop', 'ITMRerankTestLoop']
+           'IterationSeedHook', 'ITMRerankValLoop', 'ITMRerankTestLoop', 'TrainingPlotsHook']
