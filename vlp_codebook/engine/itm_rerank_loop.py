@@ -23,7 +23,7 @@ scores are gathered: all ranks report the single-process metrics.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from mmengine.model import is_model_wrapper
