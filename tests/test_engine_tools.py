@@ -70,6 +70,8 @@ def test_our_checkpoint_loader_is_scoped_and_needed(full_run):
             pass
         assert CheckpointLoader._get_checkpoint_loader(checkpoint) is load_from_safe_local
         loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+        # mmengine's own loaders (kept for URL schemes) get the allow-list inside the block
+        assert mmengine_checkpoint.load_from_local(checkpoint, map_location='cpu')['meta']['iter'] == 4
     assert CheckpointLoader._get_checkpoint_loader(checkpoint) is mmengine_checkpoint.load_from_local
     assert loaded['meta']['iter'] == 4
     assert {'state_dict', 'optimizer', 'message_hub', 'param_schedulers'} <= set(loaded)
@@ -348,3 +350,23 @@ def test_two_cpu_processes_match_one_process_on_the_joint_batch(tmp_path):
     weights_two = load_checkpoint_file(tmp_path / 'two' / 'iter_4.pth')['state_dict']
     for name, value in weights_one.items():
         torch.testing.assert_close(weights_two[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_allow_list_is_scoped_nests_and_keeps_what_others_added():
+    from mmengine.logging import HistoryBuffer
+
+    from vlp_codebook.engine.checkpoint import allow_listed, checkpoint_safe_globals
+
+    checkpoint_safe_globals()   # imports what it needs first (torch registers globals on import)
+    torch.serialization.add_safe_globals([HistoryBuffer])   # the user's own entry, also on our list
+    try:
+        before = set(torch.serialization.get_safe_globals())
+        with checkpoint_loading():
+            with allow_listed():
+                pass
+            # the inner block's exit left the outer block's allow-list in place
+            assert set(checkpoint_safe_globals()) <= set(torch.serialization.get_safe_globals())
+        assert set(torch.serialization.get_safe_globals()) == before   # HistoryBuffer still there
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals([g for g in before if g is not HistoryBuffer])

@@ -47,7 +47,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 
 __all__ = ['TRUST_ENV', 'TRUST_FLAG', 'CheckpointError', 'UntrustedCheckpointError', 'CorruptCheckpointError',
            'trust_requested', 'checkpoint_safe_globals', 'load_checkpoint_file', 'load_from_safe_local',
-           'checkpoint_loading', 'LOCAL_PREFIX']
+           'checkpoint_loading', 'allow_listed', 'LOCAL_PREFIX']
 
 #: environment variable that, set to 1/true/yes, lets every load in the process unpickle freely
 TRUST_ENV = 'VLP_CODEBOOK_TRUST_CHECKPOINTS'
@@ -128,6 +128,26 @@ def checkpoint_safe_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
             (_history_buffer_getattr, '__builtin__.getattr'), *_numpy_globals()]
 
 
+@contextmanager
+def allow_listed() -> Iterator[None]:
+    """:func:`checkpoint_safe_globals` added to torch's safe globals for the block.
+
+    Unlike :class:`torch.serialization.safe_globals`, whose exit removes its entries even when an
+    enclosing block (or the user's own ``add_safe_globals``) added them too, this removes on exit
+    only the entries that were not there before, so blocks nest and what others add meanwhile
+    (torch registers some on import) stays.
+    """
+    before = set(torch.serialization.get_safe_globals())
+    added = [entry for entry in checkpoint_safe_globals() if entry not in before]
+    torch.serialization.add_safe_globals(added)
+    try:
+        yield
+    finally:
+        remaining = [entry for entry in torch.serialization.get_safe_globals() if entry not in set(added)]
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(remaining)
+
+
 _UNSAFE_GLOBAL = re.compile(r'GLOBAL (\S+) was not an allowed global')
 _CORRUPT_RUNTIME = ('PytorchStreamReader', 'zip archive', 'central directory', 'file not found in archive')
 
@@ -182,7 +202,7 @@ def load_checkpoint_file(filename: Union[str, os.PathLike], map_location: Any = 
     try:
         if trusted:
             return torch.load(path, map_location=map_location, weights_only=False)
-        with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        with allow_listed():
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if not trusted and 'Weights only load failed' in str(error):
@@ -240,13 +260,18 @@ def checkpoint_loading(trust: Optional[bool] = None) -> Iterator[None]:
             None/False: as :func:`trust_requested` says (the environment variable).
 
     The previous loader for local paths is restored on exit, so nothing outside the block
-    (another library's mmengine Runner in the same process) changes. Blocks nest.
+    (another library's mmengine Runner in the same process) changes. Blocks nest. URL schemes keep
+    mmengine's loaders (``torch.load`` with torch's default ``weights_only=True``), with the
+    allow-list added for the block; ``trust`` does not apply to them.
     """
     previous = CheckpointLoader._schemes.get(LOCAL_PREFIX)
     token = _TRUST_IN_SCOPE.set(bool(trust) or _TRUST_IN_SCOPE.get())
     CheckpointLoader.register_scheme(prefixes=LOCAL_PREFIX, loader=load_from_safe_local, force=True)
     try:
-        yield
+        # mmengine's URL loaders (https://, s3://) call torch.load with torch's default
+        # (weights_only=True): the allow-list lets them read an mmengine checkpoint too
+        with allow_listed():
+            yield
     finally:
         _TRUST_IN_SCOPE.reset(token)
         if previous is None:
