@@ -167,6 +167,21 @@ def test_malicious_checkpoint_runs_only_after_the_opt_in(route, evil, tmp_path):
     assert marker.exists(), f'{route}: the opt-in did not unpickle (so the refusal test proves nothing)'
 
 
+@pytest.mark.parametrize('switch', ['finetuned', 'pretrained'])
+def test_lavis_checkpoint_switches_refuse_the_malicious_checkpoint(switch, evil, monkeypatch):
+    # LAVIS's own loader (torch.load with torch's default weights_only=True); no opt-in applies
+    from omegaconf import OmegaConf
+    from vlp_codebook_lavis import MODEL_NAMES
+    monkeypatch.setenv(TRUST_ENV, '1')
+    path, marker = evil
+    cls = MODEL_NAMES['codis_retrieval']
+    cfg = OmegaConf.merge(OmegaConf.load(cls.default_config_path('tiny')).model,
+                          {f'load_{switch}': True, switch: path})
+    with pytest.raises(pickle_error(), match='Weights only load failed'):
+        cls.from_config(cfg)
+    assert not marker.exists()
+
+
 def pickle_error():
     import pickle
     return pickle.UnpicklingError
