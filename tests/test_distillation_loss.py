@@ -214,7 +214,40 @@ def test_ramped_alpha_follows_albef():
     assert ramped_alpha(0.4, 50, 100) == pytest.approx(0.2)
     assert ramped_alpha(0.4, 150, 100) == pytest.approx(0.4)
     assert ramped_alpha(0.4, 3, 100, epoch=1) == pytest.approx(0.4)
+    assert ramped_alpha(0.4, 3, 0) == 0.4  # no warm-up
     assert MultiDirectionalDistillationLoss(alpha=0.2).ramped_alpha(25, 100) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match='iterations_per_epoch'):
+        MultiDirectionalDistillationLoss().ramped_alpha(3, 0)
+
+
+def test_a_temperature_of_zero_is_an_error_not_a_nan_loss():
+    # Issue 10: a fixed temperature of 0 loaded from a state dict gave NaN losses silently.
+    inputs = make_inputs(seed=0, batch=4, dim=6, num_queue_v=3, num_queue_t=3, with_ids=False)
+    fixed = MultiDirectionalDistillationLoss(learnable_temperature=False)
+    with pytest.raises(ValueError, match=r'temperature = 0\.0: .* positive finite'):
+        fixed.load_state_dict({'temperature': torch.tensor(0.0)})
+    assert fixed.temperature.item() == pytest.approx(0.07)     # not loaded
+    fixed.temperature.fill_(0.0)                               # set by hand: caught in forward
+    with pytest.raises(ValueError, match='temperature must be a positive finite number'):
+        fixed(**inputs)
+    learnable = MultiDirectionalDistillationLoss()
+    with torch.no_grad():
+        learnable.temperature.fill_(float('nan'))              # clamping keeps a NaN
+    with pytest.raises(ValueError, match='temperature must be a positive finite number'):
+        learnable(**inputs)
+    with pytest.raises(ValueError, match='temperature must be a positive finite number'):
+        MultiDirectionalDistillationLoss()(**inputs, temperature=torch.tensor(0.0))
+
+
+def test_a_tensor_alpha_gives_the_losses_of_the_same_float():
+    inputs = make_inputs(seed=1, batch=4, dim=6, num_queue_v=3, num_queue_t=3, with_ids=False)
+    loss_fn = MultiDirectionalDistillationLoss()
+    as_float = loss_fn(**inputs, alpha=0.3)
+    as_tensor = loss_fn(**inputs, alpha=torch.tensor(0.3))
+    for name in as_float:
+        torch.testing.assert_close(as_tensor[name], as_float[name])
+    with pytest.raises(ValueError, match='alpha must be a number in'):
+        loss_fn(**inputs, alpha=torch.tensor(1.5))
 
 
 def test_bad_input_raises_clear_errors():

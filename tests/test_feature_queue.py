@@ -86,3 +86,33 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(RuntimeError, match='with_ids=False'):
         FeatureQueue(4, 3).get_ids()
     assert len(queue) == 0                   # nothing was enqueued by the failed calls
+
+
+def test_state_dict_that_does_not_fit_the_queue_is_refused_naming_the_key():
+    # Issue 10: ptr=50, num_valid=99 on a queue of 7 used to load and return 99 rows.
+    queue = FeatureQueue(7, 2)
+    state = queue.state_dict()
+    state['ptr'], state['num_valid'] = torch.tensor(50), torch.tensor(99)
+    with pytest.raises(ValueError, match=r'ptr = 50 does not fit this FeatureQueue \(size=7\)'):
+        queue.load_state_dict(state)
+    state['ptr'] = torch.tensor(3)
+    with pytest.raises(ValueError, match=r'num_valid = 99 .* must lie in \[0, 7\]'):
+        queue.load_state_dict(state)
+    with pytest.raises(ValueError, match=r'image_queue\.ptr = -1'):   # the prefix of a parent model
+        parent = torch.nn.Module()
+        parent.image_queue = FeatureQueue(7, 2)
+        parent.load_state_dict({'image_queue.' + k: v for k, v in
+                                dict(state, ptr=torch.tensor(-1), num_valid=torch.tensor(2)).items()})
+    assert len(queue) == 0 and queue.features().shape == (0, 2)  # nothing was loaded
+
+
+def test_loaded_pointers_are_used_without_reading_the_buffers():
+    queue = FeatureQueue(5, 2, with_ids=True)
+    queue.enqueue(torch.arange(12.0).view(6, 2), ids=torch.arange(6))
+    restored = FeatureQueue(5, 2, with_ids=True)
+    restored.load_state_dict(queue.state_dict())
+    # the host-side copies of ptr / num_valid follow the loaded buffers
+    assert len(restored) == 5 and restored.counter('ptr') == int(queue.ptr) == 1
+    assert restored.get_ids().tolist() == [1, 2, 3, 4, 5]
+    restored.enqueue(torch.zeros(1, 2), ids=torch.tensor([6]))
+    assert restored.get_ids().tolist() == [2, 3, 4, 5, 6] and int(restored.ptr) == 2

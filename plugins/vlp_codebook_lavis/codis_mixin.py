@@ -40,6 +40,7 @@ from typing import Any, Dict, Mapping, Optional, Set
 import torch
 from torch.nn import functional as F
 
+from vlp_codebook.checks import deferred_checks
 from vlp_codebook.registry import MODELS
 from vlp_codebook_lavis.outputs import with_codis_terms
 
@@ -143,7 +144,12 @@ class CodisLossMixin:
         return float(self.alpha)
 
     def codis_losses(self, intermediate, samples: Mapping) -> Dict[str, torch.Tensor]:
-        """The CODIS terms for one LAVIS forward (keys as in :data:`~vlp_codebook_lavis.outputs.CODIS_TERMS`)."""
+        """The CODIS terms for one LAVIS forward (keys as in :data:`~vlp_codebook_lavis.outputs.CODIS_TERMS`).
+        Their value checks (NaN/inf features...) are read once, together, at the end."""
+        with deferred_checks():
+            return self._codis_losses(intermediate, samples)
+
+    def _codis_losses(self, intermediate, samples: Mapping) -> Dict[str, torch.Tensor]:
         feats = self.codis_features(intermediate)
         teacher = self.codebook_plan_features == 'teacher'
         code = self.codebook_loss(feats['image_feat'], feats['text_feat'],

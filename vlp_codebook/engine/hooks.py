@@ -29,16 +29,11 @@ from typing import Any, Optional
 
 import torch
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 
+from vlp_codebook.models.teachers.momentum_teacher import unwrap_model
 from vlp_codebook.registry import HOOKS
 
 __all__ = ['MomentumTeacherHook', 'ModelScalarsLoggerHook', 'unwrap_model']
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP/mmengine wrapper (the model itself if it is not wrapped)."""
-    return model.module if is_model_wrapper(model) else model
 
 
 @HOOKS.register_module()

@@ -31,6 +31,19 @@ but does not sum.
 
 The momentum teachers are updated inside every training forward, before the teacher pass
 (as ALBEF does), and the queues are filled after the losses are computed.
+
+**Host reads.** A training forward reads the device only where it must: once for all value
+checks of the step (NaN/inf features, token ids, temperature..., collected by
+:func:`vlp_codebook.checks.deferred_checks` around the whole loss and read together at its end)
+and once per block of Sinkhorn iterations (:func:`vlp_codebook.ot.sinkhorn`'s ``check_every``).
+Step counters are Python ints mirrored into buffers
+(:class:`~vlp_codebook.models.host_counters.HostCounters`). ``tests/test_host_reads.py`` bounds
+the count.
+
+**ITM negatives** (``itm_negatives``): ALBEF draws each hard negative from this rank's batch
+(``'in_rank'``, the default); BLIP's ``negative_all_rank`` draws from the joint batch of all
+ranks (``'all_ranks'``: the negatives' text states and image tokens are gathered with gradient).
+Both are the same in one process.
 """
 from __future__ import annotations
 
@@ -41,7 +54,10 @@ from mmengine.model import BaseModel
 from torch import nn
 
 from vlp_codebook import dist
+from vlp_codebook.checks import deferred_checks
 from vlp_codebook.models.heads.itm import itm_score
+from vlp_codebook.models.host_counters import HostCounters
+from vlp_codebook.models.losses.functional import ramped_alpha
 from vlp_codebook.models.heads.mlm import mask_tokens
 from vlp_codebook.models.towers import ImageTower, TextTower, build_module
 from vlp_codebook.registry import MODELS
@@ -61,7 +77,7 @@ def _enabled(cfg: ConfigType) -> bool:
 
 
 @MODELS.register_module()
-class CODIS(BaseModel):
+class CODIS(HostCounters, BaseModel):
     """CODIS vision-language pretraining model.
 
     Args:
@@ -89,6 +105,8 @@ class CODIS(BaseModel):
             epoch); 0 disables the ramp.
         itm_temperature: temperature of the similarities ITM hard negatives are drawn from when
             there is no distillation loss (else the distillation loss's learnable γ is used).
+        itm_negatives: ``'in_rank'`` (ALBEF: hard negatives from this rank's batch, default) or
+            ``'all_ranks'`` (BLIP's ``negative_all_rank``: from the joint batch of all ranks).
         log_joint_batch_means: under torch.distributed, log every loss term as its mean over the
             joint batch (one all-reduce per step, weighted by local batch size) rather than
             rank 0's local value (mmengine's default). The loss that is back-propagated stays
@@ -116,6 +134,7 @@ class CODIS(BaseModel):
                  alpha: float = 0.4,
                  alpha_warmup_iters: int = 0,
                  itm_temperature: float = 0.07,
+                 itm_negatives: str = 'in_rank',
                  log_joint_batch_means: bool = True,
                  init_cfg: Optional[Mapping] = None):
         if isinstance(data_preprocessor, Mapping):
@@ -130,6 +149,9 @@ class CODIS(BaseModel):
             raise ValueError(f'alpha must be in [0, 1], got {alpha}')
         if alpha_warmup_iters < 0:
             raise ValueError(f'alpha_warmup_iters must be >= 0, got {alpha_warmup_iters}')
+        if itm_negatives not in ('in_rank', 'all_ranks'):
+            raise ValueError(f"itm_negatives must be 'in_rank' (ALBEF) or 'all_ranks' (BLIP), got "
+                             f'{itm_negatives!r}')
         self.embed_dim = embed_dim
         self.log_joint_batch_means = log_joint_batch_means
         self._local_batch_size = 0  # of the last loss-mode forward, for parse_losses
@@ -172,11 +194,12 @@ class CODIS(BaseModel):
         self.alpha = float(alpha)
         self.alpha_warmup_iters = int(alpha_warmup_iters)
         self.itm_temperature = float(itm_temperature)
+        self.itm_negatives = itm_negatives
         # Training steps taken, for the α ramp; a buffer so that resuming continues the ramp.
-        self.register_buffer('num_steps', torch.zeros((), dtype=torch.long))
+        self.register_counter('num_steps')
         # Ids handed to pairs that come without one: negative (dataset ids are >= 0) and never
         # reused, so queued entries of earlier steps are not mistaken for positives.
-        self.register_buffer('num_anonymous_ids', torch.zeros((), dtype=torch.long))
+        self.register_counter('num_anonymous_ids')
 
     def init_weights(self):
         super().init_weights()
@@ -187,17 +210,15 @@ class CODIS(BaseModel):
     # ------------------------------------------------------------------ helpers
     def current_alpha(self) -> float:
         """α of the momentum-distillation targets, ramped over ``alpha_warmup_iters`` steps."""
-        if self.alpha_warmup_iters == 0:
-            return self.alpha
-        return self.alpha * min(1.0, int(self.num_steps) / self.alpha_warmup_iters)
+        return ramped_alpha(self.alpha, self.counter('num_steps'), self.alpha_warmup_iters)
 
     def _anonymous_ids(self, batch: int, device: torch.device) -> torch.Tensor:
         """Fresh ids -1, -2, ... for a batch without ids, unique across steps and ranks."""
         start = dist.local_slice(batch, device=device).start
         joint = sum(dist.batch_sizes(batch, device))
-        base = int(self.num_anonymous_ids)
+        base = self.counter('num_anonymous_ids')
         if self.training:
-            self.num_anonymous_ids += joint
+            self.set_counter('num_anonymous_ids', base + joint)
         return -(base + start + torch.arange(batch, device=device) + 1)
 
     def temperature(self) -> torch.Tensor:
@@ -241,6 +262,12 @@ class CODIS(BaseModel):
         raise ValueError(f"mode must be 'loss', 'predict' or 'tensor', got {mode!r}")
 
     def loss(self, images, input_ids, attention_mask, image_ids=None) -> Dict[str, torch.Tensor]:
+        """Every loss term and the logged statistics of one step (see the class docstring). The
+        value checks of all components are read once, at the end."""
+        with deferred_checks():
+            return self._loss(images, input_ids, attention_mask, image_ids)
+
+    def _loss(self, images, input_ids, attention_mask, image_ids=None) -> Dict[str, torch.Tensor]:
         if images is None or input_ids is None:
             raise ValueError('loss mode needs images and input_ids')
         if images.shape[0] != input_ids.shape[0]:
@@ -273,10 +300,14 @@ class CODIS(BaseModel):
             losses.update({'loss_code_' + k[len('loss_'):]: v for k, v in code.items()})
         if self.itm_loss is not None:
             with torch.no_grad():
-                # Hard negatives are drawn from the joint batch's student similarities.
+                # Hard negatives are drawn from the student similarities to this rank's batch
+                # (ALBEF) or to the joint batch (BLIP's negative_all_rank).
                 temp = self.temperature().to(zv.device)
-                sim_i2t = zv @ dist.gather_no_grad(zt).T / temp
-                sim_t2i = zt @ dist.gather_no_grad(zv).T / temp
+                all_ranks = self.itm_negatives == 'all_ranks'
+                keys_t = dist.gather_no_grad(zt) if all_ranks else zt
+                keys_v = dist.gather_no_grad(zv) if all_ranks else zv
+                sim_i2t = zv @ keys_t.T / temp
+                sim_t2i = zt @ keys_v.T / temp
             losses.update(self.itm_loss(self.fusion_encoder, self.itm_head, text_hidden,
                                         attention_mask, image_tokens, sim_i2t, sim_t2i, ids=image_ids))
         if self.mlm_loss is not None:
@@ -286,7 +317,7 @@ class CODIS(BaseModel):
             if self.image_queue is not None:
                 self.image_queue.enqueue(zv_m, ids=image_ids)
                 self.text_queue.enqueue(zt_m, ids=image_ids)
-            self.num_steps += 1
+            self.set_counter('num_steps', self.counter('num_steps') + 1)
         losses['alpha'] = torch.tensor(alpha)
         losses['temperature'] = self.temperature()
         if self.codebook_loss is not None:

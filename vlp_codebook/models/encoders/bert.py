@@ -38,7 +38,8 @@ all-MiniLM-L6-v2, a 6-layer BERT with hidden size 384 and the bert-base-uncased 
 Example::
 
     >>> import torch
-    >>> from vlp_codebook.registry import MODELS
+    >>> from vlp_codebook.checks import check
+from vlp_codebook.registry import MODELS
     >>> text = MODELS.build(dict(type='BertTextEncoder', vocab_size=100, hidden_size=32,
     ...                          num_layers=1, num_heads=4))
     >>> fusion = MODELS.build(dict(type='BertFusionEncoder', hidden_size=32, num_layers=1,
@@ -55,6 +56,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from vlp_codebook.checks import check
 from vlp_codebook.registry import MODELS
 
 from .pretrained import load_matching, read_config, read_state_dict, resolve_architecture, strip_prefix
@@ -276,13 +278,18 @@ class BertTextEncoder(nn.Module):
         """(N, L) token ids and (N, L) mask (1 = token, 0 = padding) -> (N, L, D) hidden states."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f'input_ids must be a (N, L) tensor, got shape {tuple(getattr(input_ids, "shape", ()))}')
-        if input_ids.numel() and (int(input_ids.max()) >= self.vocab_size or int(input_ids.min()) < 0):
-            raise ValueError(f'input_ids must lie in [0, vocab_size={self.vocab_size}), got '
-                             f'[{int(input_ids.min())}, {int(input_ids.max())}]: tokenizer and encoder disagree')
+        if input_ids.numel():
+            # A value check: read once per step inside vlp_codebook.checks.deferred_checks.
+            check(((input_ids >= 0) & (input_ids < self.vocab_size)).all(),
+                  lambda: ValueError(f'input_ids must lie in [0, vocab_size={self.vocab_size}), got '
+                                     f'[{int(input_ids.min())}, {int(input_ids.max())}]: tokenizer '
+                                     'and encoder disagree'))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         _check_mask('attention_mask', attention_mask, input_ids.shape)
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # An (N, 1, L) mask takes transformers' additive-mask path; a 2-D one first asks the
+        # device whether every entry is 1 (to drop the mask for SDPA): a host read per call.
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask[:, None, :]).last_hidden_state
 
 
 @MODELS.register_module()

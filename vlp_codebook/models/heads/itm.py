@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp_codebook import dist
+from vlp_codebook.checks import check_finite
 from vlp_codebook.registry import MODELS
 
 __all__ = ['ImageTextMatchingHead', 'ImageTextMatchingLoss', 'sample_hard_negatives', 'itm_score']
@@ -94,8 +95,7 @@ def sample_hard_negatives(sim: torch.Tensor, positive_index: torch.Tensor,
     """
     if sim.dim() != 2:
         raise ValueError(f'sim must be (B, K), got shape {tuple(sim.shape)}')
-    if not torch.isfinite(sim).all():
-        raise ValueError(f'sim contains NaN or inf (shape {tuple(sim.shape)})')
+    check_finite('sim', sim)
     rows, cols = sim.shape
     positive_index = positive_index.to(sim.device)
     if positive_index.shape != (rows,):

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vlp_codebook.checks import check
 from vlp_codebook.registry import MODELS
 
 __all__ = ['mask_tokens', 'MaskedLanguageModelingHead', 'MaskedLanguageModelingLoss', 'IGNORE_INDEX']
@@ -72,10 +73,12 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_siz
     if not 0 <= mask_token_id < vocab_size:
         raise ValueError(f'mask_token_id={mask_token_id} is outside the vocabulary [0, {vocab_size})')
     device = input_ids.device
-    special = torch.tensor(sorted(set(int(i) for i in special_token_ids)), dtype=torch.long, device=device)
+    special_ids = sorted(set(int(i) for i in special_token_ids))
+    special = torch.tensor(special_ids, dtype=torch.long, device=device)
     eligible = attention_mask.bool() & ~torch.isin(input_ids, special)
+    # Replacement candidates from the Python ids, on the host: no read of a device tensor.
     candidates = torch.ones(vocab_size, dtype=torch.bool)
-    candidates[special.cpu()[special.cpu() < vocab_size]] = False
+    candidates[[i for i in special_ids if 0 <= i < vocab_size]] = False
     candidates = candidates.nonzero().squeeze(1)
     if len(candidates) == 0:
         raise ValueError('every vocabulary id is special: no token to use as a random replacement')
@@ -173,13 +176,13 @@ class MaskedLanguageModelingLoss(nn.Module):
                              f'{tuple(labels.shape)}')
         logits = logits.reshape(-1, logits.shape[-1]).float()
         labels = labels.reshape(-1)
-        selected = labels != IGNORE_INDEX
-        if not selected.any():
-            return {'loss_mlm': logits.sum() * 0.0}
         vocab = logits.shape[-1]
+        selected = labels != IGNORE_INDEX
         bad = selected & ((labels < 0) | (labels >= vocab))
-        if bad.any():
-            raise ValueError(f'labels must be -100 or in [0, {vocab}), got {labels[bad][:5].tolist()}')
-        log_probs = F.log_softmax(logits[selected], dim=-1)
-        loss = -log_probs.gather(1, labels[selected, None]).mean()
+        check(~bad.any(), lambda: ValueError(f'labels must be -100 or in [0, {vocab}), got '
+                                             f'{labels[bad][:5].tolist()}'))
+        # No branch on the number of selected positions (a host read): every row is scored and
+        # the unselected ones are masked out; none selected gives 0, still attached to the graph.
+        nll = -F.log_softmax(logits, dim=-1).gather(1, labels.clamp(0, vocab - 1)[:, None])[:, 0]
+        loss = torch.where(selected, nll, 0.0).sum() / selected.sum().clamp_min(1)
         return {'loss_mlm': loss * self.loss_weight}

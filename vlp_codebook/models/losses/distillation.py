@@ -28,12 +28,18 @@ the same keys and the same :math:`\gamma` (no gradient); for t2i it is
     L_{dir} = -\frac{1}{B}\sum_{i=1}^{B} \sum_j y_{ij} \log p_{ij}, \qquad
     L_{align} = \sum_{dir} w_{dir} L_{dir}.
 
-ALBEF ramps :math:`\alpha = 0.4` linearly over the first epoch: :func:`ramped_alpha`.
+ALBEF ramps :math:`\alpha = 0.4` linearly over the first epoch:
+:func:`~vlp_codebook.models.losses.functional.ramped_alpha`.
 
 **Temperature.** :math:`\gamma` is an ``nn.Parameter`` of this loss (init 0.07) clamped in place
 to ``temperature_range`` (ALBEF: [0.001, 0.5]) before every forward; ``learnable_temperature=False``
 keeps it fixed (a buffer); ``forward(..., temperature=t)`` uses an external one (e.g. shared
-with another loss).
+with another loss). A temperature that is not positive and finite (e.g. a fixed one of 0 loaded
+from a state dict) is an error, at loading and in ``forward``, never a NaN loss.
+
+**Value checks** (NaN/inf features and queues, the temperature, a tensor α) go through
+:mod:`vlp_codebook.checks`: read at once when the loss is called on its own, one read per step
+inside CODIS's ``deferred_checks`` block.
 
 **Numerics.** Everything runs in fp32 with autocast disabled; ``log_softmax`` and ``softmax``
 subtract the row maximum. Inputs are L2-normalised (``normalize=True``; idempotent for
@@ -75,6 +81,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp_codebook import dist
+from vlp_codebook.checks import check, check_finite, check_ids
+from vlp_codebook.models.losses.functional import ramped_alpha, soft_cross_entropy
 from vlp_codebook.models.teachers.feature_queue import FeatureQueue
 from vlp_codebook.registry import MODELS
 
@@ -86,16 +94,6 @@ _MODALITIES = {'t2i': ('text', 'image'), 'i2t': ('image', 'text'),
                'i2i': ('image', 'image'), 't2t': ('text', 'text')}
 
 QueueType = Union[None, torch.Tensor, FeatureQueue]
-
-
-def ramped_alpha(alpha: float, iteration: int, iterations_per_epoch: int, epoch: int = 0) -> float:
-    """ALBEF's distillation weight: ``alpha * min(1, iteration / iterations_per_epoch)`` during
-    epoch 0, ``alpha`` afterwards. ``iteration`` counts from 0 within the epoch."""
-    if iterations_per_epoch < 1:
-        raise ValueError(f'iterations_per_epoch must be >= 1, got {iterations_per_epoch}')
-    if epoch > 0:
-        return float(alpha)
-    return float(alpha) * min(1.0, iteration / iterations_per_epoch)
 
 
 @MODELS.register_module()
@@ -111,7 +109,8 @@ class MultiDirectionalDistillationLoss(nn.Module):
         learnable_temperature: γ is an ``nn.Parameter`` (default) or a fixed buffer.
         temperature_range: (min, max) γ is clamped to before each forward. Default (0.001, 0.5).
         alpha: default α when ``forward`` gets none. Default 0.4 (ALBEF); ramp it with
-            :meth:`ramped_alpha`.
+            :meth:`ramped_alpha`. A device tensor is taken without a host read (and is
+            checked with the other values).
         normalize: L2-normalise every feature (queries, teacher features, queues).
         embed_dim: if given, every feature must have this dimension.
     """
@@ -157,8 +156,21 @@ class MultiDirectionalDistillationLoss(nn.Module):
             self.register_buffer('temperature', init)
 
     def ramped_alpha(self, iteration: int, iterations_per_epoch: int, epoch: int = 0) -> float:
-        """:func:`ramped_alpha` with this loss's ``alpha``."""
+        """:func:`~vlp_codebook.models.losses.functional.ramped_alpha` with this loss's ``alpha``."""
+        if iterations_per_epoch < 1:
+            raise ValueError(f'iterations_per_epoch must be >= 1, got {iterations_per_epoch}')
         return ramped_alpha(self.alpha, iteration, iterations_per_epoch, epoch)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A temperature of 0, negative or NaN would make every logit inf/NaN: refuse it here,
+        # naming the key, rather than train on NaN losses.
+        value = state_dict.get(prefix + 'temperature')
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            t = float(value)
+            if not (math.isfinite(t) and t > 0):
+                raise ValueError(f'state dict key {prefix}temperature = {t}: the distillation '
+                                 'temperature must be a positive finite number')
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ public
     def forward(self,
@@ -202,13 +214,9 @@ class MultiDirectionalDistillationLoss(nn.Module):
         out = self._compute(image_feats, text_feats, image_teacher_feats, text_teacher_feats,
                             image_queue, text_queue, image_ids, image_queue_ids, text_queue_ids,
                             alpha, temperature)
-        losses = {}
-        for direction, (logits, target) in out.items():
-            per_query = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
-            # sum / max(B, 1): a rank with an empty batch contributes 0, not NaN.
-            mean = per_query.sum() / max(per_query.shape[0], 1)
-            losses[f'loss_{direction}'] = mean * self.weights[direction]
-        return losses
+        # Mean over this rank's queries; a rank with an empty batch contributes 0, not NaN.
+        return {f'loss_{direction}': soft_cross_entropy(logits, target) * self.weights[direction]
+                for direction, (logits, target) in out.items()}
 
     def distributions(self, *args, **kwargs) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """Same arguments as :meth:`forward`; returns ``{direction: (p, y)}``, the student's
@@ -220,22 +228,34 @@ class MultiDirectionalDistillationLoss(nn.Module):
     # ---------------------------------------------------------------- internal
     def _gamma(self, temperature) -> torch.Tensor:
         if temperature is not None:
-            _check_temperature(temperature)
-            if isinstance(temperature, torch.Tensor):
-                return temperature.float().to(self.temperature.device)  # keeps its gradient
-            return torch.tensor(float(temperature), device=self.temperature.device)
-        if self.temperature.requires_grad:
-            with torch.no_grad():
-                self.temperature.clamp_(*self.temperature_range)
-        return self.temperature.float()
+            if not isinstance(temperature, torch.Tensor):
+                _check_temperature(temperature)
+                return torch.tensor(float(temperature), device=self.temperature.device)
+            gamma = temperature.float().to(self.temperature.device)  # keeps its gradient
+            name = 'temperature'
+        else:
+            if self.temperature.requires_grad:
+                with torch.no_grad():
+                    self.temperature.clamp_(*self.temperature_range)
+            gamma = self.temperature.float()
+            name = 'the loss\'s temperature'
+        check((gamma.numel() == 1) & torch.isfinite(gamma).all() & (gamma > 0).all(),
+              lambda: ValueError(f'{name} must be a positive finite number, got '
+                                 f'{gamma.detach().flatten().tolist()}'))
+        return gamma.reshape(())
 
     def _compute(self, image_feats=None, text_feats=None, image_teacher_feats=None,
                  text_teacher_feats=None, image_queue=None, text_queue=None, image_ids=None,
                  image_queue_ids=None, text_queue_ids=None, alpha=None, temperature=None):
         alpha = self.alpha if alpha is None else alpha
         if isinstance(alpha, torch.Tensor):
-            alpha = float(alpha.item())
-        _check_alpha(alpha)
+            alpha_tensor = alpha.detach().float().reshape(())
+            check((alpha_tensor >= 0) & (alpha_tensor <= 1),
+                  lambda: ValueError(f'alpha must be a number in [0, 1], got {alpha_tensor.item()}'))
+        else:
+            _check_alpha(alpha)
+        # A tensor alpha is not read: the teacher targets are computed as if it were > 0.
+        mixes_teacher = isinstance(alpha, torch.Tensor) or alpha > 0
         student = {'image': image_feats, 'text': text_feats}
         teacher = {'image': image_teacher_feats, 'text': text_teacher_feats}
         queues = {'image': (image_queue, image_queue_ids, 'image_queue'),
@@ -248,7 +268,7 @@ class MultiDirectionalDistillationLoss(nn.Module):
             query, key = _MODALITIES[direction]
             needed[f'{query}_feats'] = student[query]
             needed[f'{key}_teacher_feats'] = teacher[key]
-            if alpha > 0:
+            if mixes_teacher:
                 needed[f'{query}_teacher_feats'] = teacher[query]
         missing = [name for name, value in needed.items() if value is None]
         if missing:
@@ -262,11 +282,7 @@ class MultiDirectionalDistillationLoss(nn.Module):
         device = next(iter(given.values())).device
 
         if image_ids is not None:
-            if not isinstance(image_ids, torch.Tensor) or image_ids.shape != (batch,) \
-                    or image_ids.is_floating_point() or image_ids.is_complex():
-                raise ValueError(f'image_ids must be an integer tensor of shape ({batch},), got '
-                                 f'{getattr(image_ids, "dtype", type(image_ids).__name__)} of shape '
-                                 f'{tuple(getattr(image_ids, "shape", ()))}')
+            check_ids('image_ids', image_ids, batch)
             joint_ids = dist.gather_no_grad(image_ids.to(device=device, dtype=torch.long))
             local = None
         else:
@@ -290,7 +306,7 @@ class MultiDirectionalDistillationLoss(nn.Module):
                 logits = prep(student[query]) @ keys[key].T / gamma
                 with torch.no_grad():
                     target = positives[key]
-                    if alpha > 0:
+                    if mixes_teacher:
                         teacher_logits = prep(teacher[query].detach()) @ keys[key].T / gamma.detach()
                         target = alpha * F.softmax(teacher_logits, dim=1) + (1.0 - alpha) * target
                 out[direction] = (logits, target)
@@ -323,8 +339,7 @@ def _check_batch(feats: Mapping[str, torch.Tensor], embed_dim: Optional[int]) ->
         if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
             raise ValueError(f'{name} must be a floating 2-D tensor (batch, embed_dim), got '
                              f'{type(value).__name__} of shape {tuple(getattr(value, "shape", ()))}')
-        if not torch.isfinite(value).all():
-            raise ValueError(f'{name} contains NaN or inf values (shape {tuple(value.shape)})')
+        check_finite(name, value)
         dims[name], batches[name] = value.shape[1], value.shape[0]
     if len(set(dims.values())) > 1 or (embed_dim is not None and set(dims.values()) != {embed_dim}):
         expected = f' (embed_dim={embed_dim})' if embed_dim is not None else ''
@@ -353,16 +368,11 @@ def _queue_rows(queue: QueueType, queue_ids: Optional[torch.Tensor], name: str, 
         if feats.dim() != 2 or feats.shape[1] != dim or not feats.is_floating_point():
             raise ValueError(f'{name} must be a floating (N, {dim}) tensor, got {feats.dtype} of '
                              f'shape {tuple(feats.shape)}')
-        if queue_ids is not None and (not isinstance(queue_ids, torch.Tensor)
-                                      or queue_ids.shape != (feats.shape[0],)
-                                      or queue_ids.is_floating_point()):
-            raise ValueError(f'{name}_ids must be an integer tensor of shape ({feats.shape[0]},), got '
-                             f'{getattr(queue_ids, "dtype", type(queue_ids).__name__)} of shape '
-                             f'{tuple(getattr(queue_ids, "shape", ()))}')
+        if queue_ids is not None:
+            check_ids(f'{name}_ids', queue_ids, feats.shape[0])
     else:
         raise TypeError(f'{name} must be None, a (N, d) tensor or a FeatureQueue, got {type(queue).__name__}')
-    if not torch.isfinite(feats).all():
-        raise ValueError(f'{name} contains NaN or inf values (shape {tuple(feats.shape)})')
+    check_finite(name, feats)
     feats = feats.detach().to(device)
     return feats, (None if queue_ids is None else queue_ids.to(device=device, dtype=torch.long))
 

@@ -18,7 +18,13 @@ How this queue differs from the usual ``register_buffer('queue', randn)`` implem
 * **DDP.** :meth:`enqueue` gathers the batch of every rank (rank 0's rows first, through
   :func:`vlp_codebook.dist.gather_no_grad`; local batch sizes may differ), so all ranks hold the
   same queue -- the queue of one process that saw the joint batch.
-* **Checkpointed.** ``feats``, ``ids``, ``ptr`` and ``num_valid`` are buffers.
+* **Checkpointed.** ``feats``, ``ids``, ``ptr`` and ``num_valid`` are buffers. A state dict
+  whose ``ptr``/``num_valid`` do not fit the queue (e.g. ``ptr=50, num_valid=99`` for a queue of
+  7) is refused with an error naming the key.
+* **No host reads.** ``ptr`` and ``num_valid`` are mirrored as Python ints
+  (:class:`~vlp_codebook.models.host_counters.HostCounters`), and the NaN/inf check of an
+  enqueued batch is a :func:`vlp_codebook.checks.check_finite` (one read per step inside
+  ``deferred_checks``).
 
 Use the queue's content *before* enqueuing the current batch (the current teacher batch is
 passed to the loss separately), then enqueue::
@@ -39,13 +45,15 @@ import torch
 from torch import nn
 
 from vlp_codebook import dist
+from vlp_codebook.checks import check_finite, check_ids
+from vlp_codebook.models.host_counters import HostCounters
 from vlp_codebook.registry import MODELS
 
 __all__ = ['FeatureQueue']
 
 
 @MODELS.register_module()
-class FeatureQueue(nn.Module):
+class FeatureQueue(HostCounters, nn.Module):
     """Fixed-capacity FIFO of (dim,) feature rows, with optional int64 instance ids.
 
     Args:
@@ -76,11 +84,11 @@ class FeatureQueue(nn.Module):
         self.gather = bool(gather)
         self.register_buffer('feats', torch.zeros(self.size, self.dim, dtype=dtype))
         self.register_buffer('ids', torch.full((self.size if with_ids else 0,), -1, dtype=torch.long))
-        self.register_buffer('ptr', torch.zeros((), dtype=torch.long))
-        self.register_buffer('num_valid', torch.zeros((), dtype=torch.long))
+        self.register_counter('ptr')
+        self.register_counter('num_valid')
 
     def __len__(self) -> int:
-        return int(self.num_valid.item())
+        return self.counter('num_valid')
 
     @property
     def is_full(self) -> bool:
@@ -89,7 +97,7 @@ class FeatureQueue(nn.Module):
     def _order(self) -> torch.Tensor:
         """Storage indices of the valid rows, oldest first."""
         n = len(self)
-        start = (int(self.ptr.item()) - n) % self.size
+        start = (self.counter('ptr') - n) % self.size
         return (torch.arange(n, device=self.feats.device) + start) % self.size
 
     def features(self) -> torch.Tensor:
@@ -117,17 +125,11 @@ class FeatureQueue(nn.Module):
         if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[1] != self.dim:
             raise ValueError(f'feats must be a (N, {self.dim}) tensor, got {type(feats).__name__} '
                              f'of shape {tuple(getattr(feats, "shape", ()))}')
-        if not torch.isfinite(feats).all():
-            raise ValueError(f'feats contains NaN or inf values (shape {tuple(feats.shape)}); '
-                             'refusing to enqueue them')
+        check_finite('feats', feats, hint='; refusing to enqueue them')
         if self.with_ids:
             if ids is None:
                 raise ValueError('ids is required: this FeatureQueue was built with with_ids=True')
-            if not isinstance(ids, torch.Tensor) or ids.shape != (feats.shape[0],) \
-                    or ids.is_floating_point() or ids.is_complex():
-                raise ValueError(f'ids must be an integer tensor of shape ({feats.shape[0]},), got '
-                                 f'{getattr(ids, "dtype", type(ids).__name__)} of shape '
-                                 f'{tuple(getattr(ids, "shape", ()))}')
+            check_ids('ids', ids, feats.shape[0])
         elif ids is not None:
             raise ValueError('ids given, but this FeatureQueue was built with with_ids=False')
         feats = feats.detach().to(device=self.feats.device, dtype=self.feats.dtype)
@@ -139,22 +141,35 @@ class FeatureQueue(nn.Module):
         if n == 0:
             return
         keep = min(n, self.size)
-        ptr = int(self.ptr.item())
+        ptr = self.counter('ptr')
         # The last `keep` rows land where writing all n rows one by one would leave them.
         rows = (torch.arange(keep, device=self.feats.device) + ptr + n - keep) % self.size
         self.feats.index_copy_(0, rows, feats[n - keep:])
         if self.with_ids:
             self.ids.index_copy_(0, rows, ids[n - keep:].to(self.feats.device, torch.long))
-        self.ptr.fill_((ptr + n) % self.size)
-        self.num_valid.fill_(min(self.size, len(self) + n))
+        self.set_counter('ptr', (ptr + n) % self.size)
+        self.set_counter('num_valid', min(self.size, len(self) + n))
 
     @torch.no_grad()
     def reset(self) -> None:
         """Empty the queue."""
         self.feats.zero_()
         self.ids.fill_(-1)
-        self.ptr.zero_()
-        self.num_valid.zero_()
+        self.set_counter('ptr', 0)
+        self.set_counter('num_valid', 0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checked before anything is copied: a pointer outside the queue would make features()
+        # return rows that were never written (or more rows than the queue holds).
+        limits = {'ptr': (0, self.size - 1), 'num_valid': (0, self.size)}
+        for name, (lo, hi) in limits.items():
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.numel() == 1 \
+                    and not lo <= int(value) <= hi:
+                raise ValueError(f'state dict key {prefix}{name} = {int(value)} does not fit this '
+                                 f'FeatureQueue (size={self.size}): {name} must lie in [{lo}, {hi}]; '
+                                 'was the checkpoint written with another queue_size?')
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f'size={self.size}, dim={self.dim}, with_ids={self.with_ids}'

@@ -25,7 +25,11 @@ Design choices:
   DDP ignores them. They and the update counter ``num_updates`` live in this module, so they
   are saved and restored with the model's ``state_dict``.
 * The student is *not* a submodule of the teacher (its parameters would be counted twice); a
-  plain reference is kept for :meth:`update`. A DDP/DataParallel-wrapped student is unwrapped.
+  plain reference is kept for :meth:`update`. A DDP/DataParallel-wrapped student is unwrapped
+  (:func:`unwrap_model`, the project's one unwrapping helper; mmengine's wrappers included).
+* One update is one ``torch._foreach_lerp_`` over all parameters (a few fused kernels, not one
+  per tensor); the parameter pairs are matched by name once and kept. ``num_updates`` is
+  mirrored as a Python int, so the schedule never reads the device.
 * Mode: with ``teacher_mode='eval'`` (default) the EMA copy is always in eval mode, so dropout
   never perturbs the targets and batch-norm statistics are never updated by teacher passes
   (deterministic targets). ``teacher_mode='follow'`` makes the copy follow ``.train()`` /
@@ -57,6 +61,9 @@ from typing import List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from mmengine.model import is_model_wrapper
+
+from vlp_codebook.models.host_counters import HostCounters
 from vlp_codebook.registry import MODELS
 
 __all__ = ['MomentumTeacher', 'unwrap_model']
@@ -65,8 +72,10 @@ StudentType = Union[nn.Module, Sequence[nn.Module], Mapping[str, nn.Module]]
 
 
 def unwrap_model(module: nn.Module) -> nn.Module:
-    """The module inside a (Distributed)DataParallel wrapper (mmengine's wrappers included)."""
-    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+    """The module inside a (Distributed)DataParallel wrapper, mmengine's wrappers included (the
+    module itself if it is not wrapped)."""
+    while is_model_wrapper(module) or isinstance(module, (nn.parallel.DistributedDataParallel,
+                                                           nn.DataParallel)):
         module = module.module
     return module
 
@@ -90,7 +99,7 @@ def _as_module(student: StudentType, name: str = 'student') -> nn.Module:
 
 
 @MODELS.register_module()
-class MomentumTeacher(nn.Module):
+class MomentumTeacher(HostCounters, nn.Module):
     """EMA copy of student module(s), updated once per step, run without gradient.
 
     Args:
@@ -142,7 +151,8 @@ class MomentumTeacher(nn.Module):
         self.module = copy.deepcopy(student_module)
         for param in self.module.parameters():
             param.requires_grad_(False)
-        self.register_buffer('num_updates', torch.zeros((), dtype=torch.long))
+        self.register_counter('num_updates')
+        self._own_pairs = None  # (params, buffers) of the student given at construction
         self.train(self.training)
 
     # ------------------------------------------------------------------ state
@@ -153,7 +163,7 @@ class MomentumTeacher(nn.Module):
 
     def current_momentum(self, step: Optional[int] = None) -> float:
         """The momentum the next update (or update number ``step``, from 0) uses."""
-        k = int(self.num_updates.item()) if step is None else int(step)
+        k = self.counter('num_updates') if step is None else int(step)
         if self.momentum_schedule == 'constant':
             return self.base_momentum
         if k >= self.total_steps:
@@ -168,8 +178,22 @@ class MomentumTeacher(nn.Module):
         return self
 
     # ---------------------------------------------------------------- updates
+    def _apply(self, *args, **kwargs):
+        # .to()/.cuda() replace buffer tensors (and parameters, with some torch settings): match
+        # the pairs again at the next update (the student is moved by the same parent call).
+        self._own_pairs = None
+        return super()._apply(*args, **kwargs)
+
     def _pairs(self, student: Optional[StudentType]):
-        source = self.student if student is None else _as_module(student)
+        """(teacher, student) parameter and buffer pairs, matched by name and checked; those of
+        the construction-time student are matched once and kept."""
+        if student is None:
+            if self._own_pairs is None:
+                self._own_pairs = self._match(self.student)
+            return self._own_pairs
+        return self._match(_as_module(student))
+
+    def _match(self, source: nn.Module):
         src_params = dict(source.named_parameters())
         dst_params = dict(self.module.named_parameters())
         if src_params.keys() != dst_params.keys():
@@ -204,16 +228,18 @@ class MomentumTeacher(nn.Module):
         m = self.current_momentum() if momentum is None else float(momentum)
         _check_momentum('momentum', m)
         params, buffers = self._pairs(student)
-        for dst, src in params:
-            # lerp: dst + (1 - m) (src - dst) = m dst + (1 - m) src
-            dst.lerp_(src.detach().to(device=dst.device, dtype=dst.dtype), 1.0 - m)
+        lerp = list(params)
+        copy_pairs = []
         for dst, src in buffers:
-            src = src.detach().to(dst.device)
-            if self.ema_buffers and dst.is_floating_point():
-                dst.lerp_(src.to(dst.dtype), 1.0 - m)
-            else:
-                dst.copy_(src)
-        self.num_updates += 1
+            (lerp if self.ema_buffers and dst.is_floating_point() else copy_pairs).append((dst, src))
+        if lerp:
+            # lerp: dst + (1 - m) (src - dst) = m dst + (1 - m) src, all tensors at once
+            dsts = [dst for dst, _ in lerp]
+            srcs = [src.detach().to(device=dst.device, dtype=dst.dtype) for dst, src in lerp]
+            torch._foreach_lerp_(dsts, srcs, 1.0 - m)
+        for dst, src in copy_pairs:
+            dst.copy_(src.detach())
+        self.set_counter('num_updates', self.counter('num_updates') + 1)
         return m
 
     @torch.no_grad()

@@ -1,0 +1,45 @@
+r"""Primitives the losses share (one definition of each).
+
+* :func:`soft_cross_entropy` -- :math:`-\frac{1}{N}\sum_i \sum_k y_{ik} \log \mathrm{softmax}(x_i)_k`,
+  the cross-entropy against soft targets of the codebook's swapped prediction (targets: OT
+  assignments) and of the distillation loss (targets: momentum-distillation mixtures);
+* :func:`ramped_alpha` -- ALBEF's linear warm-up of the distillation weight α.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ['soft_cross_entropy', 'ramped_alpha']
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-sum_k target_k log softmax(logits)_k``.
+
+    Args:
+        logits: (N, C), any floating dtype; ``log_softmax`` subtracts the row maximum.
+        target: (N, C) rows of non-negative weights (distributions, usually), no gradient needed.
+
+    Returns:
+        A scalar: the mean over the N rows, and 0 (still attached to ``logits``) when N = 0, so
+        a rank with an empty batch contributes nothing rather than NaN.
+    """
+    if logits.shape != target.shape or logits.dim() != 2:
+        raise ValueError(f'logits and target must both be (N, C), got {tuple(logits.shape)} and '
+                         f'{tuple(target.shape)}')
+    per_row = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+    return per_row.sum() / max(per_row.shape[0], 1)
+
+
+def ramped_alpha(alpha: float, step: int, warmup_steps: int, epoch: int = 0) -> float:
+    """ALBEF's distillation weight ``alpha * min(1, (epoch * warmup_steps + step) / warmup_steps)``.
+
+    With ``warmup_steps`` the iterations of one epoch and ``step`` the iteration within it, this
+    is ALBEF's ramp over the first epoch (``alpha`` from epoch 1 on); with ``step`` the global
+    step, a ramp over any number of steps. ``warmup_steps = 0``: no ramp, ``alpha``.
+    """
+    if warmup_steps < 0:
+        raise ValueError(f'warmup_steps must be >= 0, got {warmup_steps}')
+    if warmup_steps == 0:
+        return float(alpha)
+    return float(alpha) * min(1.0, (epoch * warmup_steps + step) / warmup_steps)
