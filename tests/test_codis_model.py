@@ -204,3 +204,16 @@ def test_batches_without_ids_never_share_ids_with_queued_entries():
         loss_terms(model, data)
     ids = model.image_queue.get_ids()
     assert len(set(ids.tolist())) == 24 and (ids < 0).all()
+
+
+def test_itm_negatives_option():
+    with pytest.raises(ValueError, match="itm_negatives must be 'in_rank'"):
+        tiny_model(itm_negatives='global')
+    # In one process the rank's batch is the joint batch: both options draw the same negatives.
+    losses = {}
+    for option in ('in_rank', 'all_ranks'):
+        model = tiny_model(itm_negatives=option).train()
+        assert model.itm_negatives == option
+        torch.manual_seed(3)
+        losses[option] = loss_terms(model)['loss_itm']
+    torch.testing.assert_close(losses['in_rank'], losses['all_ranks'])

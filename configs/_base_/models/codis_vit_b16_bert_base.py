@@ -31,6 +31,9 @@ model = dict(
     codebook_plan_features='teacher',
     itm_loss=dict(type='ImageTextMatchingLoss'),
     itm_head=dict(type='ImageTextMatchingHead'),
+    # ITM hard negatives from this rank's batch (ALBEF); 'all_ranks': from every rank (BLIP's
+    # negative_all_rank, gathers the negatives' text states and image tokens with gradient).
+    itm_negatives='in_rank',
     mlm_loss=dict(type='MaskedLanguageModelingLoss'),
     mlm_head=dict(type='MaskedLanguageModelingHead'),
     mask_prob=0.15,
