@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp_codebook import dist
+from vlp_codebook.checks import check_finite
 from vlp_codebook.registry import MODELS
 
 __all__ = ['Codebook', 'check_features', 'entropy']
@@ -49,15 +50,15 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def check_features(name: str, feats: torch.Tensor, embed_dim: int) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``feats`` is a finite (N, embed_dim) tensor."""
+    """Raise ``ValueError`` naming ``name`` unless ``feats`` is a finite (N, embed_dim) tensor
+    (the finiteness through :func:`vlp_codebook.checks.check_finite`: one read per step in CODIS)."""
     if not isinstance(feats, torch.Tensor) or feats.dim() != 2:
         raise ValueError(f'{name} must be a 2-D tensor (batch, embed_dim), got '
                          f'{type(feats).__name__} of shape {tuple(getattr(feats, "shape", ()))}')
     if feats.shape[1] != embed_dim:
         raise ValueError(f'{name} has feature dimension {feats.shape[1]}, but the codebook expects '
                          f'embed_dim={embed_dim} (shape {tuple(feats.shape)})')
-    if not torch.isfinite(feats).all():
-        raise ValueError(f'{name} contains NaN or inf values (shape {tuple(feats.shape)})')
+    check_finite(name, feats)  # a device flag inside vlp_codebook.checks.deferred_checks
 
 
 @MODELS.register_module()

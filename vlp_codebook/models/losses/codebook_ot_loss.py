@@ -52,6 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp_codebook.models.codebook import Codebook, check_features, entropy
+from vlp_codebook.models.losses.functional import soft_cross_entropy
 from vlp_codebook.ot import sinkhorn
 from vlp_codebook.registry import MODELS
 
@@ -195,9 +196,9 @@ class CodebookOTLoss(nn.Module):
             student_cost = self.ot_cost_features == 'student'
             losses: Dict[str, torch.Tensor] = {}
             if 'i2p' in terms:
-                losses['loss_i2p'] = _soft_cross_entropy(sim_v / self.temperature, q_t)
+                losses['loss_i2p'] = soft_cross_entropy(sim_v / self.temperature, q_t)
             if 't2p' in terms:
-                losses['loss_t2p'] = _soft_cross_entropy(sim_t / self.temperature, q_v)
+                losses['loss_t2p'] = soft_cross_entropy(sim_t / self.temperature, q_v)
             # Transport cost per unit of this rank's mass: <T, M> on one process, and the
             # DDP average over ranks of equal batch size otherwise.
             if 'ot_v' in terms:
@@ -220,8 +221,3 @@ class CodebookOTLoss(nn.Module):
         self.last_stats['code_perplexity'] = Codebook.mass_perplexity(mass).item()
         # Codewords one instance's plan row is spread over: exp(mean row entropy), this rank.
         self.last_stats['code_plan_perplexity'] = entropy(torch.cat([q_v, q_t])).mean().exp().item()
-
-
-def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ``-sum_k target_k log softmax(logits)_k`` (max-subtracted by log_softmax)."""
-    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
