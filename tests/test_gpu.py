@@ -19,12 +19,9 @@ pytestmark = [pytest.mark.gpu,
                                  reason='needs a CUDA device (torch.cuda.is_available() is False)')]
 
 
-def _clustered_cost(B, K, dim=64, seed=0, device='cuda'):
-    g = torch.Generator().manual_seed(seed)
-    codewords = normalize(torch.randn(K, dim, generator=g), dim=1)
-    idx = torch.randint(0, K, (B,), generator=g)
-    feats = normalize(codewords[idx] + 0.1 * torch.randn(B, dim, generator=g), dim=1)
-    return (1 - feats @ codewords.T).to(device)
+def _clustered_cost(B, K):
+    from test_ot_sinkhorn import _clustered_cost as clustered_cost
+    return clustered_cost(B, K, dim=64).cuda()
 
 
 @pytest.mark.parametrize('eps', [0.05, 0.01])

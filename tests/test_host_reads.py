@@ -14,6 +14,9 @@ import traceback
 import pytest
 import torch
 
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
+from test_ot_sinkhorn import _clustered_cost as clustered_cost  # noqa: E402
+
 from vlp_codebook.checks import check_finite, deferred_checks
 from vlp_codebook.ot import _AndersonMixer, default_check_every, sinkhorn
 
@@ -56,12 +59,8 @@ class HostReads:
         return sum(n for site, n in self.sites.items() if site.startswith(filename + ':'))
 
 
-def _clustered_cost(B=96, K=160, dim=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codewords = torch.nn.functional.normalize(torch.randn(K, dim, generator=g), dim=1)
-    idx = torch.randint(0, K, (B,), generator=g)
-    feats = torch.nn.functional.normalize(codewords[idx] + 0.1 * torch.randn(B, dim, generator=g), dim=1)
-    return 1 - feats @ codewords.T
+def _clustered_cost():
+    return clustered_cost(96, 160)
 
 
 @pytest.mark.parametrize('check_every', [1, 3, 5])
@@ -134,7 +133,6 @@ KNOWN_ELSEWHERE = {'codebook_ot_loss.py': 2, 'data_preprocessor.py': 2}
 
 
 def test_a_codis_training_step_reads_the_device_a_bounded_number_of_times():
-    sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
     from mmengine.optim import OptimWrapper
     from test_codis_model import batch, tiny_model
 
