@@ -11,8 +11,16 @@ Usage::
 see :func:`vlp_codebook.engine.config.resolve_config`). ``--resume`` alone (or ``auto``)
 continues from the latest checkpoint in the work dir; ``--resume PATH`` from that file.
 ``--amp``: fp16 ``AmpOptimWrapper`` with CUDA, bfloat16 autocast on CPU.
+``--verbose``: mmengine's full console output (environment, config dump, hook table, every loss
+term) and tracebacks; by default they go to the log file only (:mod:`vlp_codebook.tools.tool_runner`).
+``env_cfg.cpu_threads`` of the config sets torch's threads when no GPU is used.
 """
 from __future__ import annotations
+
+if __name__ == '__main__':  # before torch is imported: OpenMP wait policy, warning filters
+    from vlp_codebook.tools.cli import prepare_process
+
+    prepare_process()
 
 import argparse
 import os
@@ -29,6 +37,7 @@ from vlp_codebook.engine.config import load_config
 from vlp_codebook.engine.distributed import LAUNCHERS, setup_launcher
 from vlp_codebook.engine.iteration_seed import IterationSeedHook
 from vlp_codebook.engine.registry_errors import explain_unknown_types
+from vlp_codebook.tools.cli import apply_cpu_threads
 
 __all__ = ['parse_args', 'build_train_config', 'build_runner', 'main']
 
@@ -59,6 +68,9 @@ def parse_with_common_args(parser: argparse.ArgumentParser, argv: Optional[List[
                            cfg_example: str) -> argparse.Namespace:
     """Add the options the train and test tools share (--cfg-options, --launcher), then parse."""
     add_cfg_options(parser, cfg_example)
+    parser.add_argument('--verbose', action='store_true',
+                        help='print the environment, the config, the hooks, every loss term and '
+                        'tracebacks on the console (default: in the log file only)')
     parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
                         help='"pytorch" when started by torchrun (gloo on CPU, nccl on GPU)')
     add_checkpoint_args(parser)
@@ -144,10 +156,16 @@ def build_train_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def build_runner(cfg: Config, launcher: str = 'none'):
-    """Set up the launcher (gloo on CPU) and build the Runner, with readable unknown-type errors."""
+def build_runner(cfg: Config, launcher: str = 'none', verbose: bool = False):
+    """Set up the launcher (gloo on CPU) and build the Runner, with readable unknown-type errors.
+
+    The Runner is a :class:`~vlp_codebook.tools.tool_runner.ToolRunner` (quiet console, build
+    errors naming their config key; ``verbose=True``: mmengine's full console output), unless
+    the config names its own ``runner_type``.
+    """
     from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
+
+    from vlp_codebook.tools.tool_runner import ToolRunner, VerboseToolRunner
 
     global _runs_in_this_process
     setup_launcher(cfg, launcher)
@@ -159,20 +177,23 @@ def build_runner(cfg: Config, launcher: str = 'none'):
     with explain_unknown_types():
         if 'runner_type' in cfg:
             return RUNNERS.build(cfg)
-        return Runner.from_cfg(cfg)
+        return (VerboseToolRunner if verbose else ToolRunner).from_cfg(cfg)
 
 
 def main(argv: Optional[List[str]] = None):
     """Train; returns the Runner (its ``message_hub`` holds the logged scalars)."""
     args = parse_args(argv)
     cfg = build_train_config(args)
+    apply_cpu_threads(cfg)
     # checkpoints (resume, load_from, encoders' pretrained=) load as data inside this block
     with checkpoint_loading(trust=args.trust_checkpoint or None):
-        runner = build_runner(cfg, args.launcher)
+        runner = build_runner(cfg, args.launcher, verbose=args.verbose)
         with explain_unknown_types():
             runner.train()
     return runner
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    from vlp_codebook.tools.cli import run_main
+
+    run_main(main, sys.argv[1:], prog='vlp_codebook.tools.train')

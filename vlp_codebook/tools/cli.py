@@ -1,0 +1,127 @@
+"""What every command-line tool does around its ``main()``.
+
+1. :func:`prepare_process`, before torch is imported (the tools' ``__main__`` blocks and the
+   ``mim run`` wrappers call it first):
+
+   * ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it. With OpenMP's default, a thread
+     that waits for the others spins; beside another busy process (or on a shared machine)
+     each op's threads wait for one that is not scheduled, and the demo's CPU time grew more
+     than 10x. Passive threads sleep instead. ``OMP_WAIT_POLICY=ACTIVE`` restores spinning.
+   * warning filters for known third-party deprecation noise (:data:`QUIET_WARNINGS`), for
+     this process only: importing ``vlp_codebook`` as a library changes no filter.
+
+2. :func:`apply_cpu_threads`: ``env_cfg.cpu_threads`` of the config, when no GPU is used, sets
+   ``torch.set_num_threads`` (the demo uses 1: its 64-wide tensors are too small to split).
+
+3. :func:`run_main`: calls ``main(argv)``; an exception is printed once, as one line
+   ``PROG: error: Type: message`` naming the config key being built when the error came from
+   building one, and the process exits with status 1. The traceback goes to the run's log file
+   when a Runner had started one, and to the console with ``--verbose``. Why: ``mim run`` starts
+   the tool as a child process and prints its own ``CalledProcessError`` traceback after any
+   failure, so a traceback of ours made two.
+
+Usage::
+
+    if __name__ == '__main__':
+        from vlp_codebook.tools.cli import prepare_process, run_main
+        prepare_process()                      # before torch is imported
+        from vlp_codebook.tools.train import main
+        run_main(main, sys.argv[1:], prog='vlp_codebook.tools.train')
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+import warnings
+from typing import Any, Callable, List, MutableMapping, Optional, Sequence
+
+__all__ = ['QUIET_WARNINGS', 'prepare_process', 'apply_cpu_threads', 'format_error', 'run_main']
+
+#: (message regex, category, module regex) of third-party warnings the tools silence
+QUIET_WARNINGS = (
+    # setuptools >= 67 warns when anything imports pkg_resources (openmim, some dependencies)
+    (r'pkg_resources is deprecated', UserWarning, ''),
+    (r'Deprecated call to `pkg_resources\.declare_namespace', DeprecationWarning, ''),
+    # torch's and transformers' own FutureWarnings about APIs mmengine calls for us
+    (r'`torch\.cuda\.amp\.', FutureWarning, ''),
+)
+
+
+def prepare_process(environ: Optional[MutableMapping[str, str]] = None) -> None:
+    """OpenMP wait policy and warning filters for a tool's process (call before importing torch)."""
+    environ = os.environ if environ is None else environ
+    environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    for message, category, module in QUIET_WARNINGS:
+        warnings.filterwarnings('ignore', message=message, category=category, module=module)
+
+
+def apply_cpu_threads(cfg: Any) -> Optional[int]:
+    """Set torch's intra-op threads from ``cfg.env_cfg.cpu_threads`` when CUDA is not available.
+
+    Returns the number of threads set, or ``None`` when nothing was changed (no key, or a GPU).
+
+    Raises:
+        ValueError: ``cpu_threads`` is not a positive integer.
+    """
+    import torch
+
+    threads = (cfg.get('env_cfg') or {}).get('cpu_threads')
+    if threads is None or torch.cuda.is_available():
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f'env_cfg.cpu_threads={threads!r}: expected a positive integer '
+                         '(torch intra-op threads on CPU) or None')
+    torch.set_num_threads(threads)
+    return threads
+
+
+def format_error(prog: str, error: BaseException) -> str:
+    """``PROG: error: Type: message`` (+ the config key that was being built, if known)."""
+    message = error.args[0] if isinstance(error, KeyError) and len(error.args) == 1 else str(error)
+    line = f'{prog}: error: {type(error).__name__}: {message}'
+    config_key = getattr(error, 'config_key', None)
+    if config_key:
+        line += f'\n{prog}: (while building config key {config_key!r})'
+    return line
+
+
+def _log_traceback_to_file(error: BaseException) -> Optional[str]:
+    """Write the traceback into the current mmengine log file, if a Runner opened one."""
+    try:
+        from mmengine.logging import MMLogger
+    except ImportError:  # pragma: no cover - mmengine is a dependency
+        return None
+    if not MMLogger._instance_dict:
+        return None
+    logger = MMLogger.get_current_instance()
+    text = ''.join(traceback.format_exception(type(error), error, error.__traceback__))
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, 'Traceback of the error:\n%s',
+                               (text,), None)
+    path = None
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            path = handler.baseFilename
+    return path
+
+
+def run_main(main: Callable[[List[str]], Any], argv: Sequence[str], prog: str) -> None:
+    """Run a tool's ``main(argv)``; on an exception print it once and exit with status 1."""
+    argv = list(argv)
+    verbose = '--verbose' in argv
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print(f'{prog}: interrupted', file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - every error ends the tool the same way
+        if verbose:
+            traceback.print_exc()
+        log_file = _log_traceback_to_file(error)
+        print(format_error(prog, error), file=sys.stderr)
+        if not verbose:
+            where = f'in {log_file}; ' if log_file else ''
+            print(f'{prog}: (traceback: {where}rerun with --verbose to print it)', file=sys.stderr)
+        sys.exit(1)
