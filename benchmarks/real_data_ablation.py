@@ -34,7 +34,7 @@ Usage::
 
     python benchmarks/real_data_ablation.py              # 10 seeds, all rows (~25 min on 2 cores)
     python benchmarks/real_data_ablation.py --quick      # 3 seeds
-    python benchmarks/real_data_ablation.py --smoke      # 1 seed, 2 epochs, 64-px features (CI)
+    python benchmarks/real_data_ablation.py --smoke      # 1 seed, 4 epochs, 600 images, 64-px features (CI)
     python benchmarks/real_data_ablation.py --rows b b_cb128 --seeds 5 --json out.json
 
 The table of the documented run is in docs/benchmarks.md and docs/ot_and_codebook.md.
@@ -386,9 +386,9 @@ def parse_args(argv=None):
     parser.add_argument('--seeds', type=int, default=10, help='paired seeds 0..N-1 (default 10)')
     parser.add_argument('--quick', action='store_true', help='3 seeds')
     parser.add_argument('--smoke', action='store_true',
-                        help='1 seed, 2 epochs, 64-px features, 200 images per split, rows a, b, b_cb128 (CI)')
+                        help='1 seed, 4 epochs, 64-px features, 600 images per split, rows a, b, b_cb128 (CI)')
     parser.add_argument('--max-images', type=int, default=None, help='keep only this many images per split')
-    parser.add_argument('--epochs', type=int, default=10)
+    parser.add_argument('--epochs', type=int, default=6)
     parser.add_argument('--batch', type=int, default=64)
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--weight-decay', type=float, default=0.02)
@@ -404,8 +404,8 @@ def parse_args(argv=None):
     if args.quick:
         args.seeds = 3
     if args.smoke:
-        args.seeds, args.epochs, args.image_size = 1, 2, 64
-        args.max_images = args.max_images or 200
+        args.seeds, args.epochs, args.image_size = 1, 4, 64
+        args.max_images = args.max_images or 600
         if args.rows == list(ROWS):
             args.rows = ['a', 'b', 'b_cb128']
     if BASELINE not in args.rows:

@@ -88,7 +88,7 @@ def _missing_requirements():
 @pytest.mark.skipif(bool(_missing_requirements()), reason=f'needs {_missing_requirements()} '
                     '(installed by `bash scripts/setup_env.sh test`)')
 def test_smoke_run_on_real_data_learns(capsys):
-    """--smoke: real emoji data, frozen pretrained towers, rows a, b, b_cb128, one seed, 2 epochs."""
+    """--smoke: real emoji data, frozen pretrained towers, rows a, b, b_cb128, one seed, 4 epochs."""
     results = bench.main(['--smoke', '--workers', '1'])
     assert list(results) == ['a', 'b', 'b_cb128']
     printed = capsys.readouterr().out
@@ -96,6 +96,7 @@ def test_smoke_run_on_real_data_learns(capsys):
     for row, per_seed in results.items():
         for split in ('val', 'test'):
             r = per_seed[0][split]
-            # 200 images: chance r_mean is about (1 + 5 + 10) / 3 / 200 * 100 = 2.7 %
-            assert r['r_mean'] > 15.0, (row, split, r)
+            # ~200-270 images per split: chance r_mean is about (1 + 5 + 10) / 3 / 200 * 100 = 2.7 %;
+            # 4 epochs on 600 training images reach ~20 (measured), so 10 means it learned
+            assert r['r_mean'] > 10.0, (row, split, r)
     assert 0 < results['b_cb128'][0]['end']['code_perplexity'] <= 128
