@@ -400,6 +400,9 @@ def parse_args(argv=None):
     parser.add_argument('--image-size', type=int, default=128, help='input side of the image tower (emoji are 64 px)')
     parser.add_argument('--workers', type=int, default=2, help='parallel single-thread runs (default 2)')
     parser.add_argument('--json', help='also write every per-seed result here')
+    parser.add_argument('--results-dir', default=None,
+                        help='save each finished run here and reuse saved runs (resume); default DATA/_runs, '
+                             "'' to disable")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = 3
@@ -412,6 +415,8 @@ def parse_args(argv=None):
         args.rows = [BASELINE] + args.rows
     args.rows = [r for r in ROWS if r in args.rows]
     args.cache = args.cache or osp.join(args.data, '_features')
+    if args.results_dir is None and not args.smoke:
+        args.results_dir = osp.join(args.data, '_runs')
     return args
 
 
@@ -430,27 +435,56 @@ def _run(job: Tuple[str, int]) -> Tuple[str, int, dict, float]:
     return row, seed, result, time.perf_counter() - t0
 
 
+# Arguments that change a run's numbers (the key of its saved result); not --workers, --rows, --seeds.
+_PROTOCOL = ('epochs', 'batch', 'lr', 'weight_decay', 'embed_dim', 'hidden', 'queue', 'momentum', 'alpha',
+             'image_size', 'max_images')
+
+
+def _result_path(args, row: str, seed: int) -> Optional[str]:
+    if not args.results_dir:
+        return None
+    protocol = json.dumps([ROWS[row][1:], {k: getattr(args, k) for k in _PROTOCOL}], sort_keys=True, default=str)
+    key = hashlib.blake2b(protocol.encode(), digest_size=6).hexdigest()
+    return osp.join(args.results_dir, f'{row}_seed{seed}_{key}.json')
+
+
 def run_all(data: dict, args) -> Dict[str, Dict[int, dict]]:
     """Every (row, seed), in ``args.workers`` processes of one thread each; results do not
-    depend on the number of workers (each run is seeded on its own)."""
+    depend on the number of workers (each run is seeded on its own). With ``--results-dir``
+    each finished run is saved (keyed by row, seed and every protocol argument) and reused by
+    a later call, so an interrupted benchmark resumes where it stopped."""
     jobs = [(row, seed) for seed in range(args.seeds) for row in args.rows]
     results: Dict[str, Dict[int, dict]] = {row: {} for row in args.rows}
 
-    def report(row, seed, result, seconds):
+    def report(row, seed, result, seconds, saved=False):
         results[row][seed] = result
+        path = _result_path(args, row, seed)
+        if path and not saved:
+            os.makedirs(args.results_dir, exist_ok=True)
+            with open(path, 'w') as handle:
+                json.dump(result, handle)
         print(f"seed {seed} {row:<24} val r_mean {result['val']['r_mean']:5.1f}  "
-              f"test r_mean {result['test']['r_mean']:5.1f}  ({seconds:.1f} s)", flush=True)
+              f"test r_mean {result['test']['r_mean']:5.1f}  "
+              + ('(saved earlier)' if saved else f'({seconds:.1f} s)'), flush=True)
 
-    if args.workers <= 1:
+    todo = []
+    for row, seed in jobs:
+        path = _result_path(args, row, seed)
+        if path and osp.isfile(path):
+            with open(path) as handle:
+                report(row, seed, json.load(handle), 0.0, saved=True)
+        else:
+            todo.append((row, seed))
+    if args.workers <= 1 or len(todo) <= 1:
         _init_worker(data, args)
-        for job in jobs:
+        for job in todo:
             report(*_run(job))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context('spawn'),
                                  initializer=_init_worker, initargs=(data, args)) as pool:
-            for out in pool.map(_run, jobs):
+            for out in pool.map(_run, todo):
                 report(*out)
     return results
 
