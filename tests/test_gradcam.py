@@ -1,5 +1,6 @@
 """Grad-CAM of the ITM logit on cross-attention: checked against finite differences of the logit
 with respect to the attention probabilities, and for side effects."""
+import numpy as np
 import pytest
 import torch
 
@@ -128,8 +129,13 @@ model = dict(image_encoder=dict(num_layers=1, hidden_size=32, num_heads=2), embe
     assert result['files'][0] == '00_[CLS].png' and len(result['files']) == len(words) + 2   # [CLS] ... [SEP]
     assert [f.split('_', 1)[1][:-4] for f in result['files'][1:-1]] == words
     assert all((out / f).is_file() for f in result['files'])
+    with Image.open(out / result['files'][1]) as panel:
+        assert panel.size == (224, 224)                      # 32 px upsampled 7x
+    # the grid: the image, then every token's map, each panel titled with its token
+    assert result['grid_labels'] == ['image', '[CLS]', *words, '[SEP]']
+    assert result['layer'] == 0                                # the first of the demo's two fusion layers
     with Image.open(out / 'grid.png') as grid:
-        assert grid.size == (32 * len(result['files']), 32)
+        assert grid.width >= 6 * 150 and grid.height >= 2 * 150
     # The maps are itm_gradcam's on the preprocessed inputs.
     model.eval()
     data = model.data_preprocessor({'images': item['image'][None], 'texts': [caption]}, False)
@@ -138,3 +144,107 @@ model = dict(image_encoder=dict(num_layers=1, hidden_size=32, num_heads=2), embe
     assert result['logit'] == pytest.approx(logit[0].item(), rel=1e-5)
     with pytest.raises(FileNotFoundError, match='nope.pth'):
         gradcam_tool.main([str(config), str(tmp_path / 'nope.pth'), str(image), caption])
+
+
+def test_default_layer_is_the_first_of_two_and_never_the_last():
+    from vlp_codebook.analysis.gradcam import default_layer
+    assert default_layer(2) == 0 and default_layer(6) == 2 and default_layer(1) == 0
+    assert all(default_layer(n) < n - 1 for n in range(2, 13))
+
+
+def test_overlay_keeps_the_images_colours_where_the_map_is_zero():
+    from vlp_codebook.analysis.gradcam_figure import overlay
+    image = torch.rand(3, 32, 32)
+    cam = torch.zeros(4, 4)
+    cam[0, 0] = 2.0                                          # one hot patch, top left
+    picture = np.asarray(overlay(image, cam, scale=7)).astype(int)
+    assert picture.shape == (224, 224, 3)
+    upsampled = (image.double().repeat_interleave(7, 1).repeat_interleave(7, 2).permute(1, 2, 0).numpy() * 255).round()
+    # bilinear upsampling spreads the patch over at most 1.5 patches: beyond, the image is untouched
+    assert (picture[:, 112:] == upsampled[:, 112:]).all() and (picture[112:] == upsampled[112:]).all()
+    # on the hot patch the colour map shows (red, at 60 % opacity)
+    hot = picture[10:20, 10:20].reshape(-1, 3) - upsampled[10:20, 10:20].reshape(-1, 3)
+    assert np.abs(hot).mean() > 30
+    # a map that is zero everywhere draws nothing
+    assert (np.asarray(overlay(image, torch.zeros(4, 4), scale=7)).astype(int) == upsampled).all()
+
+
+def test_make_sample_writes_a_test_scene_and_its_full_caption(tmp_path):
+    from PIL import Image
+
+    from vlp_codebook.datasets.synthetic_shapes import SyntheticShapesDataset
+    from vlp_codebook.tools import make_sample
+    result = make_sample.main(['--out', str(tmp_path), '--index', '3'])
+    test = SyntheticShapesDataset(num_images=4, split='test', image_size=32)
+    with Image.open(tmp_path / 'sample.png') as image:
+        pixels = torch.from_numpy(np.asarray(image.convert('RGB')).copy()).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(pixels, test.image(3))
+    caption = (tmp_path / 'caption.txt').read_text().strip()
+    scene = test.scenes[3]
+    assert caption == result['caption']
+    for obj in (scene.first, scene.second):                 # names both objects fully
+        assert f'{obj.size} {obj.color} {obj.shape}' in caption
+    with pytest.raises(ValueError, match='--index'):
+        make_sample.main(['--out', str(tmp_path), '--index', '-1'])
+
+
+# ---------------------------------------------------------------- word maps of a trained model
+TRAIN_ITERS = 200
+
+
+@pytest.fixture(scope='module')
+def trained_demo_model():
+    """The demo config (2 fusion layers, all objectives) trained 200 iterations of batch 32 on
+    one thread: about 25-35 s of CPU."""
+    import os.path as osp
+
+    from test_codis_model import CONFIGS
+    from vlp_codebook.datasets.collate import vlp_collate
+    from vlp_codebook.datasets.synthetic_shapes import SyntheticShapesDataset
+    from vlp_codebook.engine.config import load_config
+    from vlp_codebook.registry import MODELS
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_config(osp.join(CONFIGS, 'codis_demo.py'))
+        cfg.model.update(queue_size=256, alpha_warmup_iters=40)
+        torch.manual_seed(0)
+        model = MODELS.build(cfg.model).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.02)
+        data = SyntheticShapesDataset(num_images=2000, split='train', image_size=32)
+        order = torch.randint(len(data), (TRAIN_ITERS, 32), generator=torch.Generator().manual_seed(0))
+        for rows in order.tolist():
+            losses = model(**model.data_preprocessor(vlp_collate([data[i] for i in rows]), True), mode='loss')
+            optimizer.zero_grad()
+            sum(value for name, value in losses.items() if 'loss' in name).backward()
+            optimizer.step()
+        model.eval()
+        from vlp_codebook.analysis.pointing import pointing_game
+        result = pointing_game(model, SyntheticShapesDataset(num_images=150, split='test', image_size=32))
+    finally:
+        torch.set_num_threads(threads)
+    return model, result
+
+
+def test_word_maps_peak_inside_the_named_object_more_often_than_its_area(trained_demo_model):
+    # "red" in "a small red circle left of a large blue square": the map's peak patch vs the red
+    # object's mask. Chance (a peak patch drawn at random) is the mask's area fraction.
+    _, result = trained_demo_model
+    hit = np.concatenate([result[kind]['hit'] for kind in ('color', 'shape')])
+    chance = np.concatenate([result[kind]['chance'] for kind in ('color', 'shape')])
+    assert len(hit) > 300                       # two colour words per caption, shape words when distinct
+    assert hit.mean() > 1.5 * chance.mean(), (hit.mean(), chance.mean())
+    assert hit.mean() - chance.mean() > 4 * hit.std() / np.sqrt(len(hit))   # not luck
+
+
+@pytest.mark.xfail(strict=True, reason='measured: after 200 iterations (and in the 1250-iteration demo for shape '
+                   'words) a word map peaks in the OTHER object about as often as in the one it names; the '
+                   'area-chance test above is met through the objects\' central position (an image-independent '
+                   'map peaking mid-image scores as high); see docs/analysis.md. Flip this when it passes.')
+def test_word_maps_peak_inside_the_named_object_more_often_than_inside_the_other(trained_demo_model):
+    _, result = trained_demo_model
+    for kind in ('color', 'shape'):
+        hit, other = result[kind]['hit'], result[kind]['other']
+        assert np.mean(hit > other) > np.mean(other > hit) + 0.1, kind
+        # and beats the best image-independent peak position (the objects sit near the centre lines)
+        assert hit.mean() > result[kind]['patch_coverage'].mean(0).max() + 0.03, kind

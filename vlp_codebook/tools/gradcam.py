@@ -7,9 +7,12 @@ Usage::
         [--layer N] [--cfg-options KEY=VALUE ...]
     mim run vlp_codebook gradcam CONFIG CHECKPOINT IMAGE "a caption" --out DIR
 
-Writes one PNG per token (``00_[CLS].png`` is the whole caption, then ``01_<word>.png``...) and
-``grid.png`` with all of them side by side, each the image with the token's map (upsampled,
-scaled to [0, 1]) blended on top; prints the ITM logit. See :mod:`vlp_codebook.analysis.gradcam`.
+Writes one PNG per token (``00_[CLS].png`` is the whole caption, then ``01_<word>.png``...), each
+the image upsampled to about ``--size`` pixels with the token's map on top (opacity growing with
+the map, so the image keeps its colours where the map is low), and ``grid.png``: the image and
+every token's map in a grid, each panel titled with its token. Prints the ITM logit. See
+:mod:`vlp_codebook.analysis.gradcam` and :mod:`vlp_codebook.analysis.gradcam_figure`; a demo image
+and caption come from ``python -m vlp_codebook.tools.make_sample``.
 """
 from __future__ import annotations
 
@@ -19,10 +22,7 @@ import os.path as osp
 import re
 from typing import List, Optional
 
-import numpy as np
-import torch
-from PIL import Image
-
+from vlp_codebook.analysis.gradcam_figure import display_scale, gradcam_grid, overlay
 from vlp_codebook.tools.train import add_cfg_options, add_checkpoint_args
 
 __all__ = ['parse_args', 'main', 'overlay']
@@ -36,28 +36,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('image', help='image file')
     parser.add_argument('caption', help='the caption to explain')
     parser.add_argument('--out', default='gradcam', help='output directory (default: ./gradcam)')
-    parser.add_argument('--layer', type=int, default=None, help='fusion layer (default: the third, as ALBEF)')
+    parser.add_argument('--layer', type=int, default=None,
+                        help='fusion layer (default: the third of six as ALBEF, the first of two; never the last)')
+    parser.add_argument('--size', type=int, default=224, help='displayed image side in pixels (default 224)')
     add_cfg_options(parser, 'model.fusion_encoder.num_layers=6')
     add_checkpoint_args(parser)   # --trust-checkpoint, --allow-missing-weights (docs/security.md)
     return parser.parse_args(argv)
-
-
-def _jet(values: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours, blue (0) through green to red (1)."""
-    x = np.clip(values, 0.0, 1.0)[..., None]
-    rgb = np.clip(1.5 - np.abs(4.0 * x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
-    return (rgb * 255).round().astype(np.uint8)
-
-
-def overlay(image: torch.Tensor, cam: torch.Tensor, alpha: float = 0.5) -> Image.Image:
-    """``image`` (3, H, W) in [0, 1] with ``cam`` (h, w) upsampled, scaled to [0, 1], blended on top."""
-    heat = torch.nn.functional.interpolate(cam[None, None].float(), size=image.shape[-2:], mode='bilinear',
-                                           align_corners=False)[0, 0]
-    heat = heat - heat.min()
-    heat = heat / heat.max() if heat.max() > 0 else heat
-    base = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.float32)
-    blended = (1 - alpha) * base + alpha * _jet(heat.numpy()).astype(np.float32)
-    return Image.fromarray(blended.round().astype(np.uint8))
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -87,22 +71,21 @@ def main(argv: Optional[List[str]] = None) -> dict:
               'reads [CLS] alone and no later layer carries the words into it)')
     tokens = model.data_preprocessor.tokenizer.convert_ids_to_tokens(data['input_ids'][0].tolist())
     os.makedirs(args.out, exist_ok=True)
-    panels, files = [], []
+    scale = display_scale(image.shape[-1], args.size)
+    shown, files = [], []
     for index, token in enumerate(tokens):
         if not data['attention_mask'][0, index]:
             continue
-        panel = overlay(image, cams[0, index])
         safe = re.sub(r'[^A-Za-z0-9_#\[\]-]', '_', token)
         name = f'{index:02d}_{safe}.png'
-        panel.save(osp.join(args.out, name))
-        panels.append(panel)
+        overlay(image, cams[0, index], scale).save(osp.join(args.out, name))
+        shown.append(index)
         files.append(name)
-    grid = Image.new('RGB', (sum(p.width for p in panels), panels[0].height))
-    for i, panel in enumerate(panels):
-        grid.paste(panel, (i * panel.width, 0))
-    grid.save(osp.join(args.out, 'grid.png'))
-    print(f'ITM logit {logit[0].item():.3f}; {len(files)} maps in {args.out}: {", ".join(files)}')
-    return dict(cams=cams[0], tokens=tokens, logit=logit[0].item(), files=files)
+    labels = gradcam_grid(image, cams[0, shown], [tokens[i] for i in shown], osp.join(args.out, 'grid.png'),
+                          title=f'"{args.caption}"   ITM logit {logit[0].item():.2f}, fusion layer index {layer % layers} '
+                                f'of {layers}', scale=scale)
+    print(f'ITM logit {logit[0].item():.3f}; {len(files)} maps in {args.out}: {", ".join(files)} and grid.png')
+    return dict(cams=cams[0], tokens=tokens, logit=logit[0].item(), files=files, grid_labels=labels, layer=layer)
 
 
 if __name__ == '__main__':

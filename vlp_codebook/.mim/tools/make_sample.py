@@ -1,0 +1,15 @@
+"""`mim run vlp_codebook make_sample ...`: mim runs this file from the installed package.
+
+It only forwards to :func:`vlp_codebook.tools.make_sample.main` (see that module for the options).
+"""
+import os
+import sys
+
+if __name__ == '__main__':
+    # python puts this file's folder first on sys.path; drop it so that our train.py/test.py
+    # never shadow a module of the same name (the standard library has a 'test' package)
+    if sys.path and os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(__file__)):
+        sys.path.pop(0)
+    from vlp_codebook.tools.make_sample import main
+
+    main(sys.argv[1:])
