@@ -226,25 +226,27 @@ def trained_demo_model():
     return model, result
 
 
-def test_word_maps_peak_inside_the_named_object_more_often_than_its_area(trained_demo_model):
+def test_colour_word_maps_peak_inside_the_named_object_more_often_than_its_area(trained_demo_model):
     # "red" in "a small red circle left of a large blue square": the map's peak patch vs the red
     # object's mask. Chance (a peak patch drawn at random) is the mask's area fraction.
+    # Measured (150 scenes, 300 colour words): 0.240 vs chance 0.100; an untrained model 0.196.
     _, result = trained_demo_model
-    hit = np.concatenate([result[kind]['hit'] for kind in ('color', 'shape')])
-    chance = np.concatenate([result[kind]['chance'] for kind in ('color', 'shape')])
-    assert len(hit) > 300                       # two colour words per caption, shape words when distinct
+    hit, chance = result['color']['hit'], result['color']['chance']
+    assert len(hit) == 300                       # two colour words per caption
     assert hit.mean() > 1.5 * chance.mean(), (hit.mean(), chance.mean())
     assert hit.mean() - chance.mean() > 4 * hit.std() / np.sqrt(len(hit))   # not luck
 
 
-@pytest.mark.xfail(strict=True, reason='measured: after 200 iterations (and in the 1250-iteration demo for shape '
-                   'words) a word map peaks in the OTHER object about as often as in the one it names; the '
-                   'area-chance test above is met through the objects\' central position (an image-independent '
-                   'map peaking mid-image scores as high); see docs/analysis.md. Flip this when it passes.')
-def test_word_maps_peak_inside_the_named_object_more_often_than_inside_the_other(trained_demo_model):
+@pytest.mark.xfail(strict=True, reason='measured after 200 iterations: colour words peak in the OTHER object as often '
+                   'as in the named one (47 % vs 53 % of words), shape words in the named shape no more often than '
+                   'its area (0.100 vs 0.103); the 1250-iteration demo: colour 50 % vs 37 %, shape 42 % vs 42 %; an '
+                   'image-independent map peaking mid-image scores 0.21, as high as the maps (docs/analysis.md). '
+                   'Flip this when it passes.')
+def test_word_maps_point_at_the_named_object_not_just_at_objects(trained_demo_model):
     _, result = trained_demo_model
     for kind in ('color', 'shape'):
         hit, other = result[kind]['hit'], result[kind]['other']
+        assert hit.mean() > 1.5 * result[kind]['chance'].mean(), kind
         assert np.mean(hit > other) > np.mean(other > hit) + 0.1, kind
         # and beats the best image-independent peak position (the objects sit near the centre lines)
         assert hit.mean() > result[kind]['patch_coverage'].mean(0).max() + 0.03, kind
