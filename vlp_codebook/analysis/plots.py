@@ -31,6 +31,12 @@ RECALL_KEY = re.compile(r'^(?:.*/)?(txt|img)_r(\d+)$')
 GREEN, GREY = '#1a9850', '#9e9e9e'
 
 
+def _integer_ticks():
+    """A tick locator with whole numbers only (epochs, counts)."""
+    from matplotlib.ticker import MaxNLocator
+    return MaxNLocator(integer=True)
+
+
 def new_figure(width: float, height: float):
     """A matplotlib ``Figure`` on an Agg canvas (never pyplot: no global state, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -93,7 +99,8 @@ def plot_retrieval(log: ScalarLog, path: str) -> Optional[str]:
         axes.set_title(title, fontsize=10)
         axes.set_xlabel('epoch (validation step)', fontsize=8)
         axes.set_ylabel('recall (%)', fontsize=8)
-        axes.set_ylim(0, 100)
+        axes.set_ylim(0, 104)
+        axes.xaxis.set_major_locator(_integer_ticks())
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8, loc='upper left')
     figure.tight_layout()
@@ -148,6 +155,8 @@ def plot_codebook(log: ScalarLog, path: str, usage: Optional[Sequence[float]] = 
     by_epoch = len({record.get('epoch') for record in log.codebook}) == len(log.codebook)
     xs, dead_counts = log.series('codebook', 'codebook/dead_codewords', x='epoch' if by_epoch else 'step')
     axes.plot(xs, dead_counts, marker='o', color='#d73027')
+    axes.xaxis.set_major_locator(_integer_ticks())
+    axes.yaxis.set_major_locator(_integer_ticks())
     axes.set_title('Dead codewords', fontsize=10)
     axes.set_xlabel('epoch' if by_epoch else 'iteration', fontsize=8)
     axes.set_ylim(bottom=0)

@@ -51,4 +51,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 if __name__ == '__main__':
-    main()
+    import sys
+
+    from vlp_codebook.tools.cli import run_main
+
+    run_main(main, sys.argv[1:], prog='vlp_codebook.tools.make_sample')
