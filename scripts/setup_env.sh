@@ -36,7 +36,8 @@ explain_lavis_resolver_note() {
 say "flavour '$flavour' into $venv"
 [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
-"${pip[@]}" -q --upgrade pip 'setuptools>=77.0.3,<82' wheel
+# setuptools < 80.9: mim imports pkg_resources, which warns on every import from 80.9 on
+"${pip[@]}" -q --upgrade pip 'setuptools>=77.0.3,<80.9' wheel
 
 case "$flavour" in
   main)

@@ -81,6 +81,18 @@ def test_mim_run_train_and_test_from_a_regular_install(tmp_path):
     assert 'Iter(train) [2/2]' in output
     checkpoint = work_dir / 'iter_2.pth'
     assert checkpoint.is_file()
+    assert 'Config:' not in output  # the config dump is in the log file only
+
+    # a build error: our one line naming the config key, exit status 1; our traceback goes to
+    # the log file, so the only traceback is mim's own CalledProcessError report
+    failed = subprocess.run([str(MIM), 'run', 'vlp_codebook', 'train', TOY_NAME, '--work-dir', str(run_dir / 'bad'),
+                             '--cfg-options', 'model.no_such_argument=1'],
+                            capture_output=True, text=True, timeout=300, cwd=run_dir, env=env)
+    failed_output = failed.stdout + failed.stderr
+    assert failed.returncode != 0
+    assert "while building config key 'model.no_such_argument'" in failed_output
+    assert failed_output.count('Traceback (most recent call last)') <= 1, failed_output[-5000:]
+    assert 'in build_from_cfg' not in failed_output  # no frame of our traceback on the console
 
     output = _run([str(MIM), 'run', 'vlp_codebook', 'test', f'configs/{TOY_NAME}.py', str(checkpoint),
                    '--work-dir', str(work_dir)], cwd=run_dir, env=env)

@@ -124,4 +124,7 @@ def run_main(main: Callable[[List[str]], Any], argv: Sequence[str], prog: str) -
         if not verbose:
             where = f'in {log_file}; ' if log_file else ''
             print(f'{prog}: (traceback: {where}rerun with --verbose to print it)', file=sys.stderr)
+        if prog.startswith('mim '):
+            print(f'{prog}: (the CalledProcessError report mim prints next only says that this script failed)',
+                  file=sys.stderr)
         sys.exit(1)
