@@ -241,7 +241,10 @@ class _Solver:
         self.log_b64 = torch.log(self.b).double()
         # The initial kernel is the row softmax of -M/eps: g = 0, f_i = -eps logsumexp_j(-M_ij/eps),
         # every entry <= 1, rows summing to 1, so u = a is already the first row update.
-        self.kernel = torch.softmax(M * (-1.0 / eps), dim=1)
+        # In place in one buffer (aten's softmax.out): a second fresh B x K tensor would cost
+        # its page faults, which doubled the time of this pass on the CPU (measured).
+        self.kernel = torch.mul(M, -1.0 / eps)
+        torch._softmax(self.kernel, 1, False, out=self.kernel)
         self.f: Optional[torch.Tensor] = None
         self.g = torch.zeros(K, dtype=torch.float32, device=device)
         self.mixer = _AndersonMixer(anderson)
