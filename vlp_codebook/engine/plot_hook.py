@@ -16,7 +16,7 @@ the latest usage vector in ``plots/codebook_usage.json``, so that
 
 Cost: nothing during training iterations. One read of the (K,) usage buffer per epoch; at each
 validation, reading ``scalars.json``, one embedding pass over ``gallery_images`` images and
-matplotlib (about a second for the demo). Only the main process draws and writes.
+matplotlib (about 3 s of CPU per validation for the demo). Only the main process draws and writes.
 
 Priority ``LOW``: after ``LoggerHook`` (``BELOW_NORMAL``) has written the validation metrics.
 
