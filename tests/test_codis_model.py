@@ -217,3 +217,22 @@ def test_itm_negatives_option():
         torch.manual_seed(3)
         losses[option] = loss_terms(model)['loss_itm']
     torch.testing.assert_close(losses['in_rank'], losses['all_ranks'])
+
+
+def test_step_counters_restore_from_a_state_dict_and_drive_the_alpha_ramp():
+    model = tiny_model(alpha_warmup_iters=4).train()
+    for _ in range(3):
+        loss_terms(model)
+    assert model.counter('num_steps') == int(model.num_steps) == 3
+    assert model.current_alpha() == pytest.approx(0.4 * 3 / 4)
+    restored = tiny_model(alpha_warmup_iters=4).train()
+    restored.load_state_dict(model.state_dict())
+    # the host-side copies (no device read per step) follow the loaded buffers ...
+    assert restored.counter('num_steps') == 3
+    assert restored.counter('num_anonymous_ids') == int(model.num_anonymous_ids)
+    assert restored.image_teacher.counter('num_updates') == 3
+    assert len(restored.image_queue) == len(model.image_queue)
+    assert restored.current_alpha() == pytest.approx(0.4 * 3 / 4)
+    # ... and count on from them
+    loss_terms(restored)
+    assert int(restored.num_steps) == 4 and restored.current_alpha() == pytest.approx(0.4)

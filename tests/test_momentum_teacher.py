@@ -126,6 +126,31 @@ def test_state_dict_round_trip_restores_weights_and_counter():
     restored.load_state_dict(teacher.state_dict())
     assert int(restored.num_updates) == 1
     torch.testing.assert_close(restored.module.weight, teacher.module.weight, atol=0, rtol=0)
+    # the schedule's host-side counter follows the loaded buffer, and counts on from it
+    assert restored.counter('num_updates') == 1
+    restored.update()
+    assert restored.counter('num_updates') == int(restored.num_updates) == 2
+
+
+def test_updates_follow_the_tensors_after_the_model_is_converted():
+    # Pairs are matched once and kept; .to()/.double() replace buffer tensors, so the teacher
+    # must match them again, or it would keep updating (from) the old ones.
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student = nn.BatchNorm1d(3)
+            self.teacher = MomentumTeacher(self.student, momentum=0.5, ema_buffers=True)
+
+    model = Model()
+    model.teacher.update()
+    model.double()
+    with torch.no_grad():
+        model.student.running_mean.fill_(4.0)
+        model.student.weight.fill_(3.0)
+    model.teacher.update()
+    assert model.teacher.module.running_mean.dtype == torch.float64
+    torch.testing.assert_close(model.teacher.module.running_mean, torch.full((3,), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(model.teacher.module.weight, torch.full((3,), 2.0, dtype=torch.float64))
 
 
 def test_wrapped_student_is_unwrapped_and_reset_copies_exactly():
