@@ -38,6 +38,7 @@ param_scheduler = [
 train_cfg = dict(max_epochs=10, val_interval=5)
 default_hooks = dict(logger=dict(interval=25), checkpoint=dict(interval=5))
 # One torch thread (the train tool applies it when no GPU is used): the tensors here are 64 wide,
-# too small to split; with 2 threads the same iterations took 1.7x the CPU time (14x with OpenMP's
-# default spin-waiting) on a 2-core machine shared with other work.
+# too small to split; with 2 threads the same iterations took 1.3-1.7x the CPU time (13x with
+# OpenMP's default spin-waiting, which the tools now turn off) on a 2-core machine shared with
+# other work.
 env_cfg = dict(cpu_threads=1)
