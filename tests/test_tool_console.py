@@ -15,7 +15,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from vlp_codebook.tools.cli import apply_cpu_threads, format_error, prepare_process
+from vlp_codebook.tools.cli import apply_cpu_threads, cpu_threads_from, format_error, prepare_process
 from vlp_codebook.tools.tool_runner import compact_train_line, locate_config_key
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -103,6 +103,10 @@ def test_cpu_threads_from_the_config():
         assert apply_cpu_threads(Config(dict(env_cfg=dict()))) is None
         with pytest.raises(ValueError, match='env_cfg.cpu_threads'):
             apply_cpu_threads(Config(dict(env_cfg=dict(cpu_threads=0))))
+        torch.set_num_threads(2)
+        with cpu_threads_from(Config(dict(env_cfg=dict(cpu_threads=1)))) as threads:
+            assert threads == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2  # restored for the rest of the process
     finally:
         torch.set_num_threads(before)
 

@@ -35,9 +35,11 @@ import os
 import sys
 import traceback
 import warnings
-from typing import Any, Callable, List, MutableMapping, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, MutableMapping, Optional, Sequence
 
-__all__ = ['QUIET_WARNINGS', 'prepare_process', 'apply_cpu_threads', 'format_error', 'run_main']
+__all__ = ['QUIET_WARNINGS', 'prepare_process', 'apply_cpu_threads', 'cpu_threads_from', 'format_error',
+           'run_main']
 
 #: (message regex, category, module regex) of third-party warnings the tools silence
 QUIET_WARNINGS = (
@@ -75,6 +77,21 @@ def apply_cpu_threads(cfg: Any) -> Optional[int]:
                          '(torch intra-op threads on CPU) or None')
     torch.set_num_threads(threads)
     return threads
+
+
+@contextmanager
+def cpu_threads_from(cfg: Any) -> Iterator[Optional[int]]:
+    """:func:`apply_cpu_threads` for the duration of the block; the previous count is restored
+    after it (the tools' ``main()`` also runs in-process, in tests and notebooks)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    threads = apply_cpu_threads(cfg)
+    try:
+        yield threads
+    finally:
+        if threads is not None:
+            torch.set_num_threads(previous)
 
 
 def format_error(prog: str, error: BaseException) -> str:

@@ -37,7 +37,7 @@ from vlp_codebook.engine.config import load_config
 from vlp_codebook.engine.distributed import LAUNCHERS, setup_launcher
 from vlp_codebook.engine.iteration_seed import IterationSeedHook
 from vlp_codebook.engine.registry_errors import explain_unknown_types
-from vlp_codebook.tools.cli import apply_cpu_threads
+from vlp_codebook.tools.cli import cpu_threads_from
 
 __all__ = ['parse_args', 'build_train_config', 'build_runner', 'main']
 
@@ -184,9 +184,8 @@ def main(argv: Optional[List[str]] = None):
     """Train; returns the Runner (its ``message_hub`` holds the logged scalars)."""
     args = parse_args(argv)
     cfg = build_train_config(args)
-    apply_cpu_threads(cfg)
     # checkpoints (resume, load_from, encoders' pretrained=) load as data inside this block
-    with checkpoint_loading(trust=args.trust_checkpoint or None):
+    with cpu_threads_from(cfg), checkpoint_loading(trust=args.trust_checkpoint or None):
         runner = build_runner(cfg, args.launcher, verbose=args.verbose)
         with explain_unknown_types():
             runner.train()
