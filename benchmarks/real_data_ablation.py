@@ -84,6 +84,8 @@ ROWS: Dict[str, Tuple[str, Sequence[str], Optional[dict], bool]] = {
                          dict(num_codewords=128, ot_cost_features='student', codeword_init_norm=1.0), True),
 }
 BASELINE = 'b'
+# The row that builds CodebookOTLoss with its defaults (only K given): what a user gets.
+DEFAULT_CODEBOOK_ROW = 'b_cb128'
 
 # Two-sided 95 % quantiles of Student's t for df = 1..30 (beyond: the normal's 1.96).
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
@@ -357,22 +359,26 @@ def _mean_std(xs: Sequence[float]) -> str:
 
 def format_table(results: Mapping[str, Mapping[int, dict]], split: str) -> str:
     """Markdown table of one split: per row mean ± std of each metric and the paired difference
-    of ``r_mean`` to row (b)."""
+    of ``r_mean`` to row (b) and, for codebook rows, to the default codebook row."""
     head = ('| row | TR@1 | TR@5 | TR@10 | IR@1 | IR@5 | IR@10 | mean of six | Δ vs (b), 95 % CI | '
-            'seeds ahead | γ end |')
-    lines = [head, '|' + '---|' * 11]
+            'seeds ahead of (b) | Δ vs default codebook row, 95 % CI | γ end |')
+    lines = [head, '|' + '---|' * 12]
     seeds = sorted(next(iter(results.values())))
-    base = [results[BASELINE][s][split]['r_mean'] for s in seeds] if BASELINE in results else None
+
+    def versus(row, reference):
+        if reference not in results or row == reference:
+            return '—', '—'
+        p = paired_difference([results[row][s][split]['r_mean'] for s in seeds],
+                              [results[reference][s][split]['r_mean'] for s in seeds])
+        return f"{p['mean']:+.2f} ± {p['half_width']:.2f}", f"{p['positive']}/{p['n']}"
+
     for row, per_seed in results.items():
         cells = [_mean_std([per_seed[s][split][m] for s in seeds]) for m in METRICS]
-        if base is None or row == BASELINE:
-            diff, ahead = '—', '—'
-        else:
-            p = paired_difference([per_seed[s][split]['r_mean'] for s in seeds], base)
-            diff = f"{p['mean']:+.2f} ± {p['half_width']:.2f}"
-            ahead = f"{p['positive']}/{p['n']}"
+        diff, ahead = versus(row, BASELINE)
+        diff_default, _ = versus(row, DEFAULT_CODEBOOK_ROW) if ROWS[row][2] else ('—', '—')
         gamma = statistics.fmean(per_seed[s]['end']['temperature'] for s in seeds)
-        lines.append(f'| {ROWS[row][0]} | ' + ' | '.join(cells) + f' | {diff} | {ahead} | {gamma:.3f} |')
+        lines.append(f'| {ROWS[row][0]} | ' + ' | '.join(cells)
+                     + f' | {diff} | {ahead} | {diff_default} | {gamma:.3f} |')
     return '\n'.join(lines)
 
 

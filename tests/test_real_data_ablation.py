@@ -100,3 +100,19 @@ def test_smoke_run_on_real_data_learns(capsys):
             # 4 epochs on 600 training images reach ~20 (measured), so 10 means it learned
             assert r['r_mean'] > 10.0, (row, split, r)
     assert 0 < results['b_cb128'][0]['end']['code_perplexity'] <= 128
+
+
+def test_table_reports_paired_differences_to_b_and_to_the_default_codebook_row():
+    def result(r_mean):
+        metrics = {m: r_mean for m in bench.METRICS}
+        return dict(val=metrics, test=metrics, end=dict(temperature=0.03, code_perplexity=10.0))
+    results = {'b': {0: result(40.0), 1: result(42.0), 2: result(41.0)},
+               'b_cb128': {0: result(41.0), 1: result(44.0), 2: result(44.0)},     # +1, +2, +3
+               'b_cb512': {0: result(41.0), 1: result(43.0), 2: result(45.0)}}     # vs default 0, -1, +1
+    lines = {line.split(' | ')[0][2:]: line for line in bench.format_table(results, 'val').splitlines()[2:]}
+    default = lines[bench.ROWS['b_cb128'][0]].split(' | ')
+    # +1, +2, +3: mean 2, sd 1 -> 4.303 / sqrt(3) = 2.48; all three seeds ahead
+    assert default[8:11] == ['+2.00 ± 2.48', '3/3', '—']
+    other = lines[bench.ROWS['b_cb512'][0]].split(' | ')
+    assert other[8:11] == ['+2.00 ± 4.30', '3/3', '+0.00 ± 2.48']     # vs b: 1, 1, 4 -> sd sqrt(3)
+    assert lines[bench.ROWS['b'][0]].split(' | ')[8:11] == ['—', '—', '—']
