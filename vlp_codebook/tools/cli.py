@@ -43,11 +43,10 @@ __all__ = ['QUIET_WARNINGS', 'prepare_process', 'apply_cpu_threads', 'cpu_thread
 
 #: (message regex, category, module regex) of third-party warnings the tools silence
 QUIET_WARNINGS = (
-    # setuptools >= 67 warns when anything imports pkg_resources (openmim, some dependencies)
-    (r'pkg_resources is deprecated', UserWarning, ''),
-    (r'Deprecated call to `pkg_resources\.declare_namespace', DeprecationWarning, ''),
-    # torch's and transformers' own FutureWarnings about APIs mmengine calls for us
-    (r'`torch\.cuda\.amp\.', FutureWarning, ''),
+    # setuptools >= 80.9 warns (UserWarning) whenever anything imports pkg_resources (openmim does;
+    # pyproject pins setuptools below 80.9 for mim's own process, which we do not control)
+    (r'pkg_resources is deprecated', Warning, ''),
+    (r'Deprecated call to `pkg_resources\.declare_namespace', Warning, ''),
 )
 
 
