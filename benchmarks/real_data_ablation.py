@@ -80,6 +80,8 @@ ROWS: Dict[str, Tuple[str, Sequence[str], Optional[dict], bool]] = {
                        dict(num_codewords=128, ot_cost_features='off'), True),
     'b_cb128_unit_init': ('(b) + codebook, unit-norm codewords (init_norm=1)', ALL_DIRECTIONS,
                           dict(num_codewords=128, codeword_init_norm=1.0), True),
+    'b_cb128_init_norm4': ('(b) + codebook, codewords of norm 4 (init_norm=4)', ALL_DIRECTIONS,
+                           dict(num_codewords=128, codeword_init_norm=4.0), True),
     'b_cb128_previous': ("(b) + codebook, previous defaults (ot 'student', init_norm=1)", ALL_DIRECTIONS,
                          dict(num_codewords=128, ot_cost_features='student', codeword_init_norm=1.0), True),
 }

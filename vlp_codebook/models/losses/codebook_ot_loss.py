@@ -18,9 +18,10 @@ are assignment distributions over codewords. With the student predictions
 not say). ``'plan'`` (default): the features the plan was computed from (the momentum teacher's
 when given), detached, so :math:`L_{ot}` moves only the codebook towards the data. ``'student'``:
 the student features, so :math:`L_{ot}` also pulls the students towards codewords. ``'off'``: no
-:math:`L_{ot}` terms. Measured on real data with 10 paired seeds
-(``benchmarks/real_data_ablation.py``, docs/ot_and_codebook.md), the student form hurt retrieval
-and the plan form helped, hence the default.
+:math:`L_{ot}` terms. On real data (``benchmarks/real_data_ablation.py``, 10 paired seeds)
+the choice made no difference; on a held-out real set the student form hurt retrieval and
+collapsed the contrastive temperature while the plan form helped, hence the default
+(docs/ot_and_codebook.md).
 
 The swapped prediction is SwAV's (Caron et al., NeurIPS 2020) across modalities. The plans
 come from ``*_plan_feats`` when given (the paper's best: momentum-teacher features) and from
