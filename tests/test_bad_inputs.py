@@ -223,7 +223,8 @@ def test_test_tool_refuses_a_checkpoint_of_another_model_and_lists_the_unloaded(
         test_tool.main([TOY_CONFIG, other, '--work-dir', str(tmp_path / 'w')])
     message = str(error.value)
     assert "8 of the model's 8 parameters" in message and 'student.0.weight' in message
-    assert 'loaded 0/8 keys' in message and '--allow-missing-weights' in message and 'other.pth' in message
+    # 9 state keys: 8 parameters and the toy's step buffer
+    assert 'loaded 0/9 keys' in message and '--allow-missing-weights' in message and 'other.pth' in message
     # explicit flag: a (warned) number
     metrics = test_tool.main([TOY_CONFIG, other, '--work-dir', str(tmp_path / 'w'), '--allow-missing-weights'])
     assert np.isfinite(metrics['mse'])
@@ -251,7 +252,8 @@ def test_gradcam_refuses_a_checkpoint_that_leaves_parameters_random(tmp_path):
 
 
 def test_load_from_fails_beyond_the_expected_missing_keys(toy_checkpoint, tmp_path, capsys):
-    students = {k: v for k, v in _toy_state(toy_checkpoint).items() if k.startswith('student.')}
+    # the students and the toy's step buffer: only the 4 teacher tensors are missing
+    students = {k: v for k, v in _toy_state(toy_checkpoint).items() if not k.startswith('teacher.')}
     partial = _saved(tmp_path, 'students.pth', students)
     with pytest.raises(RuntimeError) as error:
         train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path / 'a'), '--cfg-options', f'load_from={partial}'])
@@ -263,7 +265,7 @@ def test_load_from_fails_beyond_the_expected_missing_keys(toy_checkpoint, tmp_pa
                               'train_cfg.max_iters=1'])
     assert runner.iter == 1
     log = next((tmp_path / 'b').glob('*/*.log')).read_text()
-    assert 'loaded 4/8 keys; missing 4; shape mismatch 0; unexpected 0' in log
+    assert 'loaded 5/9 keys; missing 4; shape mismatch 0; unexpected 0' in log
 
 
 def test_resume_from_another_models_checkpoint_is_refused(tmp_path):

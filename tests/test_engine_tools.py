@@ -33,7 +33,7 @@ from vlp_codebook.engine import config as config_module  # noqa: E402
 from vlp_codebook.engine.checkpoint import (checkpoint_loading, load_checkpoint_file,  # noqa: E402
                                             load_from_safe_local)
 from vlp_codebook.engine.distributed import cpu_model_wrapper_cfg, init_cpu_process_group, setup_launcher  # noqa: E402
-from vlp_codebook.engine.hooks import ModelScalarsLoggerHook, MomentumTeacherHook  # noqa: E402
+from vlp_codebook.engine.hooks import ModelScalarsLoggerHook  # noqa: E402
 from vlp_codebook.engine.optim_wrapper import BF16AutocastOptimWrapper  # noqa: E402
 from vlp_codebook.tools import test as test_tool  # noqa: E402
 from vlp_codebook.tools import train as train_tool  # noqa: E402
@@ -94,9 +94,8 @@ def test_training_writes_checkpoints_and_runs_the_hooks(full_run):
     assert sorted(p.name for p in full_run.work_dir.glob('*.pth')) == ['iter_4.pth', 'iter_8.pth']
     assert len(full_run.losses) == MAX_ITERS and np.isfinite(full_run.losses).all()
     model = full_run.runner.model
-    # MomentumTeacherHook: progress before each iteration (iteration-based loop: epoch 0), EMA after
-    assert model.progress_calls == [(0, i, MAX_ITERS) for i in range(MAX_ITERS)]
-    assert model.momentum_updates == MAX_ITERS
+    # The model's own training forward: one EMA update per iteration, α ramped from its step buffer
+    assert model.momentum_updates == MAX_ITERS and int(model.num_steps) == MAX_ITERS
     # ModelScalarsLoggerHook: the scalars reach the message hub and the log's scalars.json
     hub = full_run.runner.message_hub
     assert hub.get_scalar('train/toy_alpha').current() == pytest.approx((MAX_ITERS - 1) / MAX_ITERS)
@@ -240,8 +239,6 @@ def _fake_runner(model):
 
 def test_hooks_skip_models_without_the_methods():
     runner = _fake_runner(torch.nn.Linear(2, 2))
-    MomentumTeacherHook().before_train_iter(runner, 0)
-    MomentumTeacherHook().after_train_iter(runner, 0)
     ModelScalarsLoggerHook().after_train_iter(runner, 0)
     assert runner.message_hub.log_scalars == {}
 

@@ -13,7 +13,7 @@ from .checkpoint import (CorruptCheckpointError, UntrustedCheckpointError, check
                          load_checkpoint_file)
 from .checkpoint_coverage import CheckpointCoverageHook, load_model_weights, state_dict_coverage
 from .distributed import init_cpu_process_group, setup_launcher
-from .hooks import ModelScalarsLoggerHook, MomentumTeacherHook
+from .hooks import ModelScalarsLoggerHook
 from .optim_wrapper import BF16AutocastOptimWrapper
 from .iteration_seed import IterationSeedHook
 from .plot_hook import TrainingPlotsHook
@@ -21,5 +21,5 @@ from .itm_rerank_loop import ITMRerankTestLoop, ITMRerankValLoop
 
 __all__ = ['checkpoint_loading', 'load_checkpoint_file', 'UntrustedCheckpointError', 'CorruptCheckpointError',
            'CheckpointCoverageHook', 'load_model_weights', 'state_dict_coverage', 'init_cpu_process_group',
-           'setup_launcher', 'MomentumTeacherHook', 'ModelScalarsLoggerHook', 'BF16AutocastOptimWrapper',
+           'setup_launcher', 'ModelScalarsLoggerHook', 'BF16AutocastOptimWrapper',
            'IterationSeedHook', 'ITMRerankValLoop', 'ITMRerankTestLoop', 'TrainingPlotsHook']

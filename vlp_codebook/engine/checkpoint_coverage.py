@@ -42,9 +42,9 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 from torch import nn
 
+from vlp_codebook.models.teachers.momentum_teacher import unwrap_model
 from vlp_codebook.registry import HOOKS
 
 __all__ = ['EXPECTED_MISSING_FROM_ALBEF', 'Coverage', 'state_dict_coverage', 'checkpoint_state_dict',
@@ -101,13 +101,9 @@ def checkpoint_state_dict(checkpoint: Any, revise_keys: Iterable[Tuple[str, str]
     return state
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if is_model_wrapper(model) else model
-
-
 def state_dict_coverage(model: nn.Module, state: Mapping[str, Any]) -> Coverage:
     """Which of ``model``'s state-dict keys ``state`` (name -> tensor) fills."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     own = model.state_dict()
     coverage = Coverage(parameters=frozenset(name for name, _ in model.named_parameters()))
     for key, value in own.items():
@@ -202,7 +198,7 @@ def load_model_weights(model: nn.Module, filename: str, trust: Optional[bool] = 
     coverage = state_dict_coverage(model, state)
     check_coverage(coverage, str(filename), 'evaluate', allow_missing=allow_missing, flag=flag)
     loadable = {k: v for k, v in state.items() if k in set(coverage.loaded)}
-    _unwrap(model).load_state_dict(loadable, strict=False)
+    unwrap_model(model).load_state_dict(loadable, strict=False)
     print_log(f'checkpoint {filename}: {coverage.summary()}', logger='current')
     return coverage
 
@@ -229,7 +225,7 @@ class CheckpointCoverageHook(Hook):
         self.expected_missing = None if expected_missing is None else tuple(expected_missing)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        model = _unwrap(runner.model)
+        model = unwrap_model(runner.model)
         coverage = state_dict_coverage(model, checkpoint_state_dict(checkpoint))
         source = getattr(runner, '_load_from', None) or 'the checkpoint'
         expected = self.expected_missing

@@ -1,25 +1,21 @@
 """Runner hooks that connect a model's training-time duties to the mmengine loop.
 
-Both hooks talk to the model through optional methods (duck typing), so a model that lacks
-a method is simply skipped and a config can list the hooks for every model:
+The hook talks to the model through an optional method (duck typing), so a model that lacks
+it is simply skipped and a config can list the hook for every model. (Momentum teachers and the
+α ramp need no hook: CODIS updates them inside its own training step, from step counters kept
+in its state dict.)
 
-* :class:`MomentumTeacherHook` -- ``model.set_train_progress(epoch, iter, max_iters)`` before
-  each training iteration (e.g. for ALBEF's distillation weight α, ramped over the first
-  epoch), and ``model.momentum_update()`` after each one, i.e. after the optimizer step
-  (EMA teacher ``θ_m ← m θ_m + (1 − m) θ``; ALBEF momentum 0.995).
 * :class:`ModelScalarsLoggerHook` -- ``model.extra_log_scalars()`` (``dict[str, float]``,
   e.g. the learnable temperature, α, codeword usage) after each training iteration, written to
   the runner's message hub as ``train/<name>`` so mmengine's ``LogProcessor`` prints them
   (names not starting with ``loss`` are logged at their latest value).
 
-Both run at priority ``NORMAL``: after the optimizer step (inside ``train_step``), before
-``LoggerHook`` (``BELOW_NORMAL``) reads the message hub and before ``CheckpointHook``
-(``VERY_LOW``) saves, so a checkpoint holds the teacher *after* this iteration's update and a
-resumed run continues exactly.
+It runs at priority ``NORMAL``: after the optimizer step (inside ``train_step``), before
+``LoggerHook`` (``BELOW_NORMAL``) reads the message hub.
 
 Usage in a config::
 
-    custom_hooks = [dict(type='MomentumTeacherHook'), dict(type='ModelScalarsLoggerHook')]
+    custom_hooks = [dict(type='ModelScalarsLoggerHook')]
 """
 from __future__ import annotations
 
@@ -33,35 +29,7 @@ from mmengine.hooks import Hook
 from vlp_codebook.models.teachers.momentum_teacher import unwrap_model
 from vlp_codebook.registry import HOOKS
 
-__all__ = ['MomentumTeacherHook', 'ModelScalarsLoggerHook', 'unwrap_model']
-
-
-@HOOKS.register_module()
-class MomentumTeacherHook(Hook):
-    """Drive the model's momentum teacher: progress before each train iteration, EMA after.
-
-    Calls, when the model defines them:
-
-    * ``model.set_train_progress(epoch, iter, max_iters)`` in ``before_train_iter`` with the
-      runner's current epoch, global iteration (0-based, the one about to run) and total
-      number of training iterations;
-    * ``model.momentum_update()`` in ``after_train_iter``.
-    """
-
-    priority = 'NORMAL'
-
-    def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
-        model = unwrap_model(runner.model)
-        set_progress = getattr(model, 'set_train_progress', None)
-        if callable(set_progress):
-            set_progress(runner.epoch, runner.iter, runner.max_iters)
-
-    def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
-                         outputs: Optional[dict] = None) -> None:
-        model = unwrap_model(runner.model)
-        momentum_update = getattr(model, 'momentum_update', None)
-        if callable(momentum_update):
-            momentum_update()
+__all__ = ['ModelScalarsLoggerHook', 'unwrap_model']
 
 
 @HOOKS.register_module()

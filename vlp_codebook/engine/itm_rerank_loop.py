@@ -26,13 +26,13 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-from mmengine.model import is_model_wrapper
 from mmengine.runner import TestLoop, ValLoop
 from torch.utils.data import DataLoader
 
 from vlp_codebook import dist
 from vlp_codebook.evaluation.itm_rerank import itm_rerank
 from vlp_codebook.models.heads.itm import itm_score
+from vlp_codebook.models.teachers.momentum_teacher import unwrap_model
 from vlp_codebook.registry import LOOPS
 
 __all__ = ['ITMRerankValLoop', 'ITMRerankTestLoop', 'collect_retrieval_features', 'itm_reranked_scores']
@@ -100,7 +100,7 @@ class _ITMRerankMixin:
                           pin_memory=loader.pin_memory)
 
     def _evaluate(self) -> dict:
-        model = self.runner.model.module if is_model_wrapper(self.runner.model) else self.runner.model
+        model = unwrap_model(self.runner.model)
         model.eval()
         feats = collect_retrieval_features(model, self._whole_set_loader())
         score_i2t, score_t2i = itm_reranked_scores(model, feats, self.k, self.pair_batch_size)
