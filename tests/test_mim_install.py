@@ -59,7 +59,7 @@ def test_mim_run_train_and_test_from_a_regular_install(tmp_path):
     _run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--quiet', '--target', str(site), str(wheel)])
 
     installed = site / 'vlp_codebook' / '.mim'
-    for tool in ('train', 'test', 'convert_albef', 'gradcam'):
+    for tool in ('train', 'test', 'convert_albef', 'gradcam', 'plot', 'make_sample'):
         assert (installed / 'tools' / f'{tool}.py').is_file(), tool
     shipped = installed / 'configs'
     assert shipped.is_dir() and not shipped.is_symlink()
