@@ -3,7 +3,7 @@
 Usage::
 
     python -m vlp_codebook.tools.test CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options KEY=VALUE ...]
-        [--launcher none|pytorch] [--trust-checkpoint] [--allow-missing-weights]
+        [--launcher none|pytorch] [--trust-checkpoint] [--allow-missing-weights] [--verbose]
     mim run vlp_codebook test CONFIG CHECKPOINT ...      # from a regular (non-editable) install
 
 ``CONFIG`` is a path or a shipped config's name (as for the train tool); it must define
@@ -14,6 +14,11 @@ The checkpoint is loaded as data (``weights_only=True`` with an allow-list, see 
 the model: metrics of a partly random model are refused unless ``--allow-missing-weights``.
 """
 from __future__ import annotations
+
+if __name__ == '__main__':  # before torch is imported: OpenMP wait policy, warning filters
+    from vlp_codebook.tools.cli import prepare_process
+
+    prepare_process()
 
 import argparse
 import os.path as osp
@@ -27,6 +32,7 @@ from vlp_codebook.engine.checkpoint import checkpoint_loading
 
 from vlp_codebook.engine.config import load_config
 from vlp_codebook.engine.registry_errors import explain_unknown_types
+from vlp_codebook.tools.cli import cpu_threads_from
 from vlp_codebook.tools.train import (add_checkpoint_coverage_hook, build_runner, default_work_dir,
                                       parse_with_common_args)
 
@@ -72,12 +78,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     """Test; returns the metrics dict of ``runner.test()``."""
     args = parse_args(argv)
     cfg = build_test_config(args)
-    with checkpoint_loading(trust=args.trust_checkpoint or None):
-        runner = build_runner(cfg, args.launcher)
+    with cpu_threads_from(cfg), checkpoint_loading(trust=args.trust_checkpoint or None):
+        runner = build_runner(cfg, args.launcher, verbose=args.verbose)
         with explain_unknown_types():
             metrics = runner.test()
     return metrics
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    from vlp_codebook.tools.cli import run_main
+
+    run_main(main, sys.argv[1:], prog='vlp_codebook.tools.test')
