@@ -38,7 +38,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, MutableMapping, Optional, Sequence
 
-__all__ = ['QUIET_WARNINGS', 'prepare_process', 'apply_cpu_threads', 'cpu_threads_from', 'format_error',
+__all__ = ['forward_tool', 'QUIET_WARNINGS', 'prepare_process', 'apply_cpu_threads', 'cpu_threads_from', 'format_error',
            'run_main']
 
 #: (message regex, category, module regex) of third-party warnings the tools silence
@@ -144,3 +144,20 @@ def run_main(main: Callable[[List[str]], Any], argv: Sequence[str], prog: str) -
             print(f'{prog}: (the CalledProcessError report mim prints next only says that this script failed)',
                   file=sys.stderr)
         sys.exit(1)
+
+
+def forward_tool(tool: str, script: str) -> None:
+    """Body of ``vlp_codebook/.mim/tools/<tool>.py`` (what ``mim run vlp_codebook <tool>`` runs):
+    run :func:`vlp_codebook.tools.<tool>.main` through :func:`run_main`.
+
+    Python puts ``script``'s folder first on ``sys.path``; it is dropped first so that the
+    forwarders (``train.py``, ``test.py``, ...) never shadow a module of the same name (the
+    standard library has a ``test`` package). This module imports only the standard library,
+    so importing it before that is safe; :func:`prepare_process` runs before torch is imported.
+    """
+    if sys.path and os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(script)):
+        sys.path.pop(0)
+    prepare_process()
+    import importlib
+    main = importlib.import_module(f'vlp_codebook.tools.{tool}').main
+    run_main(main, sys.argv[1:], prog=f'mim run vlp_codebook {tool}')
