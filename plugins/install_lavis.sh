@@ -48,7 +48,10 @@ pipi --no-deps "salesforce-lavis==1.0.2"
 # 4. What `import lavis` needs. OpenCV: LAVIS wants opencv-python-headless==4.5.5.64, but
 #    mmengine (a core dependency) already brings opencv-python, and two OpenCV wheels in one env
 #    overwrite each other's cv2/ package: install the headless one only where there is no cv2.
-DEPS=("timm==0.4.12" "fairscale==0.4.4" "pandas<3" "omegaconf" "iopath" "einops>=0.4.1"
+#    timm: LAVIS 1.0.2 pins 0.4.12, but its code (and this project's LAVIS tests) also run with timm
+#    1.0.x, which open_clip needs (>= 1.0.17): one environment serves both plugins. Any timm
+#    >= 0.4.12 already installed is kept.
+DEPS=("timm>=0.4.12" "fairscale==0.4.4" "pandas<3" "omegaconf" "iopath" "einops>=0.4.1"
       "decord" "webdataset" "spacy" "pycocoevalcap")
 if ! "$PY" -c "import cv2" >/dev/null 2>&1; then
     DEPS+=("opencv-python-headless==4.5.5.64")

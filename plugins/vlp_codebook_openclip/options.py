@@ -1,0 +1,131 @@
+"""The command-line flags the plugin adds to open_clip_train's, and their checks.
+
+Every flag of ``open_clip_train`` keeps its meaning; these are parsed first and removed before
+the rest goes to open_clip_train's own parser. open_clip already has ``--momentum`` (the
+optimizer momentum of timm optimizers), so the teacher's EMA momentum is ``--codis-momentum``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import List, Sequence, Tuple
+
+from vlp_codebook_openclip.model import PLAN_FEATURES
+
+__all__ = ['build_parser', 'parse_codebook_args', 'check_compatible', 'codebook_model_kwargs']
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{flag} must be a positive integer, got {text!r}') from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f'{flag} must be a positive integer, got {value}')
+        return value
+    return parse
+
+
+def _positive_float(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{flag} must be a number > 0, got {text!r}') from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f'{flag} must be a finite number > 0, got {text}')
+        return value
+    return parse
+
+
+def _unit_float(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{flag} must be a number in [0, 1], got {text!r}') from None
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f'{flag} must be in [0, 1], got {text}')
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='python -m vlp_codebook_openclip.train', add_help=False, allow_abbrev=False,
+        description='open_clip_train with the CODIS codebook. Every open_clip_train flag works as in '
+                    '`python -m open_clip_train.main`; these are added:')
+    group = parser.add_argument_group('CODIS codebook (vlp_codebook_openclip)')
+    group.add_argument('--codebook-size', type=_positive_int('--codebook-size'), default=1024,
+                       help='K, the number of codewords (default 1024)')
+    group.add_argument('--codebook-weight', type=_positive_float('--codebook-weight'), default=1.0,
+                       help='weight of every codebook term (default 1.0)')
+    group.add_argument('--codebook-plan-features', choices=PLAN_FEATURES, default='student',
+                       help="features the OT plans are computed from: 'student' (default, no extra "
+                            "forward) or 'teacher' (a momentum teacher of the whole model)")
+    group.add_argument('--codis-intra', action='store_true',
+                       help='add the intra-modal distillation directions i2i and t2t (momentum teacher '
+                            '+ feature queues; needs --queue-size)')
+    group.add_argument('--codis-momentum', type=_unit_float('--codis-momentum'), default=0.995,
+                       help='EMA momentum of the teacher (default 0.995, ALBEF)')
+    group.add_argument('--queue-size', type=_positive_int('--queue-size'), default=None,
+                       help='past teacher features per modality for --codis-intra')
+    group.add_argument('--codis-intra-weight', type=_positive_float('--codis-intra-weight'), default=1.0,
+                       help='weight of each intra direction (default 1.0)')
+    group.add_argument('--no-codebook', action='store_true',
+                       help="train open_clip's model and loss unchanged through this entry point (a "
+                            'baseline with the same per-epoch seeding)')
+    group.add_argument('--model-config-dir', action='append', default=[], metavar='DIR',
+                       help='also register the open_clip model configs (*.json) in DIR (repeatable); '
+                            "the plugin's own configs (codis-tiny-vit) are always registered")
+    parser.add_argument('--verbose', action='store_true', help='print the traceback of an error')
+    return parser
+
+
+def parse_codebook_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
+    """Split ``argv`` into (our options, open_clip_train's arguments); checks ours."""
+    parser = build_parser()
+    options, rest = parser.parse_known_args(list(argv))
+    if options.no_codebook:
+        given = [flag for flag in ('--codis-intra', '--queue-size', '--codebook-plan-features',
+                                   '--codebook-size', '--codebook-weight')
+                 if any(a == flag or a.startswith(flag + '=') for a in argv)]
+        if given:
+            parser.error(f'--no-codebook trains without the CODIS terms: drop {", ".join(given)}')
+    if options.codis_intra and options.queue_size is None:
+        parser.error('--codis-intra needs --queue-size N (how many past teacher features per modality '
+                     'the intra directions contrast against, e.g. 4096)')
+    if options.queue_size is not None and not options.codis_intra:
+        parser.error('--queue-size is only used by --codis-intra')
+    return options, rest
+
+
+def check_compatible(options: argparse.Namespace, args: argparse.Namespace) -> None:
+    """Refuse, naming the flags, open_clip_train settings the plugin does not support."""
+    if options.no_codebook:
+        return
+    problems = []
+    if getattr(args, 'accum_freq', 1) > 1:
+        problems.append('--accum-freq > 1 (open_clip caches and re-runs the forward; the CODIS terms '
+                        'would update the teacher and queues twice per step)')
+    if getattr(args, 'siglip', False):
+        problems.append('--siglip (the plugin adds its terms to open_clip\'s ClipLoss only)')
+    if 'coca' in str(getattr(args, 'model', '')).lower():
+        problems.append('CoCa models (the plugin adds its terms to open_clip\'s ClipLoss only)')
+    if getattr(args, 'distill_model', None) is not None:
+        problems.append('--distill-model (not combined with the CODIS terms)')
+    needs_teacher = options.codis_intra or options.codebook_plan_features == 'teacher'
+    if needs_teacher and getattr(args, 'lock_image_freeze_bn_stats', False):
+        problems.append('--lock-image-freeze-bn-stats with a momentum teacher (it changes the student\'s '
+                        'modules after the teacher copied them)')
+    if problems:
+        raise SystemExit('vlp_codebook_openclip: not supported: ' + '; '.join(problems))
+
+
+def codebook_model_kwargs(options: argparse.Namespace) -> dict:
+    """``CodebookCLIP`` keyword arguments from the parsed options."""
+    return dict(codebook_size=options.codebook_size, codebook_weight=options.codebook_weight,
+                plan_features=options.codebook_plan_features, intra=options.codis_intra,
+                momentum=options.codis_momentum, queue_size=options.queue_size or 0,
+                intra_weight=options.codis_intra_weight)

@@ -1,0 +1,152 @@
+"""open_clip_train's own ``main`` with the CODIS codebook: ``python -m vlp_codebook_openclip.train``.
+
+Usage (every open_clip_train flag, plus the plugin's: ``--help`` lists both)::
+
+    python -m vlp_codebook_openclip.train --model codis-tiny-vit --train-data train.csv \\
+        --dataset-type csv --csv-separator $'\\t' --batch-size 32 --epochs 2 --workers 0 \\
+        --codebook-size 1024 --codebook-weight 1.0 [--codebook-plan-features teacher] \\
+        [--codis-intra --codis-momentum 0.995 --queue-size 4096]
+
+Nothing of open_clip_train is copied or forked. For the duration of the call, four names that
+``open_clip_train.main`` looks up are replaced by thin wrappers around the originals:
+
+* ``create_model_and_transforms``: the model it returns is wrapped in
+  :class:`~vlp_codebook_openclip.model.CodebookCLIP` (so open_clip's optimizer, grad scaler,
+  DDP, checkpoints and ``--lock-*`` flags see the codebook, teacher and queues);
+* ``create_loss``: open_clip's loss, wrapped in :class:`~vlp_codebook_openclip.loss.CodebookClipLoss`;
+* ``train_one_epoch``: first reseeds torch / numpy / random from ``(--seed, epoch, rank)``, so a
+  ``--resume``-d run sees the batches and augmentations an uninterrupted one would have (plain
+  open_clip_train seeds once per process), sets the teacher's alpha ramp to one epoch and binds
+  the codebook statistics to open_clip's logging and TensorBoard writer;
+* ``pt_load``: checkpoints are read with ``torch.load(weights_only=True)`` (tensors and plain
+  containers only; a file that would run code is refused).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os.path as osp
+import random
+import sys
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vlp_codebook_openclip.loss import CodebookClipLoss
+from vlp_codebook_openclip.model import CodebookCLIP
+from vlp_codebook_openclip.options import (build_parser, check_compatible, codebook_model_kwargs,
+                                           parse_codebook_args)
+
+__all__ = ['main', 'MODEL_CONFIG_DIR', 'register_model_configs', 'epoch_seed', 'load_checkpoint_data']
+
+MODEL_CONFIG_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'model_configs')
+
+
+def register_model_configs(extra_dirs: Sequence[str] = ()) -> None:
+    """Make the plugin's open_clip model configs (and those in ``extra_dirs``) known to open_clip."""
+    import open_clip
+    for directory in [MODEL_CONFIG_DIR, *extra_dirs]:
+        if not osp.isdir(directory):
+            raise FileNotFoundError(f'--model-config-dir {directory}: no such directory')
+        open_clip.add_model_config(directory)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of epoch ``epoch`` on rank ``rank`` (distinct per pair, fits numpy's 32 bits)."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(rank)) % (2 ** 32)
+
+
+def load_checkpoint_data(file_path: str, map_location=None):
+    """open_clip_train's ``pt_load`` (local or fsspec paths) with ``weights_only=True``."""
+    import fsspec
+    with fsspec.open(file_path, 'rb') as handle:
+        return torch.load(handle, map_location=map_location, weights_only=True)
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, 'module') and isinstance(model.module, torch.nn.Module) else model
+
+
+@contextlib.contextmanager
+def injected(options) -> Iterator[None]:
+    """Replace open_clip_train.main's factories for the duration of one ``main`` call."""
+    import open_clip_train.main as oc_main
+    from open_clip_train.distributed import is_master
+
+    originals = {name: getattr(oc_main, name)
+                 for name in ('create_model_and_transforms', 'create_loss', 'train_one_epoch', 'pt_load',
+                              'parse_args')}
+    wrapped_models = []
+
+    def parse_args(args):
+        parsed = originals['parse_args'](args)
+        check_compatible(options, parsed)
+        return parsed
+
+    def create_model_and_transforms(*args, **kwargs):
+        model, preprocess_train, preprocess_val = originals['create_model_and_transforms'](*args, **kwargs)
+        # open_clip_train's setup_logging set every logger to INFO: torch would then print its
+        # compile statistics at exit
+        logging.getLogger('torch').setLevel(logging.WARNING)
+        if options.no_codebook or wrapped_models:      # the baseline, or a --distill-model
+            return model, preprocess_train, preprocess_val
+        model = CodebookCLIP(model, **codebook_model_kwargs(options))
+        if kwargs.get('device') is not None:
+            model = model.to(kwargs['device'])
+        wrapped_models.append(model)
+        logging.info('vlp_codebook_openclip: %s', ', '.join(f'{k}={v}' for k, v in sorted(vars(options).items())))
+        return model, preprocess_train, preprocess_val
+
+    def create_loss(args):
+        loss = originals['create_loss'](args)
+        return loss if options.no_codebook else CodebookClipLoss(loss)
+
+    def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
+        seed = epoch_seed(args.seed, epoch, args.rank)
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        steps_per_epoch = data['train'].dataloader.num_batches // args.accum_freq
+        core = _unwrap(model)
+        if isinstance(core, CodebookCLIP):
+            core.alpha_warmup_steps = steps_per_epoch
+        if isinstance(loss, CodebookClipLoss):
+            loss.bind_logging(tb_writer, args.log_every_n_steps, first_step=epoch * steps_per_epoch,
+                              is_master=is_master(args))
+        return originals['train_one_epoch'](model, data, loss, epoch, optimizer, scaler, scheduler,
+                                            dist_model, args, tb_writer=tb_writer)
+
+    replacements = dict(create_model_and_transforms=create_model_and_transforms, create_loss=create_loss,
+                        train_one_epoch=train_one_epoch, pt_load=load_checkpoint_data, parse_args=parse_args)
+    for name, value in replacements.items():
+        setattr(oc_main, name, value)
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(oc_main, name, value)
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    argv: List[str] = list(sys.argv[1:] if argv is None else argv)
+    if '-h' in argv or '--help' in argv:
+        build_parser().print_help()
+        print('\nopen_clip_train flags:\n')
+        from open_clip_train.params import parse_args
+        parse_args(['--help'])
+        return 0
+    options, rest = parse_codebook_args(argv)
+    register_model_configs(options.model_config_dir)
+    import open_clip_train.main as oc_main
+    with injected(options):
+        status = oc_main.main(rest)
+    if status not in (None, 0):       # e.g. -1: "Experiment already exists" (printed by open_clip)
+        raise SystemExit(1)
+    return 0
+
+
+if __name__ == '__main__':
+    from vlp_codebook.tools.cli import prepare_process, run_main
+    prepare_process()
+    run_main(main, sys.argv[1:], prog='vlp_codebook_openclip.train')
