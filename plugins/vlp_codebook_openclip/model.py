@@ -8,7 +8,9 @@ open_clip builds its optimizer from ``model.named_parameters()``, checkpoints
 * ``codebook_loss`` -- :class:`~vlp_codebook.models.losses.CodebookOTLoss` with its codebook
   (``codebook_loss.codebook.weight``: trained by open_clip's optimizer, saved in its checkpoints);
 * ``teacher`` -- a :class:`~vlp_codebook.models.teachers.MomentumTeacher` (EMA copy of the whole
-  CLIP model), built when the plans come from the teacher or the intra directions are on;
+  CLIP model), when the plans come from the teacher or the intra directions are on. It is built
+  at the first training forward (or when a checkpoint with a teacher is loaded), so it copies the
+  model as open_clip_train left it after ``--lock-image-freeze-bn-stats`` and the like;
 * ``image_queue`` / ``text_queue`` -- :class:`~vlp_codebook.models.teachers.FeatureQueue` of past
   teacher features, and ``intra_loss`` -- :class:`~vlp_codebook.models.losses.MultiDirectionalDistillationLoss`
   restricted to the intra-modal directions i2i and t2t (open_clip's contrastive loss already is
@@ -165,9 +167,11 @@ class CodebookCLIP(nn.Module):
         self.alpha_warmup_steps = int(alpha_warmup_steps)
         self.codebook_loss = CodebookOTLoss(num_codewords=codebook_size, embed_dim=self.embed_dim,
                                             loss_weight=float(codebook_weight), **dict(codebook_kwargs or {}))
+        # Built at the first training forward (or checkpoint load), after open_clip_train has
+        # locked towers: --lock-image-freeze-bn-stats replaces the trunk's BatchNorm modules.
+        self.needs_teacher = plan_features == 'teacher' or self.intra
+        self.momentum = float(momentum)
         self.teacher = None
-        if plan_features == 'teacher' or self.intra:
-            self.teacher = MomentumTeacher(clip, momentum=momentum)
         self.image_queue = self.text_queue = self.intra_loss = None
         if self.intra:
             self.image_queue = FeatureQueue(queue_size, self.embed_dim)
@@ -186,6 +190,11 @@ class CodebookCLIP(nn.Module):
             if clip is None:
                 raise
             return getattr(clip, name)
+
+    def _ensure_teacher(self) -> MomentumTeacher:
+        if self.teacher is None:
+            self.teacher = MomentumTeacher(self.clip, momentum=self.momentum)
+        return self.teacher
 
     @property
     def codebook(self):
@@ -216,7 +225,8 @@ class CodebookCLIP(nn.Module):
             return out
         image_feats, text_feats = out['image_features'], out['text_features']
         image_m = text_m = None
-        if self.teacher is not None:
+        if self.needs_teacher:
+            self.teacher = self._ensure_teacher()
             self.teacher.update(self.clip)
             image_m, text_m = self._teacher_features(image, text, out)
         losses: Dict[str, torch.Tensor] = {}
@@ -243,6 +253,8 @@ class CodebookCLIP(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As ``nn.Module.load_state_dict``, with an error that names the flags when the
         checkpoint's codebook or CODIS parts do not fit this model."""
+        if self.needs_teacher and any(k.startswith(('teacher.', 'module.teacher.')) for k in state_dict):
+            self._ensure_teacher()
         key = 'codebook_loss.codebook.weight'
         weight = state_dict.get(key, state_dict.get('module.' + key))
         own = self.codebook.weight

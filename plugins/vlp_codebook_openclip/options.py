@@ -115,10 +115,6 @@ def check_compatible(options: argparse.Namespace, args: argparse.Namespace) -> N
         problems.append('CoCa models (the plugin adds its terms to open_clip\'s ClipLoss only)')
     if getattr(args, 'distill_model', None) is not None:
         problems.append('--distill-model (not combined with the CODIS terms)')
-    needs_teacher = options.codis_intra or options.codebook_plan_features == 'teacher'
-    if needs_teacher and getattr(args, 'lock_image_freeze_bn_stats', False):
-        problems.append('--lock-image-freeze-bn-stats with a momentum teacher (it changes the student\'s '
-                        'modules after the teacher copied them)')
     if problems:
         raise SystemExit('vlp_codebook_openclip: not supported: ' + '; '.join(problems))
 

@@ -1,0 +1,173 @@
+"""The entry point trains a tiny open_clip model from scratch with the codebook through
+open_clip_train's own loop, on real emoji image-caption pairs; resume, export and bad flags."""
+from __future__ import annotations
+
+import glob
+import os.path as osp
+import pickle
+import re
+
+import pytest
+import torch
+
+from openclip_helpers import run_entry_point
+
+EPOCHS = 3      # 8 steps of 32 pairs per epoch: 24 steps
+
+
+def _train_args(csv, logs, name, *extra):
+    return ('--model', 'codis-tiny-vit', '--train-data', csv, '--dataset-type', 'csv', '--csv-separator', '\t',
+            '--batch-size', '32', '--epochs', str(EPOCHS), '--workers', '0', '--lr', '2e-3', '--warmup', '2',
+            '--precision', 'fp32', '--seed', '0', '--log-every-n-steps', '2', '--logs', str(logs), '--name', name,
+            '--report-to', 'tensorboard', '--save-frequency', '1',
+            '--codebook-size', '64', '--codebook-plan-features', 'teacher', '--codis-intra', '--queue-size', '64',
+            *extra)
+
+
+@pytest.fixture(scope='module')
+def trained(openclip_plugin, emoji_csv, tmp_path_factory):
+    logs = tmp_path_factory.mktemp('openclip_logs')
+    proc = run_entry_point(*_train_args(emoji_csv, logs, 'full'))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = logs / 'full'
+    return dict(logs=logs, run=run, csv=emoji_csv, log=(run / 'out.log').read_text(), stderr=proc.stderr)
+
+
+def _epoch_means(log: str, term: str):
+    """The running mean of ``term`` at the last logged step of each epoch."""
+    means = {}
+    for line in log.splitlines():
+        epoch = re.search(r'Train Epoch: (\d+)', line)
+        value = re.search(rf'{term}: [0-9.e+-]+ \(([0-9.e+-]+)\)', line)
+        if epoch and value:
+            means[int(epoch.group(1))] = float(value.group(1))
+    return [means[e] for e in sorted(means)]
+
+
+def _load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def test_codebook_terms_are_logged_by_open_clip_and_tensorboard(trained):
+    for term in ('Contrastive_loss', 'Codebook_i2p', 'Codebook_t2p', 'Codebook_ot_v', 'Codebook_ot_t',
+                 'Intra_i2i', 'Intra_t2t'):
+        assert f'{term}:' in trained['log'], term
+    assert re.search(r'codebook step \d+: codebook_usage_perplexity [0-9.]+', trained['log'])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(trained['run'] / 'tensorboard'))
+    events.Reload()
+    tags = set(events.Tags()['scalars'])
+    assert {'train/codebook_i2p', 'train/intra_t2t', 'train/contrastive_loss',
+            'train/codebook_usage_perplexity', 'train/code_plan_perplexity'} <= tags
+    perplexity = [e.value for e in events.Scalars('train/codebook_usage_perplexity')]
+    assert len(perplexity) >= EPOCHS and all(1.0 <= p <= 64.0 for p in perplexity)
+
+
+def test_the_losses_fall(trained):
+    for term in ('Loss', 'Contrastive_loss', 'Codebook_i2p', 'Codebook_t2p'):
+        means = _epoch_means(trained['log'], term)
+        assert len(means) == EPOCHS, (term, means)
+        assert means[-1] < means[0] - 0.05, (term, means)
+
+
+def test_codebook_and_teacher_move_and_checkpoints_are_data(trained):
+    checkpoints = trained['run'] / 'checkpoints'
+    first, last = _load(checkpoints / 'epoch_1.pt'), _load(checkpoints / f'epoch_{EPOCHS}.pt')
+    key = 'codebook_loss.codebook.weight'
+    a, b = first['state_dict'][key], last['state_dict'][key]
+    angle = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    assert (angle < 1 - 1e-6).float().mean() > 0.9          # nearly every codeword turned
+    # the EMA teacher follows the student, without being equal to it
+    student = last['state_dict']['clip.text_projection']
+    teacher = last['state_dict']['teacher.module.text_projection']
+    assert not torch.equal(student, teacher)
+    assert torch.equal(last['state_dict']['teacher.num_updates'], torch.tensor(8 * EPOCHS))
+    assert int(last['state_dict']['image_queue.num_valid']) == 64
+
+
+def test_resume_is_exact(trained):
+    checkpoints = trained['run'] / 'checkpoints'
+    proc = run_entry_point(*_train_args(trained['csv'], trained['logs'], 'resumed', '--resume',
+                                        str(checkpoints / 'epoch_2.pt')))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    uninterrupted = _load(checkpoints / f'epoch_{EPOCHS}.pt')
+    resumed = _load(trained['logs'] / 'resumed' / 'checkpoints' / f'epoch_{EPOCHS}.pt')
+    assert uninterrupted['state_dict'].keys() == resumed['state_dict'].keys()
+    for key, value in uninterrupted['state_dict'].items():
+        assert torch.equal(value, resumed['state_dict'][key]), key
+    for group_a, group_b in zip(uninterrupted['optimizer']['state'].values(), resumed['optimizer']['state'].values()):
+        for name in group_a:
+            assert torch.equal(group_a[name], group_b[name]), name
+
+
+def test_resume_with_another_codebook_size_names_the_flag(trained):
+    checkpoints = trained['run'] / 'checkpoints'
+    args = list(_train_args(trained['csv'], trained['logs'], 'wrong_size', '--resume', str(checkpoints / 'epoch_2.pt')))
+    args[args.index('--codebook-size') + 1] = '32'
+    proc = run_entry_point(*args)
+    assert proc.returncode == 1
+    assert 'error: ValueError' in proc.stderr and '--codebook-size' in proc.stderr
+    assert 'Traceback' not in proc.stderr                      # one line, as the other tools
+
+
+def test_export_loads_in_plain_open_clip(trained, tmp_path):
+    import open_clip
+
+    from vlp_codebook_openclip import CodebookCLIP
+    from vlp_codebook_openclip.export import main as export_main
+    source = trained['run'] / 'checkpoints' / f'epoch_{EPOCHS}.pt'
+    out = tmp_path / 'plain.pt'
+    export_main([str(source), str(out)])
+    exported = _load(out)['state_dict']
+    assert not any(k.startswith(('codebook_loss', 'teacher', 'image_queue', 'clip.')) for k in exported)
+    plain, _, _ = open_clip.create_model_and_transforms('codis-tiny-vit', pretrained=str(out))
+    clip, _, _ = open_clip.create_model_and_transforms('codis-tiny-vit', output_dict=True)
+    wrapped = CodebookCLIP(clip, codebook_size=64, plan_features='teacher', intra=True, queue_size=64)
+    wrapped.load_state_dict(_load(source)['state_dict'])
+    images = torch.randn(3, 3, 32, 32)
+    plain.eval(), wrapped.eval()
+    with torch.no_grad():
+        assert torch.equal(plain.encode_image(images), wrapped.encode_image(images))
+    # never the untrained init: the trained weights differ from a fresh model's
+    fresh, _, _ = open_clip.create_model_and_transforms('codis-tiny-vit')
+    assert not torch.equal(fresh.state_dict()['text_projection'], plain.state_dict()['text_projection'])
+
+
+def test_checkpoint_reader_refuses_code(openclip_plugin, tmp_path):
+    from vlp_codebook_openclip.train import load_checkpoint_data
+    marker = tmp_path / 'ran'
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), 'w'))
+
+    path = tmp_path / 'evil.pt'
+    with open(path, 'wb') as handle:
+        pickle.dump({'state_dict': {}, 'x': Payload()}, handle)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint_data(str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--codebook-size', '0'], '--codebook-size must be a positive integer, got 0'),
+    (['--codebook-weight', 'nan'], '--codebook-weight must be a finite number > 0'),
+    (['--codis-intra'], '--codis-intra needs --queue-size'),
+    (['--queue-size', '16'], '--queue-size is only used by --codis-intra'),
+    (['--codis-momentum', '1.5'], '--codis-momentum must be in [0, 1]'),
+    (['--no-codebook', '--codis-intra', '--queue-size', '8'], '--no-codebook trains without the CODIS terms'),
+])
+def test_bad_flags_name_the_flag(openclip_plugin, capsys, argv, message):
+    from vlp_codebook_openclip.options import parse_codebook_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse_codebook_args(argv + ['--model', 'codis-tiny-vit'])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unsupported_open_clip_settings_are_refused_by_name(openclip_plugin, emoji_csv, tmp_path):
+    from vlp_codebook_openclip.train import main
+    with pytest.raises(SystemExit, match='--accum-freq'):
+        main(['--model', 'codis-tiny-vit', '--train-data', emoji_csv, '--dataset-type', 'csv',
+              '--csv-separator', '\t', '--accum-freq', '2', '--logs', str(tmp_path), '--workers', '0'])
+    assert not glob.glob(osp.join(tmp_path, '*', 'checkpoints', '*.pt'))
