@@ -16,3 +16,6 @@ def run_entry_point(*argv: str, timeout: float = 400) -> subprocess.CompletedPro
                PYTHONPATH=os.pathsep.join([osp.join(ROOT, 'plugins'), ROOT, os.environ.get('PYTHONPATH', '')]))
     return subprocess.run([sys.executable, '-m', 'vlp_codebook_openclip.train', *argv], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+# the tests' own helpers (ddp_utils) live one folder up
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))

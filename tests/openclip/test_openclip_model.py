@@ -1,0 +1,138 @@
+"""CodebookCLIP and CodebookClipLoss through the Python API (for users with their own loop)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _clip(seed=0):
+    import open_clip
+    torch.manual_seed(seed)
+    model, _, _ = open_clip.create_model_and_transforms('codis-tiny-vit', output_dict=True)
+    return model
+
+
+def _batch(n=6, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(1, 49000, (n, 16), generator=generator)
+
+
+def test_open_clip_interface_is_the_wrapped_models(openclip_plugin):
+    from vlp_codebook_openclip import CodebookCLIP
+    clip = _clip()
+    model = CodebookCLIP(clip, codebook_size=32)
+    assert model.logit_scale is clip.logit_scale and model.visual is clip.visual
+    assert model.embed_dim == 64 and model.codebook.weight.shape == (32, 64)
+    # the codebook is one of the model's parameters: open_clip's optimizer trains it
+    assert any(p is model.codebook.weight for p in model.parameters())
+    images, texts = _batch()
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), clip.encode_image(images))
+
+
+def test_loss_keeps_open_clips_term_exactly_and_adds_ours(openclip_plugin):
+    import open_clip
+
+    from vlp_codebook_openclip import CodebookCLIP, CodebookClipLoss
+    model = CodebookCLIP(_clip(), codebook_size=32)
+    loss = CodebookClipLoss(open_clip.ClipLoss())
+    out = model(*_batch())
+    losses = loss(**out, output_dict=True)
+    reference = open_clip.ClipLoss()(out['image_features'], out['text_features'], out['logit_scale'])
+    assert torch.equal(losses['contrastive_loss'], reference)
+    assert set(losses) == {'contrastive_loss', 'codebook_i2p', 'codebook_t2p', 'codebook_ot_v', 'codebook_ot_t'}
+    total = loss(**out)
+    assert torch.allclose(total, sum(losses.values()))
+    # the codebook terms are those of CodebookOTLoss on the same features (student plans)
+    direct = model.codebook_loss(out['image_features'], out['text_features'])
+    assert torch.allclose(losses['codebook_i2p'], direct['loss_i2p'])
+
+
+def test_eval_mode_is_open_clip_unchanged_and_moves_no_state(openclip_plugin):
+    from vlp_codebook_openclip import CodebookCLIP
+    model = CodebookCLIP(_clip(), codebook_size=32, intra=True, queue_size=8)
+    model.eval()
+    out = model(*_batch())
+    assert set(out) == {'image_features', 'text_features', 'logit_scale'}
+    assert model.teacher is None and model.image_queue is not None and len(model.image_queue) == 0
+
+
+def test_training_step_with_locked_image_tower(openclip_plugin):
+    """--lock-image: the image tower does not move, the codebook does, and the teacher's image
+    features are the (frozen) student's."""
+    import open_clip
+
+    from vlp_codebook_openclip import CodebookCLIP, CodebookClipLoss
+    model = CodebookCLIP(_clip(), codebook_size=32, intra=True, queue_size=8, plan_features='teacher')
+    model.lock_image_tower()
+    visual_before = {k: v.clone() for k, v in model.clip.visual.state_dict().items()}
+    codebook_before = model.codebook.weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = CodebookClipLoss(open_clip.ClipLoss())
+    images, texts = _batch()
+    out = model(images, texts)
+    assert set(out['codis_losses']) == {'codebook_i2p', 'codebook_t2p', 'codebook_ot_v', 'codebook_ot_t',
+                                        'intra_i2i', 'intra_t2t'}
+    sum(loss(**out, output_dict=True).values()).backward()
+    optimizer.step()
+    for key, value in model.clip.visual.state_dict().items():
+        assert torch.equal(value, visual_before[key]), key
+    assert not torch.equal(model.codebook.weight, codebook_before)
+    # the teacher exists now, was not trained, and its image features for the frozen tower equal
+    # the student's
+    assert model.teacher is not None and not any(p.requires_grad for p in model.teacher.parameters())
+    with torch.no_grad():
+        teacher_image = model.teacher.module.encode_image(images, normalize=True)
+        student_image = model.clip.encode_image(images, normalize=True)
+    assert torch.allclose(teacher_image, student_image, atol=1e-6)
+    assert len(model.image_queue) == 6 and len(model.text_queue) == 6
+
+
+def test_bf16_autocast_keeps_codebook_terms_fp32(openclip_plugin):
+    from vlp_codebook_openclip import CodebookCLIP
+    model = CodebookCLIP(_clip(), codebook_size=32)
+    images, texts = _batch()
+    reference = {k: v.detach() for k, v in model(images, texts)['codis_losses'].items()}
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(images, texts)
+    for name, value in out['codis_losses'].items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+        # bf16 features (8 mantissa bits), fp32 plans and softmax: close to the fp32 run
+        assert value.item() == pytest.approx(reference[name].item(), rel=0.05), name
+
+
+def test_state_dict_roundtrip_builds_the_teacher(openclip_plugin):
+    from vlp_codebook_openclip import CodebookCLIP
+    trained = CodebookCLIP(_clip(0), codebook_size=32, intra=True, queue_size=8)
+    trained(*_batch())
+    fresh = CodebookCLIP(_clip(1), codebook_size=32, intra=True, queue_size=8)
+    assert fresh.teacher is None
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.teacher is not None and fresh.teacher.counter('num_updates') == 1
+    for key, value in trained.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+    assert len(fresh.image_queue) == 6
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(codebook_size=0), 'codebook_size must be a positive integer'),
+    (dict(codebook_weight=-1.0), 'codebook_weight must be a finite number > 0'),
+    (dict(plan_features='momentum'), "plan_features must be one of ['student', 'teacher']"),
+    (dict(intra=True), 'intra=True needs queue_size >= 1'),
+])
+def test_bad_arguments_are_named(openclip_plugin, kwargs, message):
+    from vlp_codebook_openclip import CodebookCLIP
+    with pytest.raises(ValueError) as info:
+        CodebookCLIP(_clip(), **kwargs)
+    assert message in str(info.value)
+
+
+def test_checkpoint_of_other_options_is_refused_with_the_flags(openclip_plugin):
+    from vlp_codebook_openclip import CodebookCLIP
+    source = CodebookCLIP(_clip(), codebook_size=32)
+    with pytest.raises(ValueError, match='--codebook-size'):
+        CodebookCLIP(_clip(), codebook_size=16).load_state_dict(source.state_dict())
+    with pytest.raises(ValueError, match='--codis-intra'):
+        CodebookCLIP(_clip(), codebook_size=32, intra=True, queue_size=4).load_state_dict(source.state_dict())
+    with pytest.raises(ValueError, match='--pretrained'):
+        CodebookCLIP(_clip(), codebook_size=32).load_state_dict(_clip().state_dict())
