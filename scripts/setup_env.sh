@@ -39,6 +39,23 @@ pip=("$venv/bin/python" -m pip install --disable-pip-version-check --progress-ba
 # setuptools < 80.9: mim imports pkg_resources, which warns on every import from 80.9 on
 "${pip[@]}" -q --upgrade pip 'setuptools>=77.0.3,<80.9' wheel
 
+# What is in the venv now: "editable" (setup_env.sh test), "regular" (setup_env.sh main) or "none".
+installed_kind() {
+  "$venv/bin/python" -I - <<'PYEOF' 2>/dev/null || echo none
+import json
+from importlib.metadata import PackageNotFoundError, distribution
+try:
+    dist = distribution('vlp_codebook')
+except PackageNotFoundError:
+    print('none')
+else:
+    direct = dist.read_text('direct_url.json')
+    editable = bool(direct) and json.loads(direct).get('dir_info', {}).get('editable', False)
+    print('editable' if editable else 'regular')
+PYEOF
+}
+previous="$(installed_kind)"
+
 case "$flavour" in
   main)
     # The CPU build of torch 2.13.0 lies on this machine's disk; an unpinned torch is a multi-GB CUDA build.
@@ -75,4 +92,14 @@ case "$flavour" in
     ;;
 esac
 "$venv/bin/python" -c 'import torch, mmengine, vlp_codebook; print("vlp_codebook", vlp_codebook.__version__, "torch", torch.__version__, "mmengine", mmengine.__version__)'
+# The two flavours share $venv by default; say what the second one replaced.
+if [ "$flavour" = test ] && [ "$previous" = regular ]; then
+  say "note: $venv held the regular install of 'setup_env.sh main'; it is now the editable test install"
+  say "  (torch 2.14.1). 'mim run vlp_codebook ...' needs a regular install and fails in an editable one:"
+  say "  here use '$venv/bin/python -m vlp_codebook.tools.train|test ...' (same arguments), or keep both:"
+  say "  'VENV=.venv-main bash scripts/setup_env.sh main' makes a separate environment for mim."
+elif [ "$flavour" = main ] && [ "$previous" = editable ]; then
+  say "note: $venv held the editable test install; vlp_codebook is now a regular install (mim works),"
+  say "  the test packages stay. Edits to the source tree now need 'bash scripts/setup_env.sh test' again."
+fi
 say "done: $(du -sh "$venv" 2>/dev/null | cut -f1) in $venv"

