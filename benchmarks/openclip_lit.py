@@ -59,6 +59,7 @@ from real_data_ablation import (METRICS, ensure_data, load_splits,  # noqa: E402
                                 paired_difference)
 
 from vlp_codebook.evaluation.retrieval import retrieval_recalls  # noqa: E402
+from vlp_codebook_openclip.csv_from_json import write_csv  # noqa: E402
 
 MODEL_NAME = 'codis-effnetlite0-minilm'
 # EfficientNet-Lite's preprocessing is (x - 127) / 128 on 0..255 pixels
@@ -145,17 +146,6 @@ def initial_checkpoint(seed: int, config_dir: str, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     torch.save({'state_dict': model.state_dict()}, path + '.tmp')
     os.replace(path + '.tmp', path)
-    return path
-
-
-# --------------------------------------------------------------------------------------- data
-def write_csv(entries: Sequence[Mapping], data_dir: str, path: str) -> str:
-    """open_clip's ``--dataset-type csv`` file (tab-separated ``filepath``, ``title``)."""
-    with open(path, 'w', encoding='utf-8') as handle:
-        handle.write('filepath\ttitle\n')
-        for entry in entries:
-            caption = ' '.join(entry['caption'].split())
-            handle.write(f"{osp.join(data_dir, entry['image'])}\t{caption}\n")
     return path
 
 
@@ -303,7 +293,8 @@ def main(argv=None) -> dict:
     splits = load_splits(args.data, max_images=args.max_images)
     write_model_config(args.config_dir, args.image_size, args.context_length)
     os.makedirs(osp.join(args.results_dir, protocol_key(args)), exist_ok=True)
-    csv = write_csv(splits['train'], args.data, osp.join(args.results_dir, protocol_key(args), 'train.csv'))
+    csv = osp.join(args.results_dir, protocol_key(args), 'train.csv')
+    write_csv(splits['train'], args.data, csv)
     print(f"train {len(splits['train'])} pairs, val {len(splits['val']['images'])} images / "
           f"{len(splits['val']['captions'])} captions, test {len(splits['test']['images'])} / "
           f"{len(splits['test']['captions'])}; {args.epochs} epochs, batch {args.batch}, {args.image_size} px",

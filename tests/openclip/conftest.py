@@ -38,8 +38,6 @@ def emoji_csv(tmp_path_factory):
     with open(osp.join(data_dir, 'train.json'), encoding='utf-8') as handle:
         entries = json.load(handle)[:256]
     path = tmp_path_factory.mktemp('openclip_csv') / 'train.csv'
-    with open(path, 'w', encoding='utf-8') as handle:
-        handle.write('filepath\ttitle\n')
-        for entry in entries:
-            handle.write(f"{osp.join(data_dir, entry['image'])}\t{' '.join(entry['caption'].split())}\n")
+    from vlp_codebook_openclip.csv_from_json import write_csv
+    assert write_csv(entries, data_dir, str(path)) == 256
     return str(path)
