@@ -227,7 +227,7 @@ class CheckpointCoverageHook(Hook):
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         model = unwrap_model(runner.model)
         coverage = state_dict_coverage(model, checkpoint_state_dict(checkpoint))
-        source = getattr(runner, '_load_from', None) or 'the checkpoint'
+        source = getattr(runner, '_load_from', None) or '(path not known)'
         expected = self.expected_missing
         if expected is None:
             expected = getattr(model, 'load_from_expected_missing', None)

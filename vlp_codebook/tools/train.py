@@ -9,7 +9,9 @@ Usage::
 
 ``CONFIG`` is a path or the name of a shipped config (``codis_demo``, ``configs/codis_demo.py``;
 see :func:`vlp_codebook.engine.config.resolve_config`). ``--resume`` alone (or ``auto``)
-continues from the latest checkpoint in the work dir; ``--resume PATH`` from that file.
+continues from the checkpoint ``last_checkpoint`` names if it is intact, else from the newest
+intact one in the work dir, saying so (:mod:`vlp_codebook.engine.resume`); ``--resume PATH`` from
+that file. Checkpoints are written crash-safe (:mod:`vlp_codebook.engine.checkpoint_saving`).
 ``--amp``: fp16 ``AmpOptimWrapper`` with CUDA, bfloat16 autocast on CPU.
 ``--verbose``: mmengine's full console output (environment, config dump, hook table, every loss
 term) and tracebacks; by default they go to the log file only (:mod:`vlp_codebook.tools.tool_runner`).
@@ -33,6 +35,7 @@ import vlp_codebook.engine  # noqa: F401  (import for its registrations)
 from mmengine.config import Config, DictAction
 
 from vlp_codebook.engine.checkpoint import TRUST_ENV, checkpoint_loading
+from vlp_codebook.engine.checkpoint_saving import use_atomic_checkpoint_hook
 from vlp_codebook.engine.config import load_config
 from vlp_codebook.engine.distributed import LAUNCHERS, setup_launcher
 from vlp_codebook.engine.iteration_seed import IterationSeedHook
@@ -140,6 +143,7 @@ def build_train_config(args: argparse.Namespace) -> Config:
     if args.amp:
         enable_amp(cfg)
     add_iteration_seed_hook(cfg)
+    use_atomic_checkpoint_hook(cfg)   # crash-safe saving (temp file, fsync, rename)
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None
