@@ -94,12 +94,20 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                         help='go on (with a warning) when the checkpoint leaves model weights unloaded')
 
 
-def add_checkpoint_coverage_hook(cfg: Config, mode: str, allow_missing: bool = False) -> None:
-    """Check the loaded checkpoint against the model (:class:`CheckpointCoverageHook`)."""
+def add_nonfinite_arg(parser: argparse.ArgumentParser) -> None:
+    """``--allow-nonfinite`` of the tools that refuse NaN/inf weights (test, gradcam)."""
+    parser.add_argument('--allow-nonfinite', action='store_true',
+                        help='go on (with a warning) when the checkpoint\'s weights hold NaN or inf')
+
+
+def add_checkpoint_coverage_hook(cfg: Config, mode: str, allow_missing: bool = False,
+                                 allow_nonfinite: bool = False) -> None:
+    """Check the loaded checkpoint against the model (:class:`CheckpointCoverageHook`); in
+    ``'evaluate'`` mode also refuse NaN/inf weights unless ``allow_nonfinite``."""
     hooks = [h for h in (cfg.get('custom_hooks') or [])
              if not (isinstance(h, dict) and h.get('type') == 'CheckpointCoverageHook')]
     hooks.append(dict(type='CheckpointCoverageHook', mode=mode, allow_missing=allow_missing,
-                      expected_missing=cfg.get('load_from_expected_missing')))
+                      expected_missing=cfg.get('load_from_expected_missing'), allow_nonfinite=allow_nonfinite))
     cfg.custom_hooks = hooks
 
 
