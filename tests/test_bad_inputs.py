@@ -131,6 +131,31 @@ def _via_lavis_vit_pretrained(path, tmp_path, trust):
                                                    vit_width=32, vit_depth=1, vit_num_heads=2, vit_pretrained=path)))
 
 
+def _hub_cache(tmp_path, monkeypatch):
+    """A private torch hub cache ($TORCH_HOME/hub/checkpoints): a 'download' finds its files there."""
+    home = tmp_path / 'torch_home'
+    cache = home / 'hub' / 'checkpoints'
+    cache.mkdir(parents=True)
+    monkeypatch.setenv('TORCH_HOME', str(home))
+    return cache
+
+
+def _plant_in_cache(url, source, tmp_path, monkeypatch):
+    from urllib.parse import urlparse
+    target = _hub_cache(tmp_path, monkeypatch) / osp.basename(urlparse(url).path)
+    target.write_bytes(Path(source).read_bytes())
+    return url
+
+
+def _url_route(route):
+    """``route`` given the checkpoint as an https:// URL whose file is in the torch hub cache."""
+    def via_url(path, tmp_path, trust):
+        with pytest.MonkeyPatch.context() as patch:
+            url = _plant_in_cache('https://models.example.invalid/weights/evil.pth', path, tmp_path, patch)
+            route(url, tmp_path, trust)
+    return via_url
+
+
 LOAD_PATHS = {
     'tools.test CONFIG evil.pth': _via_test_tool,
     'tools.train --resume evil.pth': _via_train_resume,
@@ -140,6 +165,10 @@ LOAD_PATHS = {
     'mmengine CheckpointLoader after import vlp_codebook.engine': _via_mmengine_loader,
     'ViTImageEncoder(pretrained=evil.pth)': _via_encoder_pretrained,
     'LAVIS plugin vit_pretrained=evil.pth': _via_lavis_vit_pretrained,
+    # a URL: mmengine's http(s) loader (torch.hub, weights_only=False by default) finds it in the hub cache
+    'tools.test CONFIG https://.../evil.pth (torch hub cache)': _url_route(_via_test_tool),
+    'tools.train --cfg-options load_from=https://.../evil.pth': _url_route(_via_train_load_from),
+    'tools.train --resume https://.../evil.pth': _url_route(_via_train_resume),
 }
 
 
@@ -185,6 +214,113 @@ def test_lavis_checkpoint_switches_refuse_the_malicious_checkpoint(switch, evil,
 def pickle_error():
     import pickle
     return pickle.UnpicklingError
+
+
+# ============================================================== 1b. checkpoints given as a URL or scheme
+
+def _http_url(prefix):
+    def url(source, tmp_path, monkeypatch):
+        return _plant_in_cache(f'{prefix}models.example.invalid/weights/evil.pth', source, tmp_path, monkeypatch)
+    return url
+
+
+def _model_zoo_url(prefix, table, name):
+    def url(source, tmp_path, monkeypatch):
+        from mmengine.runner import checkpoint as mm_checkpoint
+        _plant_in_cache(getattr(mm_checkpoint, table)()[name], source, tmp_path, monkeypatch)
+        return f'{prefix}{name}'
+    return url
+
+
+def _object_store_url(prefix):
+    """s3:// and petrel:// read through mmengine's file backend (petrel_client, not installed): a
+    stand-in backend serves the planted file's bytes."""
+    def url(source, tmp_path, monkeypatch):
+        from mmengine.runner import checkpoint as mm_checkpoint
+
+        class Store:
+            def get(self, filename):
+                return Path(source).read_bytes()
+        monkeypatch.setattr(mm_checkpoint, 'get_file_backend', lambda *args, **kwargs: Store())
+        return f'{prefix}bucket/evil.pth'
+    return url
+
+
+def _pavi_url(source, tmp_path, monkeypatch):
+    """pavi:// downloads through the pavi package (not installed): a stand-in module copies the file."""
+    import shutil
+    import types
+
+    class Model:
+        name = 'evil.pth'
+
+        def download(self, destination):
+            shutil.copy(source, destination)
+
+    pavi = types.ModuleType('pavi')
+    pavi.modelcloud = types.SimpleNamespace(get=lambda path: Model())
+    monkeypatch.setitem(sys.modules, 'pavi', pavi)
+    return 'pavi://project/evil.pth'
+
+
+#: every scheme mmengine's CheckpointLoader registers -> how to plant a file behind it offline
+SCHEMES = {
+    'http://': _http_url('http://'),
+    'https://': _http_url('https://'),
+    'torchvision://': _model_zoo_url('torchvision://', 'get_torchvision_models', 'resnet18'),
+    'modelzoo://': _model_zoo_url('modelzoo://', 'get_torchvision_models', 'resnet18'),
+    'mmcls://': _model_zoo_url('mmcls://', 'get_mmcls_models', 'vgg11'),
+    'open-mmlab://': _model_zoo_url('open-mmlab://', 'get_external_models', 'vgg16_caffe'),
+    'openmmlab://': _model_zoo_url('openmmlab://', 'get_external_models', 'vgg16_caffe'),
+    r'(\S+\:)?s3://': _object_store_url('s3://'),
+    r'(\S+\:)?petrel://': _object_store_url('petrel://'),
+    'pavi://': _pavi_url,
+}
+
+
+def test_every_registered_scheme_is_covered_below():
+    registered = {prefix for prefix in CheckpointLoader._schemes if prefix}
+    assert registered == set(SCHEMES), f'new or removed mmengine schemes: {registered ^ set(SCHEMES)}'
+
+
+@pytest.mark.parametrize('scheme', list(SCHEMES))
+def test_scheme_loads_as_data(scheme, evil, tmp_path, monkeypatch):
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    path, marker = evil
+    url = SCHEMES[scheme](path, tmp_path, monkeypatch)
+    with checkpoint_loading(), pytest.raises(UntrustedCheckpointError) as error:
+        CheckpointLoader.load_checkpoint(url, map_location='cpu')
+    assert not marker.exists(), f'{url}: code from the checkpoint ran'
+    message = str(error.value)
+    assert url in message and 'io.open' in message and '--trust-checkpoint' in message
+    # the same file with the opt-in: its code runs (so the refusal above is what stopped it)
+    with checkpoint_loading(trust=True), contextlib.suppress(Exception):
+        CheckpointLoader.load_checkpoint(url, map_location='cpu')
+    assert marker.exists()
+    # a plain state dict behind the same URL loads
+    good = tmp_path / 'good.pth'
+    torch.save({'state_dict': {'backbone.w': torch.arange(3.0)}, 'meta': {'epoch': 1}}, good)
+    url = SCHEMES[scheme](str(good), tmp_path / 'again', monkeypatch)
+    with checkpoint_loading():
+        loaded = CheckpointLoader.load_checkpoint(url, map_location='cpu')
+    weights = loaded.get('state_dict', loaded)
+    assert torch.equal(next(iter(weights.values())), torch.arange(3.0))
+
+
+def test_last_checkpoint_naming_a_url_is_not_loaded(evil, tmp_path, monkeypatch):
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    path, marker = evil
+    url = _plant_in_cache('https://models.example.invalid/weights/evil.pth', path, tmp_path, monkeypatch)
+    work_dir = tmp_path / 'w'
+    work_dir.mkdir()
+    (work_dir / 'last_checkpoint').write_text(url)
+    runner = train_tool.main([TOY_CONFIG, '--work-dir', str(work_dir), '--resume', '--cfg-options',
+                              'train_cfg.max_iters=1'])
+    assert not marker.exists()
+    assert runner.iter == 1   # from scratch: the work dir holds no checkpoint of its own
+    log = next(work_dir.glob('*/*.log')).read_text()
+    assert (f"last_checkpoint names '{url}', not a file of this work dir (to resume from it, pass it: "
+            f"--resume URL), and there is no checkpoint in {work_dir}: training starts from scratch") in log
 
 
 # ============================================================== 2. checkpoints that do not fit

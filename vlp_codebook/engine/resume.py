@@ -115,4 +115,4 @@ def pick_resume_checkpoint(work_dir: str) -> Tuple[Optional[str], Optional[str]]
             'Resume from a copy you trust with --resume PATH, or train from scratch in a new work dir.')
     others = sorted(osp.basename(p) for p in glob.glob(osp.join(glob.escape(work_dir), '*.pth')))
     note = f' (not resumed from: {", ".join(others[:5])}; pass --resume PATH for one of them)' if others else ''
-    return None, f'--resume: no checkpoint in {work_dir}: training starts from scratch{note}'
+    return None, f'--resume: {why}, and there is no checkpoint in {work_dir}: training starts from scratch{note}'
