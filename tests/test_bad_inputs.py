@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import os.path as osp
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,8 @@ from PIL import Image
 
 FIXTURES = Path(__file__).resolve().parent / 'fixtures'
 TOY_CONFIG = str(FIXTURES / 'toy_config.py')
-CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs')
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CONFIGS = osp.join(REPO, 'configs')
 if str(FIXTURES) not in sys.path:
     sys.path.insert(0, str(FIXTURES))
 
@@ -131,6 +135,31 @@ def _via_lavis_vit_pretrained(path, tmp_path, trust):
                                                    vit_width=32, vit_depth=1, vit_num_heads=2, vit_pretrained=path)))
 
 
+def _hub_cache(tmp_path, monkeypatch):
+    """A private torch hub cache ($TORCH_HOME/hub/checkpoints): a 'download' finds its files there."""
+    home = tmp_path / 'torch_home'
+    cache = home / 'hub' / 'checkpoints'
+    cache.mkdir(parents=True)
+    monkeypatch.setenv('TORCH_HOME', str(home))
+    return cache
+
+
+def _plant_in_cache(url, source, tmp_path, monkeypatch):
+    from urllib.parse import urlparse
+    target = _hub_cache(tmp_path, monkeypatch) / osp.basename(urlparse(url).path)
+    target.write_bytes(Path(source).read_bytes())
+    return url
+
+
+def _url_route(route):
+    """``route`` given the checkpoint as an https:// URL whose file is in the torch hub cache."""
+    def via_url(path, tmp_path, trust):
+        with pytest.MonkeyPatch.context() as patch:
+            url = _plant_in_cache('https://models.example.invalid/weights/evil.pth', path, tmp_path, patch)
+            route(url, tmp_path, trust)
+    return via_url
+
+
 LOAD_PATHS = {
     'tools.test CONFIG evil.pth': _via_test_tool,
     'tools.train --resume evil.pth': _via_train_resume,
@@ -140,6 +169,10 @@ LOAD_PATHS = {
     'mmengine CheckpointLoader after import vlp_codebook.engine': _via_mmengine_loader,
     'ViTImageEncoder(pretrained=evil.pth)': _via_encoder_pretrained,
     'LAVIS plugin vit_pretrained=evil.pth': _via_lavis_vit_pretrained,
+    # a URL: mmengine's http(s) loader (torch.hub, weights_only=False by default) finds it in the hub cache
+    'tools.test CONFIG https://.../evil.pth (torch hub cache)': _url_route(_via_test_tool),
+    'tools.train --cfg-options load_from=https://.../evil.pth': _url_route(_via_train_load_from),
+    'tools.train --resume https://.../evil.pth': _url_route(_via_train_resume),
 }
 
 
@@ -185,6 +218,174 @@ def test_lavis_checkpoint_switches_refuse_the_malicious_checkpoint(switch, evil,
 def pickle_error():
     import pickle
     return pickle.UnpicklingError
+
+
+# ============================================================== 1b. checkpoints given as a URL or scheme
+
+def _http_url(prefix):
+    def url(source, tmp_path, monkeypatch):
+        return _plant_in_cache(f'{prefix}models.example.invalid/weights/evil.pth', source, tmp_path, monkeypatch)
+    return url
+
+
+def _model_zoo_url(prefix, table, name):
+    def url(source, tmp_path, monkeypatch):
+        from mmengine.runner import checkpoint as mm_checkpoint
+        _plant_in_cache(getattr(mm_checkpoint, table)()[name], source, tmp_path, monkeypatch)
+        return f'{prefix}{name}'
+    return url
+
+
+def _object_store_url(prefix):
+    """s3:// and petrel:// read through mmengine's file backend (petrel_client, not installed): a
+    stand-in backend serves the planted file's bytes."""
+    def url(source, tmp_path, monkeypatch):
+        from mmengine.runner import checkpoint as mm_checkpoint
+
+        class Store:
+            def get(self, filename):
+                return Path(source).read_bytes()
+        monkeypatch.setattr(mm_checkpoint, 'get_file_backend', lambda *args, **kwargs: Store())
+        return f'{prefix}bucket/evil.pth'
+    return url
+
+
+def _pavi_url(source, tmp_path, monkeypatch):
+    """pavi:// downloads through the pavi package (not installed): a stand-in module copies the file."""
+    import shutil
+    import types
+
+    class Model:
+        name = 'evil.pth'
+
+        def download(self, destination):
+            shutil.copy(source, destination)
+
+    pavi = types.ModuleType('pavi')
+    pavi.modelcloud = types.SimpleNamespace(get=lambda path: Model())
+    monkeypatch.setitem(sys.modules, 'pavi', pavi)
+    return 'pavi://project/evil.pth'
+
+
+#: every scheme mmengine's CheckpointLoader registers -> how to plant a file behind it offline
+SCHEMES = {
+    'http://': _http_url('http://'),
+    'https://': _http_url('https://'),
+    'torchvision://': _model_zoo_url('torchvision://', 'get_torchvision_models', 'resnet18'),
+    'modelzoo://': _model_zoo_url('modelzoo://', 'get_torchvision_models', 'resnet18'),
+    'mmcls://': _model_zoo_url('mmcls://', 'get_mmcls_models', 'vgg11'),
+    'open-mmlab://': _model_zoo_url('open-mmlab://', 'get_external_models', 'vgg16_caffe'),
+    'openmmlab://': _model_zoo_url('openmmlab://', 'get_external_models', 'vgg16_caffe'),
+    r'(\S+\:)?s3://': _object_store_url('s3://'),
+    r'(\S+\:)?petrel://': _object_store_url('petrel://'),
+    'pavi://': _pavi_url,
+}
+
+
+def test_every_registered_scheme_is_covered_below():
+    registered = {prefix for prefix in CheckpointLoader._schemes if prefix}
+    assert registered == set(SCHEMES), f'new or removed mmengine schemes: {registered ^ set(SCHEMES)}'
+
+
+@pytest.mark.parametrize('scheme', list(SCHEMES))
+def test_scheme_loads_as_data(scheme, evil, tmp_path, monkeypatch):
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    path, marker = evil
+    url = SCHEMES[scheme](path, tmp_path, monkeypatch)
+    with checkpoint_loading(), pytest.raises(UntrustedCheckpointError) as error:
+        CheckpointLoader.load_checkpoint(url, map_location='cpu')
+    assert not marker.exists(), f'{url}: code from the checkpoint ran'
+    message = str(error.value)
+    assert url in message and 'io.open' in message and '--trust-checkpoint' in message
+    # the same file with the opt-in: its code runs (so the refusal above is what stopped it)
+    with checkpoint_loading(trust=True), contextlib.suppress(Exception):
+        CheckpointLoader.load_checkpoint(url, map_location='cpu')
+    assert marker.exists()
+    # a plain state dict behind the same URL loads
+    good = tmp_path / 'good.pth'
+    torch.save({'state_dict': {'backbone.w': torch.arange(3.0)}, 'meta': {'epoch': 1}}, good)
+    url = SCHEMES[scheme](str(good), tmp_path / 'again', monkeypatch)
+    with checkpoint_loading():
+        loaded = CheckpointLoader.load_checkpoint(url, map_location='cpu')
+    weights = loaded.get('state_dict', loaded)
+    assert torch.equal(next(iter(weights.values())), torch.arange(3.0))
+
+
+def test_last_checkpoint_naming_a_url_is_not_loaded(evil, tmp_path, monkeypatch):
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    path, marker = evil
+    url = _plant_in_cache('https://models.example.invalid/weights/evil.pth', path, tmp_path, monkeypatch)
+    work_dir = tmp_path / 'w'
+    work_dir.mkdir()
+    (work_dir / 'last_checkpoint').write_text(url)
+    runner = train_tool.main([TOY_CONFIG, '--work-dir', str(work_dir), '--resume', '--cfg-options',
+                              'train_cfg.max_iters=1'])
+    assert not marker.exists()
+    assert runner.iter == 1   # from scratch: the work dir holds no checkpoint of its own
+    log = next(work_dir.glob('*/*.log')).read_text()
+    assert (f"last_checkpoint names '{url}', not a file of this work dir (to resume from it, pass it: "
+            f"--resume URL), and there is no checkpoint in {work_dir}: training starts from scratch") in log
+
+
+# ============================================================== 1c. allowed types, forbidden contents
+
+class _HistoryBomb:
+    """Unpickles as ``HistoryBuffer(nested, nested)``: 10 levels of 10 references to one list, a few
+    hundred bytes on disk that numpy would expand into 10**10 numbers (80 GB)."""
+
+    def __reduce__(self):
+        from mmengine.logging import HistoryBuffer
+        nested = [1.0] * 10
+        for _ in range(9):
+            nested = [nested] * 10
+        return (HistoryBuffer, (nested, nested, 1000000))
+
+
+class _HugeArray:
+    """Unpickles as numpy's ``_reconstruct(ndarray, shape, ...)`` with a shape the file chose."""
+
+    def __reduce__(self):
+        from vlp_codebook.engine.checkpoint import _multiarray
+        return (_multiarray()._reconstruct, (np.ndarray, (100000, 100000), b'b'))
+
+
+def _nested_history_state():
+    from mmengine.logging import HistoryBuffer
+    buffer = HistoryBuffer()
+    buffer.update(1.0)
+    buffer._log_history = [[1.0, 2.0]] * 3   # pickled as the buffer's state (NEWOBJ + BUILD)
+    return buffer
+
+
+def _object_array():
+    array = np.empty(2, dtype=object)
+    array[:] = ['a', {'b': 1}]
+    return array
+
+
+CONTENT_CASES = [
+    # (what the checkpoint's message hub holds, words the refusal must hold)
+    (_HistoryBomb, 'HistoryBuffer (logged scalars) in it has log_history with a list at index 0'),
+    (_nested_history_state, 'HistoryBuffer (logged scalars) in it has _log_history with a list at index 0'),
+    (_object_array, "numpy dtype 'O8' in it holds Python objects"),
+    (_HugeArray, 'numpy array rebuilt as _reconstruct(ndarray, (100000, 100000)'),
+]
+
+
+@pytest.mark.parametrize('make, words', CONTENT_CASES, ids=['history-bomb', 'history-state', 'object-dtype',
+                                                           'file-sized-array'])
+def test_allowed_types_with_forbidden_contents_are_refused(make, words, tmp_path, toy_checkpoint):
+    checkpoint = load_checkpoint_file(toy_checkpoint)   # a real one, with one value swapped
+    checkpoint['message_hub']['log_scalars']['train/loss'] = make()
+    path = tmp_path / 'crafted.pth'
+    torch.save(checkpoint, path)
+    assert path.stat().st_size < 40_000
+    start = time.perf_counter()
+    with pytest.raises(UntrustedCheckpointError) as error:
+        load_checkpoint_file(path)
+    assert time.perf_counter() - start < 1.0   # refused before anything is expanded or allocated
+    message = str(error.value)
+    assert words in message and str(path) in message and '--trust-checkpoint' in message
 
 
 # ============================================================== 2. checkpoints that do not fit
@@ -282,6 +483,207 @@ def test_converted_albef_keys_are_the_expected_missing_ones():
     keys = list(tiny_model().state_dict())
     for pattern in EXPECTED_MISSING_FROM_ALBEF:
         assert any(_matches(k, [pattern]) for k in keys), pattern
+
+
+# ============================================================== 6. saving, resuming, NaN weights, tools
+
+class _Killed(BaseException):
+    """Stands in for the process dying in the middle of writing a file."""
+
+
+def test_interrupted_rewrite_keeps_the_old_checkpoint_and_pointer(toy_checkpoint, tmp_path, monkeypatch):
+    from vlp_codebook.engine import checkpoint_saving
+    work = tmp_path / 'w'
+    work.mkdir()
+    shutil.copy(toy_checkpoint, work / 'iter_4.pth')
+    shutil.copy(toy_checkpoint, work / 'iter_8.pth')   # a good file the resumed run will rewrite at iter 8
+    (work / 'last_checkpoint').write_text(str(work / 'iter_8.pth'))
+    good = (work / 'iter_8.pth').read_bytes()
+
+    def dies_halfway(handle, data):
+        handle.write(data[: len(data) // 2])
+        raise _Killed()
+
+    monkeypatch.setattr(checkpoint_saving, '_write_all', dies_halfway)
+    with pytest.raises(_Killed):
+        train_tool.main([TOY_CONFIG, '--work-dir', str(work), '--resume', str(work / 'iter_4.pth')])
+    assert (work / 'iter_8.pth').read_bytes() == good   # mmengine truncated it here
+    assert (work / 'last_checkpoint').read_text() == str(work / 'iter_8.pth')
+    assert sorted(p.name for p in work.glob('*.pth*')) == ['iter_4.pth', 'iter_8.pth']   # no temp file left
+
+
+def _work_dir_with(tmp_path, toy_checkpoint, files):
+    work = tmp_path / 'w'
+    work.mkdir()
+    data = Path(toy_checkpoint).read_bytes()
+    contents = {'good': data, 'truncated': data[: len(data) // 2], 'zeroed': b'\0' * len(data)}
+    for name, content in files.items():
+        if name == 'last_checkpoint':
+            (work / name).write_text(content.replace('WORK', str(work)))
+        else:
+            (work / name).write_bytes(contents.get(content, content))
+    return work
+
+
+RESUME_CASES = [
+    # (work dir files, the checkpoint --resume picks, words of the line it logs (None: it logs none))
+    ({'iter_4.pth': 'good', 'last_checkpoint': 'WORK/iter_4.pth'}, 'iter_4.pth', None),
+    ({'iter_4.pth': 'good', 'last_checkpoint': '/moved/away/iter_4.pth'}, 'iter_4.pth', None),
+    ({'iter_4.pth': 'good', '.iter_8.pth.k2j3.tmp': 'truncated', 'last_checkpoint': 'WORK/iter_4.pth'},
+     'iter_4.pth', None),
+    ({'iter_4.pth': 'good', 'iter_1.pth': 'good'},
+     'iter_4.pth', 'last_checkpoint is missing; resuming from the newest intact checkpoint WORK/iter_4.pth'),
+    ({'iter_4.pth': 'good', 'last_checkpoint': ''},
+     'iter_4.pth', 'last_checkpoint is empty; resuming from the newest intact checkpoint WORK/iter_4.pth'),
+    ({'iter_4.pth': 'good', 'iter_8.pth': b'', 'last_checkpoint': 'WORK/iter_8.pth'},
+     'iter_4.pth', 'names WORK/iter_8.pth, which is not intact (0 bytes); resuming from the newest intact'),
+    ({'iter_4.pth': 'good', 'iter_8.pth': 'truncated', 'iter_12.pth': 'zeroed', 'last_checkpoint': 'WORK/iter_12.pth'},
+     'iter_4.pth', '(skipped as not intact: iter_12.pth: '),
+    ({'iter_4.pth': 'good', 'last_checkpoint': 'WORK/iter_9.pth'}, 'iter_4.pth', 'names WORK/iter_9.pth, which does not exist'),
+    ({}, None, 'last_checkpoint is missing, and there is no checkpoint in WORK: training starts from scratch'),
+    ({'pretrained.pth': 'good'}, None, 'training starts from scratch (not resumed from: pretrained.pth'),
+]
+
+
+@pytest.mark.parametrize('files, picked, words', RESUME_CASES)
+def test_resume_picks_an_intact_checkpoint_and_says_why(files, picked, words, tmp_path, toy_checkpoint):
+    from vlp_codebook.engine.resume import pick_resume_checkpoint
+    work = _work_dir_with(tmp_path, toy_checkpoint, files)
+    path, message = pick_resume_checkpoint(str(work))
+    assert path == (None if picked is None else str(work / picked))
+    if words is None:
+        assert message is None
+    else:
+        assert words.replace('WORK', str(work)) in message and '\n' not in message
+
+
+def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, toy_checkpoint):
+    from vlp_codebook.engine.resume import pick_resume_checkpoint
+    work = _work_dir_with(tmp_path, toy_checkpoint, {'iter_4.pth': 'truncated', 'iter_8.pth': b''})
+    with pytest.raises(CorruptCheckpointError, match=r'none of the checkpoints .* is intact: iter_8\.pth: 0 bytes; '
+                                                     r'iter_4\.pth: \d+ bytes, truncated'):
+        pick_resume_checkpoint(str(work))
+
+
+def test_resume_without_last_checkpoint_continues_from_the_newest(tmp_path, toy_checkpoint):
+    # mmengine: "Auto resumed from the latest checkpoint None" and a fresh start
+    work = _work_dir_with(tmp_path, toy_checkpoint, {'iter_4.pth': 'good', 'iter_8.pth': b''})
+    runner = train_tool.main([TOY_CONFIG, '--work-dir', str(work), '--resume'])
+    assert runner.iter == 8 and len(runner.message_hub.get_scalar('train/loss').data[0]) == 8   # 4 restored
+    log = next(work.glob('*/*.log')).read_text()
+    assert (f'--resume: {work}/last_checkpoint is missing; resuming from the newest intact checkpoint '
+            f'{work}/iter_4.pth (skipped as not intact: iter_8.pth: 0 bytes)') in log
+    assert f'checkpoint {work}/iter_4.pth: loaded 9/9 keys' in log   # not "checkpoint the checkpoint"
+
+
+def _with_nonfinite(state, keys):
+    state = {k: v.clone() for k, v in state.items()}
+    for index, key in enumerate(keys):
+        state[key].view(-1)[0] = float('nan') if index % 2 == 0 else float('inf')
+    return state
+
+
+def test_test_tool_refuses_nan_weights_naming_the_keys(toy_checkpoint, tmp_path):
+    bad = _saved(tmp_path, 'diverged.pth', _with_nonfinite(_toy_state(toy_checkpoint),
+                                                           ['student.0.weight', 'teacher.3.bias']))
+    with pytest.raises(ValueError) as error:
+        test_tool.main([TOY_CONFIG, bad, '--work-dir', str(tmp_path / 'w')])
+    message = str(error.value)
+    assert 'diverged.pth: 2 tensor(s) hold NaN or inf: student.0.weight (1 NaN, 0 inf), teacher.3.bias ' \
+           '(0 NaN, 1 inf)' in message and '--allow-nonfinite' in message
+    metrics = test_tool.main([TOY_CONFIG, bad, '--work-dir', str(tmp_path / 'w'), '--allow-nonfinite'])
+    assert np.isnan(metrics['mse'])   # what the refusal kept from being printed as a result
+
+
+def test_gradcam_refuses_nan_weights_naming_the_keys(tmp_path):
+    from vlp_codebook.engine.config import load_config
+    from vlp_codebook.registry import MODELS
+    from vlp_codebook.tools import gradcam
+    config, image = _gradcam_inputs(tmp_path)
+    state = MODELS.build(load_config(config).model).state_dict()
+    keys = [k for k in state if k.startswith(('itm_head.', 'codebook_loss.', 'fusion_encoder.layer.0.'))
+            and state[k].is_floating_point()]
+    assert len(keys) > 5 and 'itm_head.classifier.weight' in keys and 'codebook_loss.codebook.weight' in keys
+    bad = _saved(tmp_path, 'nan.pth', _with_nonfinite(state, keys))
+    with pytest.raises(ValueError) as error:
+        gradcam.main([config, bad, image, 'a red square', '--out', str(tmp_path / 'maps')])
+    message = str(error.value)
+    # the first five in the checkpoint's order, then the count of the others
+    shown = ', '.join(f'{k} ({1 - i % 2} NaN, {i % 2} inf)' for i, k in enumerate(keys[:5]))
+    assert f'nan.pth: {len(keys)} tensor(s) hold NaN or inf: {shown} and {len(keys) - 5} more.' in message
+    assert f'and {len(keys) - 5} more' in message and '--allow-nonfinite' in message
+    assert not (tmp_path / 'maps').exists()
+
+
+def test_nan_scores_name_where_they_came_from():
+    from vlp_codebook.evaluation.retrieval import RetrievalMetric
+    metric = RetrievalMetric()
+    embeds = torch.eye(4)
+    embeds[2, 0] = float('nan')
+    metric.process({}, [dict(image_embed=embeds[i], text_embeds=embeds[i:i + 1], image_id=10 + i) for i in range(4)])
+    with pytest.raises(ValueError, match=r"the model's image embeddings hold NaN or inf for 1 of 4 images "
+                                         r'\(image_id \[12\]\)'):
+        metric.compute_metrics(metric.results)
+    matrix = torch.eye(3)
+    matrix[1, 2] = float('inf')
+    with pytest.raises(ValueError, match=r'score_i2t \(the score matrices the model passed to RetrievalMetric\) '
+                                         r'contains NaN or inf scores: 1 of 9 entries, in rows \[1\]'):
+        metric.compute_metrics([dict(score_i2t=matrix, score_t2i=None, img2txt=[[0], [1], [2]])])
+
+
+@pytest.mark.parametrize('tool, argv, words', [
+    ('gradcam', ['missing_config.py', 'x.pth', 'x.png', 'a caption'], "FileNotFoundError: config 'missing_config.py'"),
+    ('convert_albef', ['missing.pth', 'out.pth'], 'FileNotFoundError: '),
+])
+def test_gradcam_and_convert_albef_print_one_line_errors(tool, argv, words, tmp_path, monkeypatch, capsys):
+    import runpy
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', [tool] + argv)
+    monkeypatch.setenv('OMP_WAIT_POLICY', os.environ.get('OMP_WAIT_POLICY', 'PASSIVE'))
+    with pytest.raises(SystemExit) as exit_status:
+        runpy.run_module(f'vlp_codebook.tools.{tool}', run_name='__main__', alter_sys=True)
+    assert exit_status.value.code == 1
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    assert err.splitlines()[0].startswith(f'vlp_codebook.tools.{tool}: error: {words}'), err
+
+
+# ============================================================== 7. the plot tool runs no file it finds
+
+def test_plot_tool_never_runs_a_py_file_of_the_work_dir(toy_checkpoint, tmp_path, capsys):
+    from vlp_codebook.tools import plot as plot_tool
+    work = tmp_path / 'w'
+    shutil.copytree(Path(toy_checkpoint).parent, work)
+    for dumped in work.glob('*.config.json'):
+        dumped.unlink()
+    marker = tmp_path / 'code_ran'
+    (work / 'zz_newest.py').write_text(f'open({str(marker)!r}, "w").close()\n')
+    written = plot_tool.main([str(work), '--out', str(tmp_path / 'plots')])
+    assert not marker.exists()
+    assert 'losses.png' in [osp.basename(p) for p in written]
+    assert (f'no gallery: no config.json in {work} (the train tool writes one); zz_newest.py there is Python, '
+            f'run only when named: --config {work}/zz_newest.py') in capsys.readouterr().out
+
+
+def test_training_writes_the_config_as_data(toy_checkpoint):
+    from vlp_codebook.engine.config import config_from_json
+    dumped = Path(toy_checkpoint).parent / 'toy_config.config.json'
+    cfg = config_from_json(str(dumped))
+    assert cfg.model.type == 'ToyRegressor' and cfg.train_cfg.max_iters == 4   # with the --cfg-options
+
+
+def test_config_using_an_imported_name_gets_a_real_message(tmp_path, toy_checkpoint):
+    from vlp_codebook.engine.config import load_config
+    from vlp_codebook.tools import plot as plot_tool
+    config = tmp_path / 'imports.py'
+    config.write_text('import math\n_scale = math.sqrt(4)\nmodel = dict(type="ToyRegressor")\n')
+    with pytest.raises(RuntimeError) as error:
+        load_config(str(config))
+    assert str(error.value).startswith(f"config {config}: a name it imports is used while the config is read "
+                                       f"(line 2: '_scale = math.sqrt(4)')")
+    assert 'lazy import' in str(error.value)
+    with pytest.raises(RuntimeError, match='a name it imports is used while the config is read'):
+        plot_tool.main([str(Path(toy_checkpoint).parent), '--config', str(config), '--out', str(tmp_path / 'p')])
 
 
 # ============================================================== 3. corrupt checkpoint files

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -205,6 +206,63 @@ def test_resume_from_missing_checkpoint_names_it(tmp_path):
         train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path), '--resume', str(missing)])
 
 
+# ---------------------------------------------------------------- killed while saving
+
+_DIES_WHILE_SAVING = '''
+import os, sys, time
+from vlp_codebook.engine import checkpoint_saving
+
+real_atomic_write, real_write_all = checkpoint_saving.atomic_write, checkpoint_saving._write_all
+saving = []
+
+def atomic_write(path, data, *args, **kwargs):
+    saving[:] = [os.path.basename(os.fspath(path))]
+    return real_atomic_write(path, data, *args, **kwargs)
+
+def write_all(handle, data):
+    if saving == [sys.argv[1]]:          # half of the checkpoint is in the temporary file: stop here
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        open(sys.argv[2], 'w').close()
+        time.sleep(600)
+    real_write_all(handle, data)
+
+checkpoint_saving.atomic_write, checkpoint_saving._write_all = atomic_write, write_all
+from vlp_codebook.tools.train import main
+main(sys.argv[3:])
+'''
+
+
+def test_sigkill_during_a_save_then_resume_equals_the_uninterrupted_run(full_run, tmp_path):
+    from vlp_codebook.engine.resume import checkpoint_damage
+    work_dir, flag = tmp_path / 'work', tmp_path / 'saving_iter_8'
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FIXTURES), str(REPO)]), OMP_NUM_THREADS='1')
+    process = subprocess.Popen([sys.executable, '-c', _DIES_WHILE_SAVING, 'iter_8.pth', str(flag),
+                                TOY_CONFIG, '--work-dir', str(work_dir)], env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert flag.exists(), f'the child never reached the save of iter_8:\n{process.communicate()[0][-3000:]}'
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)   # a real kill, mid-write
+        process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    temporary = list(work_dir.glob('.iter_8.pth.*.tmp'))
+    assert len(temporary) == 1 and temporary[0].stat().st_size > 0   # it died inside the write
+    assert not (work_dir / 'iter_8.pth').exists()
+    assert checkpoint_damage(str(work_dir / 'iter_4.pth')) is None
+    assert (work_dir / 'last_checkpoint').read_text() == str(work_dir / 'iter_4.pth')
+
+    runner = train_tool.main([TOY_CONFIG, '--work-dir', str(work_dir), '--resume'])
+    np.testing.assert_allclose(train_losses(runner), full_run.losses, rtol=1e-6, atol=0)
+    final_full = load_checkpoint_file(full_run.work_dir / 'iter_8.pth')['state_dict']
+    final_resumed = load_checkpoint_file(work_dir / 'iter_8.pth')['state_dict']
+    for name, value in final_full.items():
+        torch.testing.assert_close(final_resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
 # ---------------------------------------------------------------- test tool
 
 def test_test_tool_evaluates_the_checkpoint(full_run, tmp_path):
@@ -343,6 +401,44 @@ def test_two_cpu_processes_match_one_process_on_the_joint_batch(tmp_path):
     returncode, output = run_process_group(command, env=env, timeout=180)
     assert returncode == 0, output[-5000:]
     assert 'Distributed training is not used' not in output
+    weights_one = load_checkpoint_file(tmp_path / 'one' / 'iter_4.pth')['state_dict']
+    weights_two = load_checkpoint_file(tmp_path / 'two' / 'iter_4.pth')['state_dict']
+    for name, value in weights_one.items():
+        torch.testing.assert_close(weights_two[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU (gloo) launcher path')
+def test_two_nodes_on_loopback_train_as_one_process_on_the_joint_batch(tmp_path):
+    """torchrun --nnodes 2 (one process per "node", both on 127.0.0.1, static rendezvous), gloo:
+    the same weights after 4 steps as one process on the joint batch (as the 2-process test)."""
+    options = ['--cfg-options', 'model.dropout=0.0', 'train_cfg.max_iters=4', 'train_cfg.val_interval=4']
+    one = train_tool.main([TOY_CONFIG, '--work-dir', str(tmp_path / 'one'), *options, 'train_dataloader.batch_size=4'])
+    assert one.train_loop.iter == 4
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FIXTURES), str(REPO)]), OMP_NUM_THREADS='1',
+               GLOO_SOCKET_IFNAME='lo')
+    port = _free_port()
+    nodes = []
+    for node_rank in (0, 1):
+        command = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc-per-node', '1',
+                   '--node-rank', str(node_rank), '--master-addr', '127.0.0.1', '--master-port', str(port),
+                   '-m', 'vlp_codebook.tools.train', TOY_CONFIG, '--launcher', 'pytorch',
+                   '--work-dir', str(tmp_path / 'two'), *options, 'train_dataloader.batch_size=2']
+        nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True, env=env))
+    deadline = time.monotonic() + 90
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        pytest.fail('2-node torchrun ran over 90 s')
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.communicate()
+    assert [node.returncode for node in nodes] == [0, 0], '\n'.join(o[-3000:] for o in outputs)
+    assert 'Distributed training is not used' not in outputs[0]
     weights_one = load_checkpoint_file(tmp_path / 'one' / 'iter_4.pth')['state_dict']
     weights_two = load_checkpoint_file(tmp_path / 'two' / 'iter_4.pth')['state_dict']
     for name, value in weights_one.items():

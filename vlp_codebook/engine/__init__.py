@@ -1,7 +1,7 @@
 """Runner extensions: safe checkpoint loading, CPU distributed set-up, hooks.
 
-Importing this package registers the hooks (momentum teacher, extra scalars, per-iteration
-seeding for exact resumption, checkpoint coverage) and the bf16 optimizer wrapper below in the
+Importing this package registers the hooks (extra scalars, per-iteration seeding for exact
+resumption, checkpoint coverage, crash-safe checkpoint saving) and the bf16 optimizer wrapper below in the
 ``vlp_codebook`` registries. The registries import it lazily (``HOOKS``, ``LOOPS``,
 ``OPTIM_WRAPPERS``... list it in their ``locations``) and the tools import it first.
 
@@ -11,6 +11,7 @@ a short allow-list; see :mod:`vlp_codebook.engine.checkpoint` and docs/security.
 """
 from .checkpoint import (CorruptCheckpointError, UntrustedCheckpointError, checkpoint_loading,
                          load_checkpoint_file)
+from .checkpoint_saving import AtomicCheckpointHook, atomic_write
 from .checkpoint_coverage import CheckpointCoverageHook, load_model_weights, state_dict_coverage
 from .distributed import init_cpu_process_group, setup_launcher
 from .hooks import ModelScalarsLoggerHook
@@ -20,6 +21,6 @@ from .plot_hook import TrainingPlotsHook
 from .itm_rerank_loop import ITMRerankTestLoop, ITMRerankValLoop
 
 __all__ = ['checkpoint_loading', 'load_checkpoint_file', 'UntrustedCheckpointError', 'CorruptCheckpointError',
-           'CheckpointCoverageHook', 'load_model_weights', 'state_dict_coverage', 'init_cpu_process_group',
+           'AtomicCheckpointHook', 'atomic_write', 'CheckpointCoverageHook', 'load_model_weights', 'state_dict_coverage', 'init_cpu_process_group',
            'setup_launcher', 'ModelScalarsLoggerHook', 'BF16AutocastOptimWrapper',
            'IterationSeedHook', 'ITMRerankValLoop', 'ITMRerankTestLoop', 'TrainingPlotsHook']

@@ -20,6 +20,10 @@ test tool prints its metrics with exit code 0. Here:
   ``'resume'``          any parameter stays unloaded (resuming another model's run)
   ====================  =====================================================================
 
+* In ``'evaluate'`` mode (test tool) and :func:`load_model_weights` (Grad-CAM tool), a checkpoint
+  with NaN or inf in any floating tensor of its state dict is refused too (:func:`check_finite`,
+  naming the keys; ``allow_nonfinite=True`` / ``--allow-nonfinite`` only warns): a diverged run's
+  weights give metrics and maps that look like numbers and mean nothing.
 * :func:`load_model_weights` does the same outside a Runner (the Grad-CAM tool).
 
 ``expected_missing`` defaults to :data:`EXPECTED_MISSING_FROM_ALBEF`: what an ALBEF checkpoint
@@ -48,7 +52,7 @@ from vlp_codebook.models.teachers.momentum_teacher import unwrap_model
 from vlp_codebook.registry import HOOKS
 
 __all__ = ['EXPECTED_MISSING_FROM_ALBEF', 'Coverage', 'state_dict_coverage', 'checkpoint_state_dict',
-           'check_coverage', 'load_model_weights', 'CheckpointCoverageHook', 'MODES']
+           'check_coverage', 'nonfinite_keys', 'check_finite', 'NONFINITE_FLAG', 'load_model_weights', 'CheckpointCoverageHook', 'MODES']
 
 #: fnmatch patterns of CODIS state-dict keys that an ALBEF checkpoint (converted) does not hold
 EXPECTED_MISSING_FROM_ALBEF: Tuple[str, ...] = (
@@ -60,6 +64,8 @@ MODES = ('evaluate', 'finetune', 'resume')
 #: mmengine's default ``revise_keys`` of ``Runner.load_checkpoint``
 DEFAULT_REVISE_KEYS = ((r'^module\.', ''),)
 _SHOWN = 20
+#: the tools' opt-out of :func:`check_finite`
+NONFINITE_FLAG = '--allow-nonfinite'
 
 
 @dataclass
@@ -185,9 +191,39 @@ def check_coverage(coverage: Coverage, source: str, mode: str = 'evaluate', allo
                        f'To go on anyway, pass {flag}{hint}.')
 
 
+def nonfinite_keys(state: Mapping[str, Any]) -> List[Tuple[str, int, int]]:
+    """``(key, NaN count, inf count)`` of the floating (and complex) tensors of ``state`` that hold NaN or inf."""
+    bad = []
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()) and value.numel():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                nans = int(torch.isnan(value).sum())
+                bad.append((str(key), nans, int((~finite).sum()) - nans))
+    return bad
+
+
+def check_finite(state: Mapping[str, Any], source: str, allow: bool = False, flag: str = NONFINITE_FLAG) -> None:
+    """Raise ``ValueError`` naming the keys (the first few and the count) if a floating tensor of
+    ``state`` holds NaN or inf; with ``allow`` only warn."""
+    bad = nonfinite_keys(state)
+    if not bad:
+        return
+    shown = ', '.join(f'{key} ({nans} NaN, {infs} inf)' for key, nans, infs in bad[:5])
+    more = f' and {len(bad) - 5} more' if len(bad) > 5 else ''
+    message = (f'checkpoint {source}: {len(bad)} tensor(s) hold NaN or inf: {shown}{more}. Scores computed '
+               'with such weights are meaningless (did the run diverge? an earlier checkpoint may be intact)')
+    if allow:
+        print_log(f'{message}. Continuing because of {flag}.', logger='current', level=30)
+        return
+    raise ValueError(f'{message}. To go on anyway, pass {flag}.')
+
+
 def load_model_weights(model: nn.Module, filename: str, trust: Optional[bool] = None,
-                       allow_missing: bool = False, flag: str = '--allow-missing-weights') -> Coverage:
-    """Load a local checkpoint into ``model`` safely, refusing one that leaves parameters unloaded.
+                       allow_missing: bool = False, flag: str = '--allow-missing-weights',
+                       allow_nonfinite: bool = False) -> Coverage:
+    """Load a local checkpoint into ``model`` safely, refusing one that leaves parameters unloaded
+    or holds NaN/inf (:func:`check_finite`; ``allow_nonfinite`` only warns).
 
     ``trust``: see :func:`vlp_codebook.engine.checkpoint.load_checkpoint_file`. Returns the coverage.
     """
@@ -195,6 +231,7 @@ def load_model_weights(model: nn.Module, filename: str, trust: Optional[bool] = 
 
     checkpoint = load_checkpoint_file(filename, map_location='cpu', trust=trust)
     state = checkpoint_state_dict(checkpoint)
+    check_finite(state, str(filename), allow=allow_nonfinite)
     coverage = state_dict_coverage(model, state)
     check_coverage(coverage, str(filename), 'evaluate', allow_missing=allow_missing, flag=flag)
     loadable = {k: v for k, v in state.items() if k in set(coverage.loaded)}
@@ -212,22 +249,29 @@ class CheckpointCoverageHook(Hook):
         allow_missing: warn instead of raising (``--allow-missing-weights``).
         expected_missing: fnmatch patterns for ``'finetune'``; None: the model's
             ``load_from_expected_missing`` attribute, else :data:`EXPECTED_MISSING_FROM_ALBEF`.
+        allow_nonfinite: ``'evaluate'`` only: warn instead of raising on NaN/inf weights
+            (``--allow-nonfinite``).
     """
 
     priority = 'VERY_HIGH'
 
     def __init__(self, mode: str = 'evaluate', allow_missing: bool = False,
-                 expected_missing: Optional[Sequence[str]] = None):
+                 expected_missing: Optional[Sequence[str]] = None, allow_nonfinite: bool = False):
         if mode not in MODES:
             raise ValueError(f'CheckpointCoverageHook: mode must be one of {MODES}, got {mode!r}')
         self.mode = mode
         self.allow_missing = bool(allow_missing)
+        self.allow_nonfinite = bool(allow_nonfinite)
         self.expected_missing = None if expected_missing is None else tuple(expected_missing)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         model = unwrap_model(runner.model)
-        coverage = state_dict_coverage(model, checkpoint_state_dict(checkpoint))
-        source = getattr(runner, '_load_from', None) or 'the checkpoint'
+        state = checkpoint_state_dict(checkpoint)
+        coverage = state_dict_coverage(model, state)
+        source = getattr(runner, '_load_from', None) or '(path not known)'
+        runner.message_hub.update_info('loaded_checkpoint', str(source), resumed=False)  # named by score errors
+        if self.mode == 'evaluate':
+            check_finite(state, str(source), allow=self.allow_nonfinite)
         expected = self.expected_missing
         if expected is None:
             expected = getattr(model, 'load_from_expected_missing', None)

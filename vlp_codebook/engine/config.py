@@ -28,7 +28,12 @@ from mmengine.config import Config
 from vlp_codebook.registry import SCOPE
 
 __all__ = ['shipped_configs_dir', 'list_shipped_configs', 'resolve_config', 'load_config', 'RUNNER_KEYS',
-           'check_top_level_keys', 'check_optimizer_types']
+           'check_top_level_keys', 'check_optimizer_types', 'CONFIG_JSON_SUFFIX', 'dump_config_json',
+           'config_from_json']
+
+#: the config a run used, as data: ``WORK_DIR/<config name>.config.json`` (the tools' Runner writes it
+#: beside mmengine's ``<config name>.py`` dump; the plot tool reads it without running any Python)
+CONFIG_JSON_SUFFIX = '.config.json'
 
 #: top-level keys the mmengine Runner (``Runner.from_cfg``) and our tools read
 RUNNER_KEYS = (
@@ -99,11 +104,75 @@ def load_config(config: str, cfg_options: Optional[Dict] = None) -> Config:
             optimizer type (:func:`check_optimizer_types`); the message lists the close matches.
     """
     path = resolve_config(config)
-    cfg = Config.fromfile(str(path))
+    try:
+        cfg = Config.fromfile(str(path))
+    except RuntimeError as error:
+        if str(error).strip():
+            raise
+        raise _explain_empty_error(error, path) from error
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     check_top_level_keys(cfg, str(path))
     check_optimizer_types(cfg, str(path))
+    if not cfg.get('default_scope'):
+        cfg.default_scope = SCOPE
+    return cfg
+
+
+def _explain_empty_error(error: BaseException, path: Path) -> RuntimeError:
+    """mmengine's message-less ``RuntimeError()`` from a config that uses what it imports.
+
+    A config with ``import`` lines is read in mmengine's "lazy import" mode: imported names are
+    placeholders, and calling one (``math.sqrt(4)``) raises ``RuntimeError()`` without a message.
+    """
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == str(path)]
+    where = f' (line {frames[-1].lineno}: {frames[-1].line!r})' if frames and frames[-1].line else ''
+    return RuntimeError(
+        f'config {path}: a name it imports is used while the config is read{where}. mmengine reads a config '
+        'with import lines in its "lazy import" mode, where imported modules and functions are only '
+        'placeholders for building objects later. Write the value itself instead (e.g. 2.0 for math.sqrt(4)), '
+        'or remove the import line.')
+
+
+def dump_config_json(cfg: Config, path: str) -> bool:
+    """Write ``cfg`` as JSON to ``path`` (atomically); False, writing nothing, when a value is not JSON
+    (a class or function given as an object rather than by name)."""
+    import json
+
+    from vlp_codebook.engine.checkpoint_saving import atomic_write
+
+    def refuse(value):
+        raise TypeError(f'{type(value).__name__} is not JSON')
+
+    try:
+        text = json.dumps(cfg.to_dict(), default=refuse, indent=1, allow_nan=True)
+    except (TypeError, ValueError):
+        return False
+    atomic_write(path, text + '\n')
+    return True
+
+
+def config_from_json(path: str, cfg_options: Optional[Dict] = None) -> Config:
+    """The config a run wrote with :func:`dump_config_json`: data only, no Python runs and nothing is
+    imported (``custom_imports`` is not applied; the types must be registered already).
+
+    Raises:
+        ValueError: the file is not a JSON object (the message names it).
+    """
+    import json
+
+    try:
+        with open(path, encoding='utf-8') as handle:
+            data = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f'config {path} is not valid JSON: {error}') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'config {path} holds a JSON {type(data).__name__}, not an object of config keys')
+    cfg = Config(data, filename=path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
     if not cfg.get('default_scope'):
         cfg.default_scope = SCOPE
     return cfg

@@ -95,7 +95,10 @@ def itm_rerank(score_i2t: torch.Tensor, pair_scorer: PairScorer, k: int = 128, a
     if score_i2t.dim() != 2 or 0 in score_i2t.shape:
         raise ValueError(f'score_i2t must be a non-empty 2-D matrix, got shape {tuple(score_i2t.shape)}')
     if not torch.isfinite(score_i2t).all():
-        raise ValueError('score_i2t contains NaN or inf')
+        from vlp_codebook.evaluation.retrieval import loaded_checkpoint_note, nonfinite_rows
+        rows = nonfinite_rows(score_i2t)
+        raise ValueError(f'itm_rerank: score_i2t (the embedding similarities to re-rank) contains NaN or inf in '
+                         f'{len(rows)} of {score_i2t.shape[0]} image rows {rows[:8]}{loaded_checkpoint_note()}')
     if k < 1 or batch_size < 1:
         raise ValueError(f'k and batch_size must be positive, got k={k}, batch_size={batch_size}')
     num_images, num_texts = score_i2t.shape

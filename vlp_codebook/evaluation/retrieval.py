@@ -55,7 +55,24 @@ Img2Txt = Union[Mapping[int, Sequence[int]], Sequence[Sequence[int]]]
 Txt2Img = Union[Mapping[int, int], Sequence[int]]
 
 
-def _as_scores(name: str, scores: Scores, shape: Optional[tuple] = None) -> torch.Tensor:
+def loaded_checkpoint_note() -> str:
+    """`` (model weights from PATH)`` when the running mmengine Runner loaded a checkpoint (recorded by
+    :class:`~vlp_codebook.engine.checkpoint_coverage.CheckpointCoverageHook`), else ``''``."""
+    from mmengine.logging import MessageHub
+
+    try:
+        path = MessageHub.get_current_instance().get_info('loaded_checkpoint')
+    except Exception:  # noqa: BLE001 - no message hub yet: nothing to add
+        path = None
+    return f' (model weights from {path})' if path else ''
+
+
+def nonfinite_rows(values: torch.Tensor) -> List[int]:
+    """Indices of the rows of a 2-D tensor that hold NaN or inf."""
+    return (~torch.isfinite(values)).any(dim=1).nonzero().flatten().tolist()
+
+
+def _as_scores(name: str, scores: Scores, shape: Optional[tuple] = None, source: str = '') -> torch.Tensor:
     scores = torch.as_tensor(scores).detach().cpu()
     if not scores.is_floating_point():
         scores = scores.double()
@@ -64,7 +81,11 @@ def _as_scores(name: str, scores: Scores, shape: Optional[tuple] = None) -> torc
     if shape is not None and tuple(scores.shape) != shape:
         raise ValueError(f'{name} must have shape {shape}, got {tuple(scores.shape)}')
     if not torch.isfinite(scores).all():
-        raise ValueError(f'{name} contains NaN or inf scores (shape {tuple(scores.shape)})')
+        rows = nonfinite_rows(scores)
+        bad = int((~torch.isfinite(scores)).sum())
+        raise ValueError(f'{name}{f" ({source})" if source else ""} contains NaN or inf scores: {bad} of '
+                         f'{scores.numel()} entries, in rows {rows[:8]}{" ..." if len(rows) > 8 else ""} '
+                         f'(shape {tuple(scores.shape)}){loaded_checkpoint_note()}')
     return scores
 
 
@@ -90,7 +111,8 @@ def _ground_truth(img2txt: Img2Txt, txt2img: Txt2Img, num_images: int, num_texts
 
 
 def retrieval_recalls(score_i2t: Scores, img2txt: Img2Txt, txt2img: Txt2Img,
-                      ks: Sequence[int] = (1, 5, 10), score_t2i: Optional[Scores] = None) -> Dict[str, float]:
+                      ks: Sequence[int] = (1, 5, 10), score_t2i: Optional[Scores] = None,
+                      source: str = '') -> Dict[str, float]:
     """TR/IR recall at each k, in percent (see the module docstring for the definition).
 
     Args:
@@ -99,6 +121,7 @@ def retrieval_recalls(score_i2t: Scores, img2txt: Img2Txt, txt2img: Txt2Img,
         txt2img: text index -> index of its image (a mapping or a list).
         ks: the cut-offs k.
         score_t2i: (N_txt, N_img) scores for image retrieval; default ``score_i2t.T``.
+        source: where the scores come from, for error messages.
 
     Returns:
         ``txt_r{k}`` and ``img_r{k}`` for every k, ``txt_r_mean``, ``img_r_mean``, ``r_mean``.
@@ -110,9 +133,10 @@ def retrieval_recalls(score_i2t: Scores, img2txt: Img2Txt, txt2img: Txt2Img,
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1:
         raise ValueError(f'ks must be positive integers, got {ks}')
-    score_i2t = _as_scores('score_i2t', score_i2t)
+    score_i2t = _as_scores('score_i2t', score_i2t, source=source)
     num_images, num_texts = score_i2t.shape
-    score_t2i = score_i2t.T if score_t2i is None else _as_scores('score_t2i', score_t2i, (num_texts, num_images))
+    score_t2i = score_i2t.T if score_t2i is None else _as_scores('score_t2i', score_t2i, (num_texts, num_images),
+                                                                 source=source)
     pairs = _ground_truth(img2txt, txt2img, num_images, num_texts)
 
     best_correct = score_i2t.masked_fill(~pairs, float('-inf')).amax(dim=1, keepdim=True)
@@ -227,7 +251,8 @@ class RetrievalMetric(BaseMetric):
             first = results[0]
             img2txt = first['img2txt']
             txt2img = {j: i for i, texts in enumerate(img2txt) for j in texts}
-            metrics = retrieval_recalls(first['score_i2t'], img2txt, txt2img, self.ks, first['score_t2i'])
+            metrics = retrieval_recalls(first['score_i2t'], img2txt, txt2img, self.ks, first['score_t2i'],
+                                        source='the score matrices the model passed to RetrievalMetric')
             num_images, num_texts = first['score_i2t'].shape
         else:
             seen = set()
@@ -241,6 +266,15 @@ class RetrievalMetric(BaseMetric):
             texts = torch.cat([result['text_embeds'] for result in results])
             if images.shape[1] != texts.shape[1]:
                 raise ValueError(f'image embeddings have dimension {images.shape[1]}, text embeddings {texts.shape[1]}')
+            for what, values, ids in (('image', images, [r['image_id'] for r in results]),
+                                      ('text', texts, None)):
+                rows = nonfinite_rows(values)
+                if rows:
+                    named = [ids[i] for i in rows[:8]] if ids else rows[:8]
+                    raise ValueError(
+                        f'RetrievalMetric: the model\'s {what} embeddings hold NaN or inf for {len(rows)} of '
+                        f'{values.shape[0]} {what}s ({"image_id" if ids else "text index"} {named}'
+                        f'{" ..." if len(rows) > 8 else ""}){loaded_checkpoint_note()}: no score can be computed')
             if self.normalize:
                 images = torch.nn.functional.normalize(images, dim=1)
                 texts = torch.nn.functional.normalize(texts, dim=1)
@@ -250,7 +284,8 @@ class RetrievalMetric(BaseMetric):
                 img2txt.append(list(range(start, start + count)))
                 txt2img.extend([i] * count)
                 start += count
-            metrics = retrieval_recalls(images @ texts.T, img2txt, txt2img, self.ks)
+            metrics = retrieval_recalls(images @ texts.T, img2txt, txt2img, self.ks,
+                                        source='similarities of the model\'s image and text embeddings')
             num_images, num_texts = images.shape[0], texts.shape[0]
         print_log('\n' + format_retrieval_table(metrics, self.ks, num_images, num_texts), logger='current')
         return metrics

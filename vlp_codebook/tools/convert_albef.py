@@ -16,6 +16,11 @@ position embeddings are resized to its image size. See :mod:`vlp_codebook.models
 """
 from __future__ import annotations
 
+if __name__ == '__main__':  # before torch is imported: OpenMP wait policy, warning filters
+    from vlp_codebook.tools.cli import prepare_process
+
+    prepare_process()
+
 import argparse
 import os
 import os.path as osp
@@ -86,4 +91,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 if __name__ == '__main__':
-    main()
+    import sys
+
+    from vlp_codebook.tools.cli import run_main
+
+    run_main(main, sys.argv[1:], prog='vlp_codebook.tools.convert_albef')

@@ -16,6 +16,11 @@ and caption come from ``python -m vlp_codebook.tools.make_sample``.
 """
 from __future__ import annotations
 
+if __name__ == '__main__':  # before torch is imported: OpenMP wait policy, warning filters
+    from vlp_codebook.tools.cli import prepare_process
+
+    prepare_process()
+
 import argparse
 import os
 import os.path as osp
@@ -23,7 +28,7 @@ import re
 from typing import List, Optional
 
 from vlp_codebook.analysis.gradcam_figure import display_scale, gradcam_grid, overlay
-from vlp_codebook.tools.train import add_cfg_options, add_checkpoint_args
+from vlp_codebook.tools.train import add_cfg_options, add_checkpoint_args, add_nonfinite_arg
 
 __all__ = ['parse_args', 'main', 'overlay']
 
@@ -41,6 +46,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--size', type=int, default=224, help='displayed image side in pixels (default 224)')
     add_cfg_options(parser, 'model.fusion_encoder.num_layers=6')
     add_checkpoint_args(parser)   # --trust-checkpoint, --allow-missing-weights (docs/security.md)
+    add_nonfinite_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -59,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         model = MODELS.build(cfg.model)
     # as data (weights_only=True); refuses a checkpoint that leaves parameters random
     load_model_weights(model, args.checkpoint, trust=args.trust_checkpoint or None,
-                       allow_missing=args.allow_missing_weights)
+                       allow_missing=args.allow_missing_weights, allow_nonfinite=args.allow_nonfinite)
     model.eval()
     image = load_image(args.image, model.image_tower.encoder.image_size)
     data = model.data_preprocessor({'images': image[None], 'texts': [args.caption]}, False)
@@ -89,4 +95,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 if __name__ == '__main__':
-    main()
+    import sys
+
+    from vlp_codebook.tools.cli import run_main
+
+    run_main(main, sys.argv[1:], prog='vlp_codebook.tools.gradcam')

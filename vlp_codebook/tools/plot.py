@@ -9,8 +9,11 @@ Reads ``WORK_DIR/<latest run>/vis_data/scalars.json`` and writes into ``WORK_DIR
 ``--out``) the same PNGs as ``TrainingPlotsHook`` (:mod:`vlp_codebook.analysis.plots`):
 ``losses.png``, ``retrieval.png``, ``codebook.png`` and ``gallery.png``. The codeword usage comes
 from ``plots/codebook_usage.json`` (written by the hook), else from the checkpoint's codebook
-``usage`` buffer. The gallery needs the model: the config the run dumped into the work dir
-(or ``--config``) and its last checkpoint (or ``--checkpoint``); without them it is skipped.
+``usage`` buffer. The gallery needs the model: the config the run wrote into the work dir as
+data (``<config>.config.json``, read without running any Python; ``custom_imports`` are not
+imported), or the config file given with ``--config`` (Python: executed, so only name a file you
+trust), and the last checkpoint (or ``--checkpoint``, loaded as data); without them it is skipped.
+A ``.py`` file in the work dir is never executed unless it is named with ``--config``.
 """
 from __future__ import annotations
 
@@ -31,7 +34,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('work_dir', help='the work dir of a training run (or its scalars.json)')
     parser.add_argument('--out', default=None, help='output folder (default: WORK_DIR/plots)')
-    parser.add_argument('--config', default=None, help='config for the gallery (default: the one dumped in WORK_DIR)')
+    parser.add_argument('--config', default=None,
+                        help='config file for the gallery; it is Python and is executed (default: the '
+                        'config.json the run wrote in WORK_DIR, read as data)')
     parser.add_argument('--checkpoint', default=None,
                         help='checkpoint for the gallery and the usage (default: WORK_DIR/last_checkpoint)')
     parser.add_argument('--no-gallery', action='store_true', help='skip the retrieval gallery (no model is built)')
@@ -65,8 +70,15 @@ def _last_checkpoint(work_dir: str) -> Optional[str]:
 
 
 def _dumped_config(work_dir: str) -> Optional[str]:
-    found = sorted(glob.glob(osp.join(glob.escape(work_dir), '*.py')), key=osp.getmtime)
+    """The newest ``*.config.json`` the run wrote (data; never a ``.py``, which is code)."""
+    from vlp_codebook.engine.config import CONFIG_JSON_SUFFIX
+
+    found = sorted(glob.glob(osp.join(glob.escape(work_dir), '*' + CONFIG_JSON_SUFFIX)), key=osp.getmtime)
     return found[-1] if found else None
+
+
+def _python_configs(work_dir: str) -> List[str]:
+    return sorted(glob.glob(osp.join(glob.escape(work_dir), '*.py')), key=osp.getmtime)
 
 
 def _usage(plots_dir: str, checkpoint: Optional[str], trust: bool):
@@ -88,20 +100,36 @@ def _usage(plots_dir: str, checkpoint: Optional[str], trust: bool):
 def _gallery(args, work_dir: str, checkpoint: Optional[str]):
     config = args.config or _dumped_config(work_dir)
     if args.no_gallery or config is None or checkpoint is None:
-        if not args.no_gallery:
-            print(f'no gallery: no {"config" if config is None else "checkpoint"} in {work_dir} '
-                  '(pass --config/--checkpoint)')
+        if args.no_gallery:
+            return None, ''
+        if config is None:
+            python = _python_configs(work_dir)
+            also = (f'; {osp.basename(python[-1])} there is Python, run only when named: --config {python[-1]}'
+                    if python else '')
+            print(f'no gallery: no config.json in {work_dir} (the train tool writes one){also}')
+        else:
+            print(f'no gallery: no checkpoint in {work_dir} (pass --checkpoint)')
         return None, ''
     from vlp_codebook.analysis.gallery import retrieval_gallery
     from vlp_codebook.engine.checkpoint_coverage import load_model_weights
-    from vlp_codebook.engine.config import load_config
+    from vlp_codebook.engine.config import config_from_json, load_config
     from vlp_codebook.registry import DATASETS, MODELS
 
-    cfg = load_config(config, cfg_options=args.cfg_options)
+    if args.config:   # named by the user: Python, executed
+        cfg = load_config(config, cfg_options=args.cfg_options)
+    else:             # written by training: data
+        cfg = config_from_json(config, cfg_options=args.cfg_options)
     if cfg.get('val_dataloader') is None:
         print(f'no gallery: {config} has no val_dataloader')
         return None, ''
-    model = MODELS.build(cfg.model)
+    try:
+        model = MODELS.build(cfg.model)
+    except KeyError as error:
+        if args.config:
+            raise
+        print(f'no gallery: {config}: {error.args[0] if error.args else error} (a type from the config\'s '
+              'custom_imports? Those are not imported from a config.json: pass --config)')
+        return None, ''
     load_model_weights(model, checkpoint, trust=args.trust_checkpoint or None)
     dataset = DATASETS.build(cfg.val_dataloader.dataset)
     queries = retrieval_gallery(model, dataset, num_images=args.gallery_images)

@@ -3,7 +3,7 @@
 Usage::
 
     python -m vlp_codebook.tools.test CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options KEY=VALUE ...]
-        [--launcher none|pytorch] [--trust-checkpoint] [--allow-missing-weights] [--verbose]
+        [--launcher none|pytorch] [--trust-checkpoint] [--allow-missing-weights] [--allow-nonfinite] [--verbose]
     mim run vlp_codebook test CONFIG CHECKPOINT ...      # from a regular (non-editable) install
 
 ``CONFIG`` is a path or a shipped config's name (as for the train tool); it must define
@@ -11,7 +11,8 @@ Usage::
 
 The checkpoint is loaded as data (``weights_only=True`` with an allow-list, see docs/security.md;
 ``--trust-checkpoint`` for a file you wrote that needs more) and must fill every parameter of
-the model: metrics of a partly random model are refused unless ``--allow-missing-weights``.
+the model: metrics of a partly random model are refused unless ``--allow-missing-weights``, and
+metrics of weights holding NaN or inf unless ``--allow-nonfinite``.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ from vlp_codebook.engine.checkpoint import checkpoint_loading
 from vlp_codebook.engine.config import load_config
 from vlp_codebook.engine.registry_errors import explain_unknown_types
 from vlp_codebook.tools.cli import cpu_threads_from
-from vlp_codebook.tools.train import (add_checkpoint_coverage_hook, build_runner, default_work_dir,
-                                      parse_with_common_args)
+from vlp_codebook.tools.train import (add_checkpoint_coverage_hook, add_nonfinite_arg, build_runner,
+                                      default_work_dir, parse_with_common_args)
 
 __all__ = ['parse_args', 'build_test_config', 'main']
 
@@ -48,6 +49,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('checkpoint', help='checkpoint file (.pth written by the train tool or convert_albef)')
     parser.add_argument('--work-dir', help='directory for the test logs (default: the config\'s work_dir, '
                         'else ./work_dirs/<config name>)')
+    add_nonfinite_arg(parser)
     return parse_with_common_args(parser, argv, 'test_dataloader.batch_size=8')
 
 
@@ -70,7 +72,8 @@ def build_test_config(args: argparse.Namespace) -> Config:
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or default_work_dir(cfg)
     cfg.load_from = checkpoint
     cfg.resume = False
-    add_checkpoint_coverage_hook(cfg, 'evaluate', getattr(args, 'allow_missing_weights', False))
+    add_checkpoint_coverage_hook(cfg, 'evaluate', getattr(args, 'allow_missing_weights', False),
+                                 getattr(args, 'allow_nonfinite', False))
     return cfg
 
 

@@ -19,6 +19,13 @@ checkpoints); what differs is what a person reads:
   argument when the message says which (``model.image_encoder.foo`` for an unexpected keyword
   argument ``foo`` of the image encoder; ``model.image_encoder.type`` for an unknown type).
   :func:`vlp_codebook.tools.cli.format_error` prints it. The exception itself is unchanged.
+* **Config as data.** Beside mmengine's ``<config>.py`` dump, the work dir gets
+  ``<config>.config.json`` (:func:`vlp_codebook.engine.config.dump_config_json`), which the plot
+  tool reads without running Python.
+* **Resume.** ``resume=True`` without a checkpoint path (``--resume``) picks the checkpoint with
+  :func:`vlp_codebook.engine.resume.pick_resume_checkpoint`: the one ``last_checkpoint`` names if
+  it is intact, else the newest intact one in the work dir (one line says which and why), a
+  fresh start only when the work dir holds none (one line says so).
 
 Usage::
 
@@ -199,6 +206,33 @@ class ToolRunner(Runner):
         log_file = next((h.baseFilename for h in self.logger.handlers if isinstance(h, logging.FileHandler)), None)
         self.logger.info(f'{self._experiment_name}: device {device_description()}, work dir {self._work_dir}'
                          + (f', log (with the config) {log_file}' if log_file else ''))
+
+    def dump_config(self) -> None:
+        """mmengine's ``<config>.py`` dump, plus ``<config>.config.json`` (the same config as data)."""
+        import os.path as osp
+
+        from vlp_codebook.engine.config import CONFIG_JSON_SUFFIX, dump_config_json
+
+        super().dump_config()
+        stem = osp.splitext(osp.basename(self.cfg.filename))[0] if self.cfg.filename else self.timestamp
+        if not dump_config_json(self.cfg, osp.join(self.work_dir, stem + CONFIG_JSON_SUFFIX)):
+            self.logger.info('the config holds values that are not JSON (classes or functions as objects): '
+                             'no config.json in the work dir; the plot tool then needs --config')
+
+    def load_or_resume(self) -> None:
+        """As mmengine's, with the checkpoint of an automatic resume verified (see the module docstring)."""
+        if not self._has_loaded and self._resume and self._load_from is None:
+            from vlp_codebook.engine.resume import pick_resume_checkpoint
+
+            path, message = pick_resume_checkpoint(self.work_dir)
+            if message:
+                self.logger.warning(message)
+            if path is None:
+                self._resume = False
+                return None
+            self.logger.info(f'--resume: resuming from {path}')
+            self._load_from = path   # mmengine then resumes from it (and the hooks can name it)
+        return super().load_or_resume()
 
     def build_model(self, model):
         with self._building('model'):

@@ -9,7 +9,9 @@ Usage::
 
 ``CONFIG`` is a path or the name of a shipped config (``codis_demo``, ``configs/codis_demo.py``;
 see :func:`vlp_codebook.engine.config.resolve_config`). ``--resume`` alone (or ``auto``)
-continues from the latest checkpoint in the work dir; ``--resume PATH`` from that file.
+continues from the checkpoint ``last_checkpoint`` names if it is intact, else from the newest
+intact one in the work dir, saying so (:mod:`vlp_codebook.engine.resume`); ``--resume PATH`` from
+that file. Checkpoints are written crash-safe (:mod:`vlp_codebook.engine.checkpoint_saving`).
 ``--amp``: fp16 ``AmpOptimWrapper`` with CUDA, bfloat16 autocast on CPU.
 ``--verbose``: mmengine's full console output (environment, config dump, hook table, every loss
 term) and tracebacks; by default they go to the log file only (:mod:`vlp_codebook.tools.tool_runner`).
@@ -33,6 +35,7 @@ import vlp_codebook.engine  # noqa: F401  (import for its registrations)
 from mmengine.config import Config, DictAction
 
 from vlp_codebook.engine.checkpoint import TRUST_ENV, checkpoint_loading
+from vlp_codebook.engine.checkpoint_saving import use_atomic_checkpoint_hook
 from vlp_codebook.engine.config import load_config
 from vlp_codebook.engine.distributed import LAUNCHERS, setup_launcher
 from vlp_codebook.engine.iteration_seed import IterationSeedHook
@@ -91,12 +94,20 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                         help='go on (with a warning) when the checkpoint leaves model weights unloaded')
 
 
-def add_checkpoint_coverage_hook(cfg: Config, mode: str, allow_missing: bool = False) -> None:
-    """Check the loaded checkpoint against the model (:class:`CheckpointCoverageHook`)."""
+def add_nonfinite_arg(parser: argparse.ArgumentParser) -> None:
+    """``--allow-nonfinite`` of the tools that refuse NaN/inf weights (test, gradcam)."""
+    parser.add_argument('--allow-nonfinite', action='store_true',
+                        help='go on (with a warning) when the checkpoint\'s weights hold NaN or inf')
+
+
+def add_checkpoint_coverage_hook(cfg: Config, mode: str, allow_missing: bool = False,
+                                 allow_nonfinite: bool = False) -> None:
+    """Check the loaded checkpoint against the model (:class:`CheckpointCoverageHook`); in
+    ``'evaluate'`` mode also refuse NaN/inf weights unless ``allow_nonfinite``."""
     hooks = [h for h in (cfg.get('custom_hooks') or [])
              if not (isinstance(h, dict) and h.get('type') == 'CheckpointCoverageHook')]
     hooks.append(dict(type='CheckpointCoverageHook', mode=mode, allow_missing=allow_missing,
-                      expected_missing=cfg.get('load_from_expected_missing')))
+                      expected_missing=cfg.get('load_from_expected_missing'), allow_nonfinite=allow_nonfinite))
     cfg.custom_hooks = hooks
 
 
@@ -140,6 +151,7 @@ def build_train_config(args: argparse.Namespace) -> Config:
     if args.amp:
         enable_amp(cfg)
     add_iteration_seed_hook(cfg)
+    use_atomic_checkpoint_hook(cfg)   # crash-safe saving (temp file, fsync, rename)
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None

@@ -1,0 +1,170 @@
+"""Crash-safe checkpoints: a file is either the old one or the complete new one, never half of each.
+
+mmengine writes a checkpoint by opening the final path for writing (truncating whatever good
+file was there) and ``last_checkpoint`` the same way; a run killed in between leaves a 0-byte or
+truncated ``.pth`` and a pointer to it. Here every write goes to a temporary file in the same
+directory (``.NAME.XXXX.tmp``), is flushed and ``fsync``-ed, then renamed over the final name with
+``os.replace`` (atomic on POSIX and Windows), and the directory is synced:
+
+* :func:`atomic_write` -- that, for bytes or text;
+* :class:`AtomicLocalBackend` -- mmengine's local file backend whose ``put``/``put_text`` do it
+  (registered with mmengine's file backends as :data:`ATOMIC_BACKEND`);
+* :class:`AtomicCheckpointHook` -- mmengine's ``CheckpointHook`` that saves through that backend
+  (when no other storage backend is configured), updates ``last_checkpoint`` the same way and
+  only after the checkpoint is complete, and deletes checkpoints beyond ``max_keep_ckpts`` only
+  after the new one is in place (mmengine deletes first).
+
+The shipped runtime config uses the hook; the train tool swaps a config's plain
+``CheckpointHook`` for it (:func:`use_atomic_checkpoint_hook`). A leftover ``.tmp`` file after a
+crash is an incomplete write; ``--resume`` ignores it (see
+:mod:`vlp_codebook.engine.resume`).
+
+Usage in a config::
+
+    default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook', interval=1, max_keep_ckpts=3))
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+import tempfile
+from pathlib import Path
+from typing import Any, List, Optional, Union
+
+from mmengine.dist import is_main_process
+from mmengine.fileio import LocalBackend, register_backend
+from mmengine.hooks import CheckpointHook
+
+from vlp_codebook.registry import HOOKS
+
+__all__ = ['ATOMIC_BACKEND', 'TEMP_SUFFIX', 'atomic_write', 'AtomicLocalBackend', 'AtomicCheckpointHook',
+           'use_atomic_checkpoint_hook']
+
+#: the name :class:`AtomicLocalBackend` is registered under (``backend_args=dict(backend=...)``)
+ATOMIC_BACKEND = 'vlp_codebook_atomic_local'
+#: how the temporary files end (``.iter_8.pth.k3j2.tmp``)
+TEMP_SUFFIX = '.tmp'
+
+
+def _write_all(handle: Any, data: Union[bytes, str]) -> None:
+    """Write ``data`` to the open temporary file (one call; a seam for the crash tests)."""
+    handle.write(data)
+
+
+def _sync_directory(directory: str) -> None:
+    if os.name != 'posix':   # pragma: no cover - directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Union[str, Path], data: Union[bytes, str], encoding: str = 'utf-8') -> None:
+    """Replace ``path`` by ``data`` so that a crash at any moment leaves the old file or the new one.
+
+    Writes ``data`` to a temporary file in the same directory, flushes and fsyncs it, then
+    ``os.replace``-s it over ``path`` and fsyncs the directory. The directory is created if needed.
+    On an error the temporary file is removed and ``path`` is untouched.
+    """
+    path = os.fspath(path)
+    directory = osp.dirname(osp.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f'.{osp.basename(path)}.', suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, 'wb' if isinstance(data, bytes) else 'w',
+                       **({} if isinstance(data, bytes) else {'encoding': encoding})) as handle:
+            _write_all(handle, data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if osp.exists(path):   # mkstemp creates 0600; keep the mode a plain open() would have given
+            os.chmod(temp, os.stat(path).st_mode & 0o777)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temp, 0o666 & ~umask)
+        os.replace(temp, path)
+    except BaseException:
+        if osp.exists(temp):
+            os.remove(temp)
+        raise
+    _sync_directory(directory)
+
+
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's local file backend; ``put`` and ``put_text`` replace files atomically (:func:`atomic_write`)."""
+
+    def put(self, obj: bytes, filepath: Union[str, Path]) -> None:
+        atomic_write(filepath, obj)
+
+    def put_text(self, obj: str, filepath: Union[str, Path], encoding: str = 'utf-8') -> None:
+        atomic_write(filepath, obj, encoding=encoding)
+
+
+register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
+
+
+def _is_local(path: Optional[Union[str, Path]]) -> bool:
+    return path is None or '://' not in os.fspath(path)
+
+
+@HOOKS.register_module()
+class AtomicCheckpointHook(CheckpointHook):
+    """mmengine's ``CheckpointHook`` (same arguments) with crash-safe writes (see the module docstring).
+
+    With ``backend_args``/``file_client_args`` naming another storage (``s3://`` ...), or an
+    ``out_dir`` URL, the checkpoint goes through that storage as in mmengine; ``last_checkpoint``
+    is still replaced atomically, and old checkpoints are still deleted only after the new one is saved.
+    """
+
+    def __init__(self, *args: Any, backend_args: Optional[dict] = None, file_client_args: Optional[dict] = None,
+                 out_dir: Optional[Union[str, Path]] = None, **kwargs: Any):
+        if backend_args is None and file_client_args is None and _is_local(out_dir):
+            backend_args = dict(backend=ATOMIC_BACKEND)
+        super().__init__(*args, out_dir=out_dir, backend_args=backend_args,
+                         file_client_args=file_client_args, **kwargs)
+
+    def _save_checkpoint_with_step(self, runner, step: int, meta: dict) -> None:
+        """As mmengine's, in a crash-safe order: save, then point ``last_checkpoint`` at it, then
+        delete the checkpoints beyond ``max_keep_ckpts``."""
+        outdated: List[int] = []
+        if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
+            while len(self.keep_ckpt_ids) >= self.max_keep_ckpts:
+                outdated.append(self.keep_ckpt_ids.popleft())
+            self.keep_ckpt_ids.append(step)
+            runner.message_hub.update_info('keep_ckpt_ids', list(self.keep_ckpt_ids))
+
+        ckpt_filename = self.filename_tmpl.format(step)
+        self.last_ckpt = self.file_backend.join_path(self.out_dir, ckpt_filename)
+        runner.message_hub.update_info('last_ckpt', self.last_ckpt)
+        runner.save_checkpoint(self.out_dir, ckpt_filename, self.file_client_args,
+                               save_optimizer=self.save_optimizer, save_param_scheduler=self.save_param_scheduler,
+                               meta=meta, by_epoch=self.by_epoch, backend_args=self.backend_args, **self.args)
+        if not is_main_process():
+            return
+        atomic_write(osp.join(runner.work_dir, 'last_checkpoint'), str(self.last_ckpt))
+        for old in outdated:
+            if old == step:
+                continue
+            path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(old))
+            if self.file_backend.isfile(path):
+                self.file_backend.remove(path)
+            elif self.file_backend.isdir(path):   # checkpoints saved by deepspeed are directories
+                self.file_backend.rmtree(path)
+
+
+def use_atomic_checkpoint_hook(cfg: Any) -> bool:
+    """Swap ``cfg.default_hooks.checkpoint`` of type ``CheckpointHook`` for :class:`AtomicCheckpointHook`.
+
+    Returns whether the config now uses it. A config naming another checkpoint hook keeps it.
+    """
+    hooks = cfg.get('default_hooks') or {}
+    checkpoint = hooks.get('checkpoint')
+    if not isinstance(checkpoint, dict):
+        return False
+    kind = checkpoint.get('type')
+    if kind in ('CheckpointHook', 'mmengine.CheckpointHook', CheckpointHook):
+        checkpoint['type'] = 'AtomicCheckpointHook'
+        return True
+    return kind in ('AtomicCheckpointHook', AtomicCheckpointHook)
