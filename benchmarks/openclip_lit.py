@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import os.path as osp
+import re
 import statistics
 import subprocess
 import sys
@@ -161,6 +162,12 @@ def train_command(setting: str, row: str, seed: int, args, csv: str, init: str, 
             *SETTINGS[setting], *ROWS[row]]
 
 
+def contrastive_losses(log_file: str) -> List[float]:
+    """open_clip's logged ``Contrastive_loss`` values (the step's, not the running mean), in order."""
+    with open(log_file, encoding='utf-8') as handle:
+        return [float(m.group(1)) for m in re.finditer(r'Contrastive_loss: ([0-9.e+-]+) \(', handle.read())]
+
+
 @torch.no_grad()
 def evaluate_checkpoint(checkpoint: str, split: dict, data_dir: str, args) -> Dict[str, float]:
     """TR/IR recalls of the trained model (loaded in plain open_clip after stripping the CODIS
@@ -222,6 +229,7 @@ def run_one(setting: str, row: str, seed: int, args, splits: dict, csv: str) -> 
     cpu = sum(os.times()[2:4]) - sum(cpu_start[2:4])
     checkpoint = osp.join(logs, name, 'checkpoints', f'epoch_{args.epochs}.pt')
     result = dict(setting=setting, row=row, seed=seed, train_seconds=time.perf_counter() - start, cpu_seconds=cpu,
+                  contrastive_loss=contrastive_losses(osp.join(logs, name, 'out.log')),
                   val=evaluate_checkpoint(checkpoint, splits['val'], args.data, args),
                   test=evaluate_checkpoint(checkpoint, splits['test'], args.data, args))
     os.makedirs(osp.dirname(result_path), exist_ok=True)

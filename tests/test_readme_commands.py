@@ -93,7 +93,7 @@ def test_tools_modules_configs_and_scripts_exist(item):
                 f'{page.name}: `mim run vlp_codebook {tool}`: no vlp_codebook/.mim/tools/{tool}.py'
         if word == '-m' and index + 1 < len(words) and words[index + 1].startswith('vlp_codebook'):
             module = words[index + 1]
-            base = ROOT / 'plugins' if module.startswith('vlp_codebook_lavis') else ROOT
+            base = ROOT / 'plugins' if module.startswith(('vlp_codebook_lavis', 'vlp_codebook_openclip')) else ROOT
             path = base / module.replace('.', '/')
             assert path.with_suffix('.py').is_file() or (path / '__init__.py').is_file(), \
                 f'{page.name}: `-m {module}`: no such module'
