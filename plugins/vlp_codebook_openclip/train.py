@@ -7,8 +7,8 @@ Usage (every open_clip_train flag, plus the plugin's: ``--help`` lists both)::
         --codebook-size 1024 --codebook-weight 1.0 [--codebook-plan-features teacher] \\
         [--codis-intra --codis-momentum 0.995 --queue-size 4096]
 
-Nothing of open_clip_train is copied or forked. For the duration of the call, four names that
-``open_clip_train.main`` looks up are replaced by thin wrappers around the originals:
+Nothing of open_clip_train is copied or forked. For the duration of the call, the names that
+``open_clip_train.main`` looks up below are replaced by thin wrappers around the originals:
 
 * ``create_model_and_transforms``: the model it returns is wrapped in
   :class:`~vlp_codebook_openclip.model.CodebookCLIP` (so open_clip's optimizer, grad scaler,
@@ -19,7 +19,10 @@ Nothing of open_clip_train is copied or forked. For the duration of the call, fo
   open_clip_train seeds once per process), sets the teacher's alpha ramp to one epoch and binds
   the codebook statistics to open_clip's logging and TensorBoard writer;
 * ``pt_load``: checkpoints are read with ``torch.load(weights_only=True)`` (tensors and plain
-  containers only; a file that would run code is refused).
+  containers only; a file that would run code is refused);
+* ``parse_args``: refuses, naming the flag, settings the plugin does not support;
+* ``torch.nn.parallel.DistributedDataParallel``: on CPU, without the ``device_ids=[cpu]`` that
+  open_clip_train passes and torch refuses (so ``torchrun ... --dist-backend gloo`` runs on CPU).
 """
 from __future__ import annotations
 
@@ -121,11 +124,28 @@ def injected(options) -> Iterator[None]:
                         train_one_epoch=train_one_epoch, pt_load=load_checkpoint_data, parse_args=parse_args)
     for name, value in replacements.items():
         setattr(oc_main, name, value)
+    ddp_class = torch.nn.parallel.DistributedDataParallel
+    torch.nn.parallel.DistributedDataParallel = _cpu_friendly_ddp(ddp_class)
     try:
         yield
     finally:
         for name, value in originals.items():
             setattr(oc_main, name, value)
+        torch.nn.parallel.DistributedDataParallel = ddp_class
+
+
+def _cpu_friendly_ddp(ddp_class):
+    """open_clip_train passes ``device_ids=[device]`` to DDP also when the device is the CPU, which
+    torch refuses (CPU modules take no device_ids): drop them there, so ``torchrun`` with
+    ``--dist-backend gloo`` trains on CPU. A subclass, so isinstance checks still hold."""
+
+    class DistributedDataParallel(ddp_class):
+        def __init__(self, module, device_ids=None, *args, **kwargs):
+            if device_ids and all(torch.device(d).type == 'cpu' for d in device_ids):
+                device_ids = None
+            super().__init__(module, device_ids, *args, **kwargs)
+
+    return DistributedDataParallel
 
 
 def main(argv: Optional[Sequence[str]] = None):

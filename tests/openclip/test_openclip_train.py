@@ -171,3 +171,33 @@ def test_unsupported_open_clip_settings_are_refused_by_name(openclip_plugin, emo
         main(['--model', 'codis-tiny-vit', '--train-data', emoji_csv, '--dataset-type', 'csv',
               '--csv-separator', '\t', '--accum-freq', '2', '--logs', str(tmp_path), '--workers', '0'])
     assert not glob.glob(osp.join(tmp_path, '*', 'checkpoints', '*.pt'))
+
+
+def test_torchrun_two_cpu_processes_train_through_the_entry_point(openclip_plugin, emoji_csv, tmp_path):
+    """torchrun + gloo on CPU (open_clip_train alone passes device_ids=[cpu] to DDP, which torch
+    refuses), with --local-loss --gather-with-grad and the intra directions."""
+    import os
+    import subprocess
+    import sys
+
+    from ddp_utils import free_port
+    from openclip_helpers import ROOT
+    torchrun = osp.join(osp.dirname(sys.executable), 'torchrun')
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([osp.join(ROOT, 'plugins'), ROOT, os.environ.get('PYTHONPATH', '')]))
+    # torchrun reads a bare --logs as its own --logs-specs: run where logs/ should go instead
+    proc = subprocess.run(
+        [torchrun, '--nproc_per_node', '2', '--master-port', str(free_port()), '-m', 'vlp_codebook_openclip.train',
+         '--model', 'codis-tiny-vit', '--train-data', emoji_csv, '--dataset-type', 'csv', '--csv-separator', '\t',
+         '--batch-size', '16', '--epochs', '1', '--workers', '0', '--precision', 'fp32', '--dist-backend', 'gloo',
+         '--local-loss', '--gather-with-grad', '--name', 'ddp', '--codebook-size', '32', '--codis-intra',
+         '--queue-size', '48', '--lr', '1e-3', '--warmup', '1', '--log-every-n-steps', '4'],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = (tmp_path / 'logs' / 'ddp' / 'out.log').read_text()
+    assert 'Running in distributed mode' in log and 'total 2' in log
+    assert 'Codebook_i2p' in log and 'Intra_t2t' in log
+    state = _load(tmp_path / 'logs' / 'ddp' / 'checkpoints' / 'epoch_1.pt')['state_dict']
+    # DDP saves the wrapped model: module.* keys; the queue holds joint batches (2 x 16 per step)
+    assert int(state['module.image_queue.num_valid']) == 48
+    assert int(state['module.teacher.num_updates']) == 256 // 32
