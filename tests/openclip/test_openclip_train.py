@@ -175,7 +175,7 @@ def test_unsupported_open_clip_settings_are_refused_by_name(openclip_plugin, emo
 
 def test_torchrun_two_cpu_processes_train_through_the_entry_point(openclip_plugin, emoji_csv, tmp_path):
     """torchrun + gloo on CPU (open_clip_train alone passes device_ids=[cpu] to DDP, which torch
-    refuses), with --local-loss --gather-with-grad and the intra directions."""
+    refuses), with --local-loss --gather-with-grad, --precision amp_bf16 and the intra directions."""
     import os
     import subprocess
     import sys
@@ -189,7 +189,7 @@ def test_torchrun_two_cpu_processes_train_through_the_entry_point(openclip_plugi
     proc = subprocess.run(
         [torchrun, '--nproc_per_node', '2', '--master-port', str(free_port()), '-m', 'vlp_codebook_openclip.train',
          '--model', 'codis-tiny-vit', '--train-data', emoji_csv, '--dataset-type', 'csv', '--csv-separator', '\t',
-         '--batch-size', '16', '--epochs', '1', '--workers', '0', '--precision', 'fp32', '--dist-backend', 'gloo',
+         '--batch-size', '16', '--epochs', '1', '--workers', '0', '--precision', 'amp_bf16', '--dist-backend', 'gloo',
          '--local-loss', '--gather-with-grad', '--name', 'ddp', '--codebook-size', '32', '--codis-intra',
          '--queue-size', '48', '--lr', '1e-3', '--warmup', '1', '--log-every-n-steps', '4'],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
