@@ -15,40 +15,29 @@ from vlp_codebook_openclip.model import PLAN_FEATURES
 __all__ = ['build_parser', 'parse_codebook_args', 'check_compatible', 'codebook_model_kwargs']
 
 
-def _positive_int(flag: str):
-    def parse(text: str) -> int:
+def _checked(flag: str, cast, ok, what: str):
+    """An argparse ``type``: ``cast(text)``, refused with ``FLAG must be WHAT, got TEXT`` unless ``ok``."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f'{flag} must be a positive integer, got {text!r}') from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f'{flag} must be a positive integer, got {value}')
+            raise argparse.ArgumentTypeError(f'{flag} must be {what}, got {text!r}') from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f'{flag} must be {what}, got {text}')
         return value
     return parse
+
+
+def _positive_int(flag: str):
+    return _checked(flag, int, lambda v: v >= 1, 'a positive integer')
 
 
 def _positive_float(flag: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{flag} must be a number > 0, got {text!r}') from None
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f'{flag} must be a finite number > 0, got {text}')
-        return value
-    return parse
+    return _checked(flag, float, lambda v: math.isfinite(v) and v > 0, 'a finite number > 0')
 
 
 def _unit_float(flag: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{flag} must be a number in [0, 1], got {text!r}') from None
-        if not 0.0 <= value <= 1.0:
-            raise argparse.ArgumentTypeError(f'{flag} must be in [0, 1], got {text}')
-        return value
-    return parse
+    return _checked(flag, float, lambda v: 0.0 <= v <= 1.0, 'in [0, 1]')
 
 
 def build_parser() -> argparse.ArgumentParser:
