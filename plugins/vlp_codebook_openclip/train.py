@@ -22,7 +22,10 @@ Nothing of open_clip_train is copied or forked. For the duration of the call, th
   containers only; a file that would run code is refused);
 * ``parse_args``: refuses, naming the flag, settings the plugin does not support;
 * ``torch.nn.parallel.DistributedDataParallel``: on CPU, without the ``device_ids=[cpu]`` that
-  open_clip_train passes and torch refuses (so ``torchrun ... --dist-backend gloo`` runs on CPU).
+  open_clip_train passes and torch refuses (so ``torchrun ... --dist-backend gloo`` runs on CPU);
+* open_clip's HF architecture table gets BERT's layer names where it lacks them, so
+  ``--lock-text-unlocked-layers N`` works for BERT-family text towers (open_clip 3.3.0 raises
+  ``KeyError: 'layer_attr'``).
 """
 from __future__ import annotations
 
@@ -126,12 +129,31 @@ def injected(options) -> Iterator[None]:
         setattr(oc_main, name, value)
     ddp_class = torch.nn.parallel.DistributedDataParallel
     torch.nn.parallel.DistributedDataParallel = _cpu_friendly_ddp(ddp_class)
+    added_names = _complete_bert_arch_names()
     try:
         yield
     finally:
         for name, value in originals.items():
             setattr(oc_main, name, value)
         torch.nn.parallel.DistributedDataParallel = ddp_class
+        for names, key in added_names:
+            names.pop(key, None)
+
+
+def _complete_bert_arch_names():
+    """open_clip 3.3.0's HF text tower locks the first layers of ``--lock-text-unlocked-layers N``
+    through ``arch_dict[model_type]['config_names']['layer_attr' / 'token_embeddings_attr']``,
+    which its table lacks for BERT (a KeyError: 'layer_attr'). Add BERT's names (``encoder.layer``,
+    ``embeddings``) where missing; returns what was added, to take it back."""
+    from open_clip.hf_configs import arch_dict
+    added = []
+    names = arch_dict.get('bert', {}).get('config_names')
+    if names is not None:
+        for key, value in (('layer_attr', 'layer'), ('token_embeddings_attr', 'embeddings')):
+            if key not in names:
+                names[key] = value
+                added.append((names, key))
+    return added
 
 
 def _cpu_friendly_ddp(ddp_class):
