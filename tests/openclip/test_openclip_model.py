@@ -136,3 +136,24 @@ def test_checkpoint_of_other_options_is_refused_with_the_flags(openclip_plugin):
         CodebookCLIP(_clip(), codebook_size=32, intra=True, queue_size=4).load_state_dict(source.state_dict())
     with pytest.raises(ValueError, match='--pretrained'):
         CodebookCLIP(_clip(), codebook_size=32).load_state_dict(_clip().state_dict())
+
+
+def test_lock_text_unlocked_layers_works_for_bert_towers_in_the_entry_point(openclip_plugin):
+    """--lock-text-unlocked-layers 2 on a BERT HF tower: open_clip 3.3.0's architecture table lacks
+    BERT's layer names; inside the entry point the last 2 layers (and the projection) train."""
+    from open_clip.hf_configs import arch_dict
+    from open_clip.hf_model import HFTextEncoder
+
+    from vlp_codebook.models.encoders.pretrained import minilm_l6_dir
+    from vlp_codebook_openclip.options import parse_codebook_args
+    from vlp_codebook_openclip.train import injected
+    before = dict(arch_dict['bert']['config_names'])
+    tower = HFTextEncoder(minilm_l6_dir(), output_dim=32, proj_type='linear', pooler_type='mean_pooler',
+                          pretrained=False)
+    options, _ = parse_codebook_args([])
+    with injected(options):
+        tower.lock(unlocked_layers=2, freeze_layer_norm=True)
+    trainable = {n.split('.')[3] if n.startswith('transformer.encoder.layer.') else n.split('.')[0]
+                 for n, p in tower.named_parameters() if p.requires_grad}
+    assert trainable == {'4', '5', 'proj'}
+    assert arch_dict['bert']['config_names'] == before          # taken back after the call
