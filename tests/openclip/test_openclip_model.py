@@ -157,3 +157,13 @@ def test_lock_text_unlocked_layers_works_for_bert_towers_in_the_entry_point(open
                  for n, p in tower.named_parameters() if p.requires_grad}
     assert trainable == {'4', '5', 'proj'}
     assert arch_dict['bert']['config_names'] == before          # taken back after the call
+
+
+def test_codebook_init_norm_flag_reaches_the_codewords(openclip_plugin):
+    from vlp_codebook_openclip import CodebookCLIP
+    from vlp_codebook_openclip.options import codebook_model_kwargs, parse_codebook_args
+    options, _ = parse_codebook_args(['--codebook-init-norm', '1.0', '--codebook-size', '16'])
+    norms = CodebookCLIP(_clip(), **codebook_model_kwargs(options)).codebook.weight.norm(dim=1)
+    assert torch.allclose(norms, torch.ones(16), atol=1e-5)
+    default, _ = parse_codebook_args(['--codebook-size', '16'])
+    assert CodebookCLIP(_clip(), **codebook_model_kwargs(default)).codebook.weight.norm(dim=1).min() > 3.0
