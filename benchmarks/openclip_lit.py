@@ -18,8 +18,9 @@ with the towers inside the model (no cached features):
   trunk's features explode (about 1e10); the locked trunk's batch norm uses batch statistics.
 * **Rows:** ``clip`` -- open_clip's ClipLoss alone (``--no-codebook``, through the same entry
   point); ``codebook`` -- + the codebook with the plugin's defaults; ``codebook_intra`` -- + the
-  intra-modal directions (``--codis-intra --queue-size 1024``); ``codebook_unit`` -- unit-norm
-  initial codewords (``--codebook-init-norm 1.0``: they turn about 16x faster under AdamW).
+  intra-modal directions (``--codis-intra --queue-size 1024``); ``codebook_gaussian`` -- N(0, 1)
+  initial codewords (``--codebook-init-norm gaussian``: norm about 16, so they turn about 16x
+  slower under AdamW than the default unit-norm ones).
 * **Protocol:** the emoji split of ``real_data_ablation.py`` (train / val by image hash; the
   held-out test split is reported, never used to choose). Paired seeds: for seed ``s`` every row
   starts from the same initial checkpoint (heads drawn from ``torch.manual_seed(s)``, passed as
@@ -75,11 +76,11 @@ ROWS: Dict[str, Sequence[str]] = {
     'clip': ('--no-codebook',),
     'codebook': (),
     'codebook_intra': ('--codis-intra', '--queue-size', '1024'),
-    'codebook_unit': ('--codebook-init-norm', '1.0'),
+    'codebook_gaussian': ('--codebook-init-norm', 'gaussian'),
 }
 ROW_TITLES = {'clip': "open_clip's ClipLoss", 'codebook': '+ codebook (defaults)',
               'codebook_intra': '+ codebook + intra directions',
-              'codebook_unit': '+ codebook, unit-norm codewords'}
+              'codebook_gaussian': '+ codebook, N(0, 1) codewords'}
 BASELINE = 'clip'
 
 

@@ -40,6 +40,13 @@ def _unit_float(flag: str):
     return _checked(flag, float, lambda v: 0.0 <= v <= 1.0, 'in [0, 1]')
 
 
+def _init_norm(text: str):
+    """``'gaussian'`` (N(0, 1) entries) or a finite number > 0."""
+    if text == 'gaussian':
+        return text
+    return _positive_float('--codebook-init-norm')(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='python -m vlp_codebook_openclip.train', add_help=False, allow_abbrev=False,
@@ -53,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--codebook-plan-features', choices=PLAN_FEATURES, default='student',
                        help="features the OT plans are computed from: 'student' (default, no extra "
                             "forward) or 'teacher' (a momentum teacher of the whole model)")
-    group.add_argument('--codebook-init-norm', type=_positive_float('--codebook-init-norm'), default=None,
-                       help="norm of the initial codewords (default: the core's default; 1.0 = unit norm, "
-                            'which turns about sqrt(embed dim) times faster under AdamW)')
+    group.add_argument('--codebook-init-norm', type=_init_norm, default=None,
+                       help="norm of the initial codewords: a number > 0 (1.0 = unit norm) or 'gaussian' "
+                            "(N(0, 1) entries, norm about sqrt(embed dim): they turn that many times slower "
+                            "under AdamW); default: the core's default")
     group.add_argument('--codis-intra', action='store_true',
                        help='add the intra-modal distillation directions i2i and t2t (momentum teacher '
                             '+ feature queues; needs --queue-size)')
@@ -118,5 +126,6 @@ def codebook_model_kwargs(options: argparse.Namespace) -> dict:
                   momentum=options.codis_momentum, queue_size=options.queue_size or 0,
                   intra_weight=options.codis_intra_weight)
     if options.codebook_init_norm is not None:
-        kwargs['codebook_kwargs'] = dict(codeword_init_norm=options.codebook_init_norm)
+        norm = None if options.codebook_init_norm == 'gaussian' else options.codebook_init_norm
+        kwargs['codebook_kwargs'] = dict(codeword_init_norm=norm)
     return kwargs

@@ -165,5 +165,5 @@ def test_codebook_init_norm_flag_reaches_the_codewords(openclip_plugin):
     options, _ = parse_codebook_args(['--codebook-init-norm', '1.0', '--codebook-size', '16'])
     norms = CodebookCLIP(_clip(), **codebook_model_kwargs(options)).codebook.weight.norm(dim=1)
     assert torch.allclose(norms, torch.ones(16), atol=1e-5)
-    default, _ = parse_codebook_args(['--codebook-size', '16'])
-    assert CodebookCLIP(_clip(), **codebook_model_kwargs(default)).codebook.weight.norm(dim=1).min() > 3.0
+    gaussian, _ = parse_codebook_args(['--codebook-size', '16', '--codebook-init-norm', 'gaussian'])
+    assert CodebookCLIP(_clip(), **codebook_model_kwargs(gaussian)).codebook.weight.norm(dim=1).min() > 3.0
