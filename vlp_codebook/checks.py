@@ -85,7 +85,7 @@ def check(ok: torch.Tensor, error: Callable[[], Exception]) -> None:
         if not bool(ok):
             raise error()
     else:
-        pending.append((ok.detach(), error))
+        pending.append((ok.detach() if ok.requires_grad else ok, error))
 
 
 def check_finite(name: str, tensor: torch.Tensor, hint: str = '') -> None:

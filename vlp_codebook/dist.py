@@ -29,6 +29,7 @@ import torch
 import torch.distributed as torch_dist
 
 __all__ = ['is_distributed', 'get_world_size', 'get_rank', 'all_reduce_sum', 'all_reduce_max', 'gather_no_grad',
+           'batch_weight',
            'gather_with_grad', 'batch_sizes', 'local_slice', 'joint_batch_mean', 'even_shard',
            'communication_device']
 
@@ -65,6 +66,26 @@ def all_reduce_max(tensor: torch.Tensor, group: Optional[object] = None) -> torc
     out = tensor.detach().clone()
     torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX, group=group)
     return out
+
+
+@torch.no_grad()
+def batch_weight(local_batch_size: int, device=None, group: Optional[object] = None):
+    r"""The factor :math:`B_r W / B` by which a loss scales its mean over this rank's ``B_r``
+    rows, so that DDP's *average* of the ranks' gradients is the gradient of the joint batch's
+    mean (:math:`\sum_r (B_r / B)\,\nabla L_r`) also when local batch sizes differ.
+
+    ``1.0`` (a Python number) without a process group; otherwise a 0-d fp32 tensor on
+    ``device`` after one ``all_reduce`` of the batch size (no host read). With equal batches
+    it is exactly 1.
+    """
+    if not is_distributed(group):
+        return 1.0
+    device = device if device is not None else communication_device(group)
+    if is_distributed(group) and torch_dist.get_backend(group) == 'nccl':
+        device = communication_device(group)
+    total = torch.tensor(float(local_batch_size), dtype=torch.float32, device=device)
+    torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM, group=group)
+    return (float(local_batch_size) * get_world_size(group)) / total.clamp_min(1.0)
 
 
 @torch.no_grad()

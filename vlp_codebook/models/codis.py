@@ -323,7 +323,7 @@ class CODIS(HostCounters, BaseModel):
         if self.codebook_loss is not None:
             for name in ('code_perplexity', 'code_plan_perplexity'):
                 if name in self.codebook_loss.last_stats:
-                    losses[name] = torch.tensor(self.codebook_loss.last_stats[name])
+                    losses[name] = torch.as_tensor(self.codebook_loss.last_stats[name], dtype=torch.float32)
         return losses
 
     def parse_losses(self, losses: Dict[str, torch.Tensor]):
