@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 from typing import Dict
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ['OpCounter']
