@@ -88,7 +88,7 @@ CHECK_EVERY_ACCELERATOR = 4
 # Plain Sinkhorn-Knopp until the rate of a block predicts more than this many iterations left;
 # then Anderson mixing. An Anderson step is ~30 small kernels, worth it on a short solve only
 # when an iteration's two B x K matrix-vector products dwarf them (_LARGE_PROBLEM entries).
-_PLAIN_ENOUGH = 8
+_PLAIN_ENOUGH = 25
 _PLAIN_ENOUGH_LARGE = 2
 _LARGE_PROBLEM = 2 ** 20
 
@@ -425,6 +425,12 @@ class _Solver:
         return max(abs(math.log(v_min)), abs(math.log(v_max)),
                    abs(log_a - math.log(v_max)), abs(log_a - math.log(v_min)))
 
+    def _first_decision(self) -> int:
+        """Iterations after which the first plain-or-Anderson decision is taken: on small
+        problems the rate over the first 4 iterations (so that the decision, and the iterates,
+        do not depend on ``check_every`` when it divides 4), on large ones the first block's."""
+        return 1 if self.joint_rows * self.M.shape[1] >= _LARGE_PROBLEM else 4
+
     def _plain_is_slow(self, err: float, previous: float, block: int) -> bool:
         """Whether plain iterations, at the rate of the last block, need more than
         ``_PLAIN_ENOUGH`` more iterations to meet ``tol`` (the same decision on every rank)."""
@@ -439,7 +445,7 @@ class _Solver:
 
     def run(self, max_iters: int, check_every: int, row_normalized: bool = False
             ) -> Tuple[torch.Tensor, SinkhornInfo]:
-        iters = absorptions = reads = 0
+        iters = absorptions = reads = previous_iters = 0
         previous_err = math.nan
         while True:
             block = min(check_every, max_iters - iters)
@@ -460,7 +466,7 @@ class _Solver:
                 # A scaling over- or underflowed in this block: exact log-domain update instead.
                 self._log_domain_update()
                 absorptions += 1
-                previous_err = math.nan
+                previous_err, previous_iters = math.nan, iters
                 if iters < max_iters:
                     continue
                 read = _read(self._state())
@@ -468,10 +474,12 @@ class _Solver:
             converged = max(read['col_err'], read['row_err']) <= self.tol
             if converged or iters >= max_iters:
                 break
-            if not self.accelerate and self.mixer.depth > 0 and \
-                    self._plain_is_slow(read['col_err'], previous_err, block):
-                self._start_anderson()
-            previous_err = read['col_err']
+            # Plain or Anderson: the rate since the last decision (or the start) predicts the
+            # plain iterations left.
+            if not self.accelerate and self.mixer.depth > 0 and iters >= self._first_decision():
+                if self._plain_is_slow(read['col_err'], previous_err, iters - previous_iters):
+                    self._start_anderson()
+                previous_err, previous_iters = read['col_err'], iters
             # Absorb large scalings, but not those of an extrapolation that the next step's
             # safeguard will reject (col_err above the last accepted error): folded into the
             # kernel it could not be undone. Past 1e30 there is no choice left.
