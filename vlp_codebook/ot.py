@@ -230,6 +230,27 @@ def _read(values: Dict[str, torch.Tensor]) -> Dict[str, float]:
     return dict(zip(names, torch.stack(tensors).tolist()))
 
 
+def _row_update(kernel, kernel_t, a, v, masked_rows: bool = False, group=None):
+    Kv = torch.mv(kernel, v)
+    u = torch.where(a > 0, a / Kv, 0.0) if masked_rows else a / Kv
+    return u, Kv, dist.all_reduce_sum(torch.mv(kernel_t, u), group)
+
+
+def plain_iteration(kernel: torch.Tensor, kernel_t: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    col: torch.Tensor, masked_rows: bool = False, group=None):
+    """One plain Sinkhorn-Knopp iteration of the solver, a pure function of tensors (4 kernels:
+    two divisions, two matrix-vector products; one all-reduce when sharded).
+
+    Given the kernel ``K`` (B, K), its transpose view, the marginals and the current joint
+    column sums ``col = Kᵀu``: ``v = b / col``, ``u = a / (K v)``. Returns ``(u, v, K v, Kᵀu)``.
+    ``masked_rows``: rows with ``a_i = 0`` get ``u_i = 0``. A block of these compiles to one
+    graph (``torch.compile(fullgraph=True)``) and can be captured in a CUDA graph.
+    """
+    v = b / col
+    u, Kv, col = _row_update(kernel, kernel_t, a, v, masked_rows, group)
+    return u, v, Kv, col
+
+
 class _Solver:
     """State of one solve: kernel ``K = exp((f_i + g_j - M_ij)/ε)`` and scalings ``u, v``; the
     plan is ``diag(u) K diag(v)``. ``f is None`` while the kernel is still the initial row
@@ -368,16 +389,15 @@ class _Solver:
         self.mixer.reset()
 
     def _row_update(self) -> None:
-        self.Kv = torch.mv(self.kernel, self.v)
-        self.u = self.a / self.Kv if self.uniform_a else torch.where(self.a > 0, self.a / self.Kv, 0.0)
-        self.col = dist.all_reduce_sum(torch.mv(self.kernel_t, self.u), self.group)
+        self.u, self.Kv, self.col = _row_update(self.kernel, self.kernel_t, self.a, self.v,
+                                                not self.uniform_a, self.group)
 
     def _iterate(self) -> None:
         """One column update and one exact row update: a fixed kernel sequence (plain, or
         Anderson-mixed once :attr:`accelerate` is on)."""
         if not self.accelerate:
-            self.v = self.b / self.col
-            self._row_update()
+            self.u, self.v, self.Kv, self.col = plain_iteration(
+                self.kernel, self.kernel_t, self.a, self.b, self.col, not self.uniform_a, self.group)
             return
         err = (self.v * self.col - self.b).abs().sum()
         # The plain column update of log v, centred: the plan is blind to a constant added to

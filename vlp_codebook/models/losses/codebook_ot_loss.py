@@ -46,7 +46,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -62,6 +62,19 @@ from vlp_codebook.registry import MODELS
 __all__ = ['CodebookOTLoss', 'OT_COST_FEATURES']
 
 TERMS = ('i2p', 't2p', 'ot_v', 'ot_t')
+
+
+@torch.library.custom_op('vlp_codebook::sinkhorn_assignments', mutates_args=())
+def _assign_op(cost: torch.Tensor, epsilon: float, tol: float, max_iters: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row-normalised Sinkhorn plan and ``[iterations, marginal error]``: the solver as one
+    operator for ``torch.compile`` (its convergence loop reads the device, which a graph cannot)."""
+    plan, info = sinkhorn(cost, epsilon, tol=tol, max_iters=max_iters, return_info=True, row_normalized=True)
+    return plan, torch.tensor([float(info.iterations), info.marginal_error], device=cost.device)
+
+
+@_assign_op.register_fake
+def _(cost, epsilon, tol, max_iters):
+    return cost.new_empty(cost.shape, dtype=torch.float32), cost.new_empty(2, dtype=torch.float32)
 OT_COST_FEATURES = ('plan', 'student', 'off')
 
 
@@ -149,6 +162,12 @@ class CodebookOTLoss(nn.Module):
     @torch.no_grad()
     def _assign(self, cost: torch.Tensor, name: str) -> torch.Tensor:
         """The row-normalised plan (each row sums to 1) of ``cost``."""
+        if torch.compiler.is_compiling():
+            # One opaque operator in the graph: the solve runs eagerly to its tolerance.
+            plan, stats = _assign_op(cost, self.epsilon, self.sinkhorn_tol, self.sinkhorn_max_iters)
+            self.last_stats[f'sinkhorn_iters_{name}'] = stats[0]
+            self.last_stats[f'sinkhorn_err_{name}'] = stats[1]
+            return plan
         plan, info = sinkhorn(cost, self.epsilon, max_iters=self.sinkhorn_max_iters, tol=self.sinkhorn_tol,
                               return_info=True, row_normalized=True)
         self.last_stats[f'sinkhorn_iters_{name}'] = float(info.iterations)
