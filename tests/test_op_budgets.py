@@ -90,3 +90,29 @@ def test_a_long_solve_switches_to_anderson_and_a_short_one_does_not():
     assert short.converged and long.converged and long.iterations > 3 * short.iterations
     assert 'linalg_solve_ex' not in short_ops.counts
     assert long_ops.counts.get('linalg_solve_ex', 0) + long_ops.counts.get('_linalg_solve_ex', 0) > 0
+
+
+def test_row_normalized_plan_is_the_plan_over_its_row_marginal():
+    cost, a, _ = _problem(3, 20, 30, marginals=True)
+    cost, a = torch.tensor(cost, dtype=torch.float32), torch.tensor(a, dtype=torch.float32)
+    b = torch.full((30,), 1 / 30)
+    plan = sinkhorn(cost, 0.1, a, b, tol=1e-6)
+    rows = sinkhorn(cost, 0.1, a, b, tol=1e-6, row_normalized=True)
+    torch.testing.assert_close(rows, plan / a[:, None], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(rows.sum(1), torch.ones(20), rtol=1e-5, atol=0)
+
+
+def test_l2_normalize_has_the_values_and_gradient_of_f_normalize():
+    from vlp_codebook.models.losses.functional import l2_normalize
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(7, 5, dtype=torch.float64)
+    torch.testing.assert_close(l2_normalize(x), F.normalize(x, dim=1))
+    ours = torch.autograd.grad((l2_normalize(x) * weights).sum(), x)[0]
+    reference = torch.autograd.grad((F.normalize(x, dim=1) * weights).sum(), x)[0]
+    torch.testing.assert_close(ours, reference)
+    assert torch.autograd.gradcheck(lambda t: l2_normalize(t), (x,))
+
+
+def test_batch_weight_is_one_on_a_single_process():
+    from vlp_codebook import dist
+    assert dist.batch_weight(5) == 1.0 and dist.batch_weight(torch.tensor(3)) == 1.0
