@@ -35,11 +35,15 @@ How it is computed, and why:
   which a scaling over- or underflowed is replaced by an exact log-domain update. Costs whose
   range is more than 1e5 ε are refused (fp32 cannot resolve their kernel).
 * **Fast.** The kernel starts as the row softmax of ``-M/ε`` (one max-subtracted pass that also
-  does the first row update); each iteration is two fp32 matrix-vector products. The column
-  update ``log v ← log b - log Kᵀu`` is a fixed-point map, accelerated by safeguarded Anderson
-  mixing of the last 3 iterates (Walker & Ni, SINUM 2011): 6 instead of 8 iterations on
-  clustered 1024 x 4096 costs at ε = 0.05, 17 instead of 30 at ε = 0.01, and convergence on
-  near-permutation problems where plain Sinkhorn stalls.
+  does the first row update); each iteration is two fp32 matrix-vector products
+  (:func:`plain_iteration`: four kernels) and a check is six. The column update
+  ``log v ← log b - log Kᵀu`` is a fixed-point map, accelerated by safeguarded Anderson
+  mixing of the last 3 iterates (Walker & Ni, SINUM 2011) -- 17 instead of 30 iterations on
+  clustered 1024 x 4096 costs at ε = 0.01, and convergence on near-permutation problems
+  where plain Sinkhorn stalls -- but only when the rate of the plain iterations predicts a
+  long solve (more than ``_PLAIN_ENOUGH`` iterations left; ``_PLAIN_ENOUGH_LARGE`` on
+  problems of ``_LARGE_PROBLEM`` entries or more): an Anderson step is ~30 small kernels,
+  more than the 2-6 plain iterations of a codebook loss's solve cost in all.
 * **fp32, no gradient, any device.** Inputs of any floating dtype (bf16 and fp16 included)
   are upcast; autocast is disabled inside.
 * **Sharded instances.** With ``torch.distributed`` initialised each rank passes its own rows
@@ -70,7 +74,7 @@ import torch
 
 from vlp_codebook import dist
 
-__all__ = ['sinkhorn', 'SinkhornInfo', 'transport_cost', 'check_finite', 'default_check_every']
+__all__ = ['sinkhorn', 'SinkhornInfo', 'transport_cost', 'check_finite', 'default_check_every', 'plain_iteration']
 
 # At a check, scalings outside [1/e^_LOG_ABSORB, e^_LOG_ABSORB] are folded into the potentials.
 # 1e15 leaves a factor 1e23 of headroom to fp32's 3e38 for the iterations of the next block.
