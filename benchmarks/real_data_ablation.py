@@ -86,6 +86,8 @@ ROWS: Dict[str, Tuple[str, Sequence[str], Optional[dict], bool]] = {
                        dict(num_codewords=128, ot_cost_features='off'), True),
     'b_cb128_unit_init': ('(b) + codebook, unit-norm codewords (init_norm=1)', ALL_DIRECTIONS,
                           dict(num_codewords=128, codeword_init_norm=1.0), True),
+    'b_cb128_gaussian_init': ('(b) + codebook, N(0, 1) codewords (init_norm=None)', ALL_DIRECTIONS,
+                              dict(num_codewords=128, codeword_init_norm=None), True),
     'b_cb128_init_norm4': ('(b) + codebook, codewords of norm 4 (init_norm=4)', ALL_DIRECTIONS,
                            dict(num_codewords=128, codeword_init_norm=4.0), True),
     'b_cb128_previous': ("(b) + codebook, previous defaults (ot 'student', init_norm=1)", ALL_DIRECTIONS,
@@ -454,10 +456,23 @@ _PROTOCOL = ('epochs', 'batch', 'lr', 'weight_decay', 'embed_dim', 'hidden', 'qu
              'image_size', 'max_images')
 
 
+def _codebook_defaults() -> dict:
+    """The defaults of CodebookOTLoss that the rows vary (part of a saved run's key)."""
+    import inspect
+    from vlp_codebook.models.losses.codebook_ot_loss import CodebookOTLoss
+    return {'codeword_init_norm': inspect.signature(CodebookOTLoss).parameters['codeword_init_norm'].default}
+
+
 def _result_path(args, row: str, seed: int) -> Optional[str]:
     if not args.results_dir:
         return None
-    protocol = json.dumps([ROWS[row][1:], {k: getattr(args, k) for k in _PROTOCOL}], sort_keys=True, default=str)
+    description, directions, codebook_args, teacher_plans = ROWS[row]
+    if codebook_args is not None:
+        # The effective arguments: a saved run of the defaults row stays valid only for the
+        # defaults it was run with.
+        codebook_args = {**_codebook_defaults(), **codebook_args}
+    protocol = json.dumps([[directions, codebook_args, teacher_plans], {k: getattr(args, k) for k in _PROTOCOL}],
+                          sort_keys=True, default=str)
     key = hashlib.blake2b(protocol.encode(), digest_size=6).hexdigest()
     return osp.join(args.results_dir, f'{row}_seed{seed}_{key}.json')
 

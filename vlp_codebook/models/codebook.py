@@ -11,9 +11,10 @@ optimisers (AdamW over all parameters, the usual set-up) the update of every coo
 about :math:`\mathrm{lr}\sqrt{d}/r` radians per step. The default initialisation draws every
 entry from N(0, 1), :math:`r \approx \sqrt{d}`, so a codeword turns by about ``lr`` radians per
 step, like the weights of the heads it is trained with; ``init_norm=1.0`` (unit-norm codewords)
-makes it turn :math:`\sqrt{d}` times faster (16x at d = 256): ahead on a short (492-step)
-real-data schedule, no better on a 4x longer one, about a point worse on the held-out set of
-issue 9 (``benchmarks/real_data_ablation.py``, docs/ot_and_codebook.md).
+makes it turn :math:`\sqrt{d}` times faster (16x at d = 256). :class:`CodebookOTLoss` builds its
+codebook with ``codeword_init_norm=1.0`` by default: on real data (``benchmarks/real_data_ablation.py``,
+docs/ot_and_codebook.md) unit-norm codewords were ahead on the validation split on the short
+schedule and at a lower learning rate, and not measurably behind on a 4x longer one.
 
 Usage statistics: :meth:`Codebook.update_usage` takes an assignment matrix (rows = instances;
 ``CodebookOTLoss`` passes the students' predicted codeword distributions -- a transport plan's

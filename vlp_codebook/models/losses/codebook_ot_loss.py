@@ -105,8 +105,10 @@ class CodebookOTLoss(nn.Module):
             student features, which are pulled towards codewords too) or ``'off'`` (no
             :math:`L_{ot}`). Chosen by ``benchmarks/real_data_ablation.py``.
         codeword_init_norm: ``init_norm`` of the codebook built here (when ``codebook`` is not
-            given): ``None`` (default) = N(0, 1) entries, so a codeword turns about ``lr`` radians
-            per Adam step; ``1.0`` = unit-norm codewords (:math:`\sqrt{d}` times faster). See
+            given): ``1.0`` (default) = unit-norm codewords, which turn about :math:`\sqrt{d}`
+            ``lr`` radians per Adam step; ``None`` = N(0, 1) entries (about ``lr`` radians per
+            step, :math:`\sqrt{d}` times slower). Chosen on real data by the rule of
+            ``benchmarks/real_data_ablation.py`` (docs/ot_and_codebook.md). See
             :class:`~vlp_codebook.models.codebook.Codebook`.
         track_usage: in training mode, update the codebook's usage EMA with the students'
             predicted codeword mass and record ``code_perplexity`` / ``code_plan_perplexity`` in
@@ -124,7 +126,7 @@ class CodebookOTLoss(nn.Module):
                  loss_weight: float = 1.0,
                  term_weights: Optional[Mapping[str, float]] = None,
                  ot_cost_features: str = 'plan',
-                 codeword_init_norm: Optional[float] = None,
+                 codeword_init_norm: Optional[float] = 1.0,
                  track_usage: bool = True):
         super().__init__()
         if ot_cost_features not in OT_COST_FEATURES:
