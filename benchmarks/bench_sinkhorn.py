@@ -27,7 +27,9 @@ ops (measured: 8 ms for a 4096-element ``log``, POT / ours 0.6-0.8x instead of 4
 
 Feature kinds: ``clustered`` draws each feature as a noisy copy of a random codeword (noise
 0.08 per dimension, as a trained encoder's features concentrate near codewords); ``isotropic``
-draws features uniformly on the sphere (costs all close to 1: an easy problem).
+draws features uniformly on the sphere (costs all close to 1: an easy problem); ``peaked`` is
+``clustered`` with noise 0.02 (each feature almost on its codeword: plans close to a
+permutation, the hard case for plain Sinkhorn).
 """
 from __future__ import annotations
 
@@ -47,9 +49,10 @@ def make_cost(B: int, K: int, kind: str, dim: int = 256, seed: int = 0,
               device: str = 'cpu') -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     codewords = F.normalize(torch.randn(K, dim, generator=g), dim=1)
-    if kind == 'clustered':
+    if kind in ('clustered', 'peaked'):
+        noise = 0.08 if kind == 'clustered' else 0.02
         idx = torch.randint(0, K, (B,), generator=g)
-        feats = F.normalize(codewords[idx] + 0.08 * torch.randn(B, dim, generator=g), dim=1)
+        feats = F.normalize(codewords[idx] + noise * torch.randn(B, dim, generator=g), dim=1)
     else:
         feats = F.normalize(torch.randn(B, dim, generator=g), dim=1)
     return (1.0 - feats @ codewords.T).to(device)
@@ -154,7 +157,7 @@ def main():
     parser.add_argument('--quick', action='store_true', help='only B=1024, K=4096')
     parser.add_argument('--grid', nargs='+', default=None, metavar='BxK',
                         help='sizes to run, e.g. 1024x4096 4096x16384 (overrides --quick)')
-    parser.add_argument('--kinds', nargs='+', default=['clustered', 'isotropic'])
+    parser.add_argument('--kinds', nargs='+', default=['clustered', 'isotropic', 'peaked'])
     parser.add_argument('--epsilon', type=float, default=0.05)
     parser.add_argument('--repeats', type=int, default=5, help='calls in a row per block (3 blocks)')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s)')

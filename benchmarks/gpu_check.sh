@@ -9,6 +9,9 @@
 #   2. `pytest -m gpu` (tests/test_gpu.py): solver vs POT's torch backend on CUDA, a block of
 #      solver iterations with no synchronising call, losses on CUDA vs CPU, a CODIS bf16
 #      autocast training step with its host reads counted;
+#   2b. the op-budget and compile tests, the losses' ops / host reads / ms against SwAV's form
+#      and ALBEF-style ITC on CUDA (benchmarks/bench_loss_ops.py), and both losses compiled by
+#      inductor (fullgraph=True) against eager;
 #   3. Sinkhorn at B x K = 1024 x 4096 and 4096 x 16384 (clustered cosine costs, eps 0.05):
 #      ours vs POT (torch backend, float64, same GPU) vs SwAV-3, ms per solve, iterations,
 #      host reads, marginal errors, check_every 1 side by side with the default (4), and the
@@ -40,6 +43,41 @@ fi
 
 echo "== 2. pytest -m gpu"
 timeout 240 "$PY" -m pytest -m gpu -q -rs tests/test_gpu.py || status=1
+
+echo "== 2b. kernel launches and compile: op budgets, aot_eager compile tests, the losses on CUDA"
+timeout 180 "$PY" -m pytest -q -rs tests/test_op_budgets.py tests/test_compile.py || status=1
+timeout 120 "$PY" benchmarks/bench_loss_ops.py --device cuda || status=1
+timeout 240 "$PY" - <<'EOF' || status=1
+import time, torch
+from vlp_codebook.models.losses.codebook_ot_loss import CodebookOTLoss
+from vlp_codebook.models.losses.distillation import MultiDirectionalDistillationLoss
+torch.manual_seed(0)
+B, d = 256, 256
+zv = torch.randn(B, d, device='cuda', requires_grad=True)
+zt = torch.randn(B, d, device='cuda', requires_grad=True)
+tv, tt = zv.detach() + 0.1 * torch.randn_like(zv), zt.detach() + 0.1 * torch.randn_like(zt)
+pieces = {'CodebookOTLoss K 1024': (CodebookOTLoss(num_codewords=1024).cuda(), (zv, zt, tv, tt), {}),
+          'MultiDirectionalDistillationLoss': (MultiDirectionalDistillationLoss().cuda(), (),
+                                               dict(image_feats=zv, text_feats=zt, image_teacher_feats=tv,
+                                                    text_teacher_feats=tt, alpha=0.4))}
+print('| piece (B 256) | eager ms | inductor (fullgraph) ms | max abs diff of the losses |')
+print('|---|---|---|---|')
+for name, (fn, args, kwargs) in pieces.items():
+    compiled = torch.compile(fn, fullgraph=True, backend='inductor')
+    out, times = {}, {}
+    for label, f in (('eager', fn), ('inductor', compiled)):
+        for _ in range(3):
+            out[label] = f(*args, **kwargs)
+            sum(out[label].values()).backward()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            sum(f(*args, **kwargs).values()).backward()
+        torch.cuda.synchronize()
+        times[label] = (time.perf_counter() - t0) / 20 * 1e3
+    diff = max(abs(float(out['eager'][k]) - float(out['inductor'][k])) for k in out['eager'])
+    print(f'| {name} | {times["eager"]:.2f} | {times["inductor"]:.2f} | {diff:.1e} |')
+EOF
 
 echo "== 3. Sinkhorn on the GPU (ours: default check_every; last columns: check_every=1)"
 timeout 150 "$PY" benchmarks/bench_sinkhorn.py --device cuda --grid 1024x4096 4096x16384 \

@@ -68,11 +68,11 @@ EXPECTED = {
     'codebook_weight_2x.py': (('t2i', 'i2t', 'i2i', 't2t'), True, 'teacher', 1024, 2.0),
     'ot_cost_student.py': (('t2i', 'i2t', 'i2i', 't2t'), True, 'teacher', 1024, 1.0),
     'ot_cost_off.py': (('t2i', 'i2t', 'i2i', 't2t'), True, 'teacher', 1024, 1.0),
-    'codebook_unit_init.py': (('t2i', 'i2t', 'i2i', 't2t'), True, 'teacher', 1024, 1.0),
+    'codebook_gaussian_init.py': (('t2i', 'i2t', 'i2i', 't2t'), True, 'teacher', 1024, 1.0),
 }
 # Codebook options that differ from the base config (ot_cost_features, codeword_init_norm).
-CODEBOOK_OPTIONS = {'ot_cost_student.py': ('student', None), 'ot_cost_off.py': ('off', None),
-                    'codebook_unit_init.py': ('plan', 1.0)}
+CODEBOOK_OPTIONS = {'ot_cost_student.py': ('student', 1.0), 'ot_cost_off.py': ('off', 1.0),
+                    'codebook_gaussian_init.py': ('plan', None)}
 
 
 def test_every_ablation_config_is_listed():
@@ -90,7 +90,7 @@ def test_ablation_builds_with_the_paper_row_components(path):
         assert model.codebook_plan_features == plan_feats
         assert model.codebook_loss.codebook.num_codewords == codewords
         assert model.codebook_loss.loss_weight == weight
-        ot_cost, init_norm = CODEBOOK_OPTIONS.get(osp.basename(path), ('plan', None))
+        ot_cost, init_norm = CODEBOOK_OPTIONS.get(osp.basename(path), ('plan', 1.0))
         assert model.codebook_loss.ot_cost_features == ot_cost
         assert model.codebook_loss.codebook.init_norm == init_norm
         expected |= CODE_TERMS if ot_cost != 'off' else CODE_TERMS - {'loss_code_ot_v', 'loss_code_ot_t'}

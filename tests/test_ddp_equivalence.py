@@ -5,12 +5,13 @@ its rows of a fixed joint batch, and in this process on all rows without a proce
 
 Local batch sizes are unequal (3 and 5 rows; the queues are pre-filled by batches of 2 and 4
 rows). With ``B_r`` rows on rank r and ``B`` in all, the convention of ``vlp_codebook.dist``
-(each rank's loss is the mean over its local queries) gives exactly:
+(each rank's loss is the mean over its local queries times ``dist.batch_weight`` =
+``B_r * world / B``) gives exactly what DDP's averaging needs:
 
-* losses: ``sum_r (B_r / B) * loss_r == joint loss``;
-* gradients on the student features: ``grad_r * (B_r / B) == joint gradient`` on rank r's rows,
-  i.e. ``world_size x`` the joint gradient when the ``B_r`` are equal;
-* gradients on shared parameters (γ, the codebook): ``sum_r (B_r / B) * grad_r == joint``;
+* losses: ``mean_r loss_r == joint loss``;
+* gradients on the student features: ``grad_r == world_size x`` the joint gradient on rank r's
+  rows (DDP divides by ``world_size``);
+* gradients on shared parameters (γ, the codebook): ``mean_r grad_r == joint``;
 * queues, codebook usage: identical on every rank and equal to the joint ones;
 * the Sinkhorn plan: the ranks' rows concatenated equal the joint plan.
 
@@ -92,10 +93,10 @@ def pipeline(rank: int, world: int):
                      image_ids=inp['ids'][cur], alpha=0.4)
     sum(losses.values()).backward()
     for name, value in losses.items():
-        out[f'distill/{name}'] = ('wmean', 'cur', value.detach())
+        out[f'distill/{name}'] = ('mean', 'cur', value.detach())
     out['distill/grad_zv'] = ('rowgrad', 'cur', zv.grad)
     out['distill/grad_zt'] = ('rowgrad', 'cur', zt.grad)
-    out['distill/grad_gamma'] = ('wmean', 'cur', loss_fn.temperature.grad)
+    out['distill/grad_gamma'] = ('mean', 'cur', loss_fn.temperature.grad)
 
     # 2. No ids (the positive is the global index), tensor queue, alpha = 0, two directions.
     loss_fn2 = MultiDirectionalDistillationLoss(directions=('t2i', 'i2i'), learnable_temperature=False)
@@ -105,7 +106,7 @@ def pipeline(rank: int, world: int):
                        image_queue=queue_v.features(), alpha=0.0)
     sum(losses2.values()).backward()
     for name, value in losses2.items():
-        out[f'distill_noids/{name}'] = ('wmean', 'cur', value.detach())
+        out[f'distill_noids/{name}'] = ('mean', 'cur', value.detach())
     out['distill_noids/grad_zv'] = ('rowgrad', 'cur', zv2.grad)
     out['distill_noids/grad_zt'] = ('rowgrad', 'cur', zt2.grad)
 
@@ -136,10 +137,10 @@ def pipeline(rank: int, world: int):
     terms = ot_loss(zv3, zt3, inp['zv_m'][cur], inp['zt_m'][cur])
     sum(terms.values()).backward()
     for name, value in terms.items():
-        out[f'codebook/{name}'] = ('wmean', 'cur', value.detach())
+        out[f'codebook/{name}'] = ('mean', 'cur', value.detach())
     out['codebook/grad_zv'] = ('rowgrad', 'cur', zv3.grad)
     out['codebook/grad_zt'] = ('rowgrad', 'cur', zt3.grad)
-    out['codebook/grad_codewords'] = ('wmean', 'cur', ot_loss.codebook.weight.grad)
+    out['codebook/grad_codewords'] = ('mean', 'cur', ot_loss.codebook.weight.grad)
     out['codebook/usage'] = ('same', 'cur', ot_loss.codebook.usage)
 
     # 5. A DDP-wrapped student, its momentum teacher and two SGD steps, equal local batches.
@@ -169,16 +170,33 @@ def pipeline(rank: int, world: int):
     # 6. Logged values: dist.joint_batch_mean of the per-rank losses of part 1 is the joint loss
     # on every rank, and a tiny CODIS logs joint-batch means from parse_losses (eval mode: no
     # dropout; ITM/MLM sample randomly, so they are left out here).
-    logged = dist.joint_batch_mean({n: v.detach() for n, v in losses.items()}, cur.stop - cur.start)
+    # The losses are already weighted by dist.batch_weight: equal weights give the joint value.
+    logged = dist.joint_batch_mean({n: v.detach() for n, v in losses.items()}, 1)
     for name, value in logged.items():
         out[f'log/{name}'] = ('same', 'cur', value)
     codis = tiny_model(itm_loss=None, mlm_loss=None).eval()
     data = codis.data_preprocessor(batch(sum(SIZES['cur'])), True)
     codis_terms = codis(**{k: v[cur] for k, v in data.items()}, mode='loss')
-    out['codis_local/loss_t2i'] = ('wmean', 'cur', codis_terms['loss_t2i'].detach())
+    out['codis_local/loss_t2i'] = ('mean', 'cur', codis_terms['loss_t2i'].detach())
     _, log_vars = codis.parse_losses(codis_terms)
     for name, value in log_vars.items():
         out[f'codis_log/{name}'] = ('same', 'cur', value.detach())
+
+    # 7. A whole CODIS step (distillation + codebook, teachers, queues) under DDP with the
+    # unequal local batches 3 + 5: DDP's average of the gradients is the joint batch's gradient.
+    # (γ = 0.5: the untrained tiny towers give nearly equal features, and at γ = 0.07 the
+    # gradient of γ is a sum of terms ~200x larger than itself, whose fp32 rounding alone differs
+    # between the two summation orders by ~2e-5.)
+    step_model = tiny_model(itm_loss=None, mlm_loss=None,
+                            distillation_loss=dict(type='MultiDirectionalDistillationLoss', temperature=0.5)).eval()
+    wrapped = (nn.parallel.DistributedDataParallel(step_model, find_unused_parameters=True)
+               if world > 1 else step_model)
+    data = step_model.data_preprocessor(batch(sum(SIZES['cur'])), True)
+    step_terms = wrapped(**{k: v[cur] for k, v in data.items()}, mode='loss')
+    sum(v for k, v in step_terms.items() if k.startswith('loss')).backward()
+    for name, param in step_model.named_parameters():
+        if param.grad is not None:
+            out[f'codis_step/grad.{name}'] = ('same', 'cur', param.grad)
     return out
 
 
@@ -198,15 +216,17 @@ def test_two_gloo_ranks_equal_one_process_on_the_joint_batch():
     joint = pipeline(0, 1)
 
     assert set(ranks[0]) == set(ranks[1]) == set(joint)
-    checked = {'wmean': 0, 'rowgrad': 0, 'rows': 0, 'same': 0}
+    checked = {'wmean': 0, 'mean': 0, 'rowgrad': 0, 'rows': 0, 'same': 0}
     for name, (kind, group, expected) in joint.items():
         sizes = SIZES[group]
         weights = [b / sum(sizes) for b in sizes]
         per_rank = [r[name][2] for r in ranks]
         if kind == 'wmean':
             got = sum(w * v for w, v in zip(weights, per_rank))
+        elif kind == 'mean':
+            got = sum(per_rank) / WORLD
         elif kind == 'rowgrad':
-            got = torch.cat([w * v for w, v in zip(weights, per_rank)])
+            got = torch.cat(per_rank) / WORLD
         elif kind == 'rows':
             got = torch.cat(per_rank)
         else:
@@ -216,7 +236,9 @@ def test_two_gloo_ranks_equal_one_process_on_the_joint_batch():
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL,
                                    msg=lambda m, name=name: f'{name}: {m}')
         checked[kind] += 1
-    assert checked == {'wmean': 15, 'rowgrad': 8, 'rows': 2, 'same': 17 + 4 + 11}, checked
+    step_grads = sum(name.startswith('codis_step/') for name in joint)
+    assert step_grads > 10 and any('codebook' in name for name in joint if name.startswith('codis_step/'))
+    assert checked == {'wmean': 2, 'mean': 13, 'rowgrad': 8, 'rows': 2, 'same': 17 + 4 + 11 + step_grads}, checked
 
     # With equal local batches the plain mean over ranks is the joint loss, and each rank's
     # feature gradient is world_size x the joint one.
@@ -228,9 +250,11 @@ def test_two_gloo_ranks_equal_one_process_on_the_joint_batch():
     # The training step moved something (the comparison above is not vacuous).
     torch.manual_seed(2)
     assert not torch.allclose(nn.Linear(6, D).weight, joint['train/student.weight'][2])
-    # Unequal batches: the plain mean over ranks is NOT the joint loss (the weights matter).
-    plain = sum(r['distill/loss_t2i'][2] for r in ranks) / WORLD
-    assert abs(plain - joint['distill/loss_t2i'][2]) > 1e-4
+    # Unequal batches: the ranks' losses carry dist.batch_weight (B_r * world / B); weighting
+    # them once more by B_r / B would miss the joint loss (the factor matters).
+    for name in ('distill/loss_t2i', 'codebook/loss_i2p', 'codis_local/loss_t2i'):
+        weighted = sum(b / sum(SIZES['cur']) * r[name][2] for b, r in zip(SIZES['cur'], ranks))
+        assert abs(weighted - joint[name][2]) > 1e-4, name
     # ... and rank 0's own CODIS loss (what mmengine logs by default) is not the joint one.
     assert abs(ranks[0]['codis_local/loss_t2i'][2] - joint['codis_log/loss_t2i'][2]) > 1e-4
     print(f'DDP equivalence: 2 gloo workers took {elapsed:.1f} s')

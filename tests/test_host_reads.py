@@ -127,9 +127,9 @@ def test_deferred_checks_read_once_and_raise_the_same_error():
 
 
 # Reads left in other files, per training step of the tiny model below, each a known debt:
-# CodebookOTLoss reads its two logged statistics with .item(); the data preprocessor checks its
-# images' values with a plain `if`.
-KNOWN_ELSEWHERE = {'codebook_ot_loss.py': 2, 'data_preprocessor.py': 2}
+# the data preprocessor checks its images' values with a plain `if`. (CodebookOTLoss's logged
+# statistics stay on the device now: no read in codebook_ot_loss.py.)
+KNOWN_ELSEWHERE = {'data_preprocessor.py': 2}
 
 
 def test_a_codis_training_step_reads_the_device_a_bounded_number_of_times():
@@ -152,3 +152,4 @@ def test_a_codis_training_step_reads_the_device_a_bounded_number_of_times():
     assert ours == solver + 1, reads.sites
     for filename, allowed in KNOWN_ELSEWHERE.items():
         assert reads.in_file(filename) <= allowed, reads.sites
+    assert reads.in_file('codebook_ot_loss.py') == 0, reads.sites

@@ -58,7 +58,7 @@ def test_codebook_rows_use_the_measured_defaults():
     """The 'defaults' row builds CodebookOTLoss with nothing but K: it measures what a user gets."""
     assert bench.ROWS['b_cb128'][2] == dict(num_codewords=128)
     run = bench.build_run('b_cb128', 0, (12, 10), _args(embed_dim=16, hidden=8, queue=8))
-    assert run['code_loss'].ot_cost_features == 'plan' and run['code_loss'].codebook.init_norm is None
+    assert run['code_loss'].ot_cost_features == 'plan' and run['code_loss'].codebook.init_norm == 1.0
 
 
 def test_val_split_is_disjoint_from_train_and_test(tmp_path):

@@ -13,6 +13,9 @@ where they are; value checks go through :func:`check`:
 ``VLP_CODEBOOK_EAGER_CHECKS=1`` (or :func:`set_eager` ``(True)``) makes every check read at
 once, inside the block too: for debugging, when the error should point at the exact line.
 
+Inside ``torch.compile`` (``torch.compiler.is_compiling()``) value checks are skipped, so that
+the losses compile to one graph (``fullgraph=True``): run a step eagerly to check the values.
+
 Example::
 
     >>> import torch
@@ -80,12 +83,14 @@ def _raise_failed(pending) -> None:
 def check(ok: torch.Tensor, error: Callable[[], Exception]) -> None:
     """Require the boolean device scalar ``ok``; ``error()`` builds the exception to raise
     (called only on failure, so it may read the offending tensor to describe it)."""
+    if torch.compiler.is_compiling():
+        return    # inside a compiled graph no value is read: check a step eagerly
     pending = _pending()
     if pending is None or _eager:
         if not bool(ok):
             raise error()
     else:
-        pending.append((ok.detach(), error))
+        pending.append((ok.detach() if ok.requires_grad else ok, error))
 
 
 def check_finite(name: str, tensor: torch.Tensor, hint: str = '') -> None:

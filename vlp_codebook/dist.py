@@ -16,9 +16,11 @@ nccl on GPU) they implement the three patterns the method needs:
   the backward pass sums, over ranks, the gradient each rank's loss sends to every slice and
   hands each rank the gradient of its own slice (as ``torch.distributed.nn.all_gather``).
 
-Convention (the usual DDP one): each rank's loss is the mean over its *local* queries, so the
-gradients that DDP averages over ranks equal the gradients of the loss on the joint batch,
-and the mean over ranks of the per-rank losses equals the joint-batch loss.
+Convention: each rank's loss is the mean over its *local* queries times
+:func:`batch_weight` (``B_r * world / B``, exactly 1 when the local batches are equal), so the
+gradients that DDP averages over ranks equal the gradients of the loss on the joint batch, and
+the plain mean over ranks of the per-rank losses equals the joint-batch loss, whatever the
+local batch sizes.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as torch_dist
 
 __all__ = ['is_distributed', 'get_world_size', 'get_rank', 'all_reduce_sum', 'all_reduce_max', 'gather_no_grad',
+           'batch_weight',
            'gather_with_grad', 'batch_sizes', 'local_slice', 'joint_batch_mean', 'even_shard',
            'communication_device']
 
@@ -65,6 +68,34 @@ def all_reduce_max(tensor: torch.Tensor, group: Optional[object] = None) -> torc
     out = tensor.detach().clone()
     torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX, group=group)
     return out
+
+
+@torch.no_grad()
+def batch_weight(local_batch_size, device=None, group: Optional[object] = None):
+    r"""The factor :math:`B_r W / B` by which a loss scales its mean over this rank's ``B_r``
+    rows (or tokens), so that DDP's *average* of the ranks' gradients is the gradient of the
+    joint batch's mean, :math:`\sum_r (B_r / B)\,\nabla L_r`, also when the ranks' batch sizes
+    differ (the last batch of an epoch, samplers that do not pad).
+
+    Args:
+        local_batch_size: ``B_r``, a Python int or a device scalar (e.g. a count of masked
+            tokens; not read on the host).
+
+    Returns:
+        ``1.0`` (a Python number) without a process group; otherwise a 0-d fp32 tensor after
+        one ``all_reduce`` of the batch size (no host read). With equal batches it is 1.
+    """
+    if not is_distributed(group):
+        return 1.0
+    if torch_dist.get_backend(group) == 'nccl' or device is None:
+        device = communication_device(group)
+    if isinstance(local_batch_size, torch.Tensor):
+        local = local_batch_size.detach().to(device=device, dtype=torch.float32).reshape(())
+    else:
+        local = torch.tensor(float(local_batch_size), dtype=torch.float32, device=device)
+    total = local.clone()
+    torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM, group=group)
+    return local * get_world_size(group) / total.clamp_min(1.0)
 
 
 @torch.no_grad()

@@ -35,11 +35,15 @@ How it is computed, and why:
   which a scaling over- or underflowed is replaced by an exact log-domain update. Costs whose
   range is more than 1e5 ε are refused (fp32 cannot resolve their kernel).
 * **Fast.** The kernel starts as the row softmax of ``-M/ε`` (one max-subtracted pass that also
-  does the first row update); each iteration is two fp32 matrix-vector products. The column
-  update ``log v ← log b - log Kᵀu`` is a fixed-point map, accelerated by safeguarded Anderson
-  mixing of the last 3 iterates (Walker & Ni, SINUM 2011): 6 instead of 8 iterations on
-  clustered 1024 x 4096 costs at ε = 0.05, 17 instead of 30 at ε = 0.01, and convergence on
-  near-permutation problems where plain Sinkhorn stalls.
+  does the first row update); each iteration is two fp32 matrix-vector products
+  (:func:`plain_iteration`: four kernels) and a check is six. The column update
+  ``log v ← log b - log Kᵀu`` is a fixed-point map, accelerated by safeguarded Anderson
+  mixing of the last 3 iterates (Walker & Ni, SINUM 2011) -- 17 instead of 30 iterations on
+  clustered 1024 x 4096 costs at ε = 0.01, and convergence on near-permutation problems
+  where plain Sinkhorn stalls -- but only when the rate of the plain iterations predicts a
+  long solve (more than ``_PLAIN_ENOUGH`` iterations left; ``_PLAIN_ENOUGH_LARGE`` on
+  problems of ``_LARGE_PROBLEM`` entries or more): an Anderson step is ~30 small kernels,
+  more than the 2-6 plain iterations of a codebook loss's solve cost in all.
 * **fp32, no gradient, any device.** Inputs of any floating dtype (bf16 and fp16 included)
   are upcast; autocast is disabled inside.
 * **Sharded instances.** With ``torch.distributed`` initialised each rank passes its own rows
@@ -70,7 +74,7 @@ import torch
 
 from vlp_codebook import dist
 
-__all__ = ['sinkhorn', 'SinkhornInfo', 'transport_cost', 'check_finite', 'default_check_every']
+__all__ = ['sinkhorn', 'SinkhornInfo', 'transport_cost', 'check_finite', 'default_check_every', 'plain_iteration']
 
 # At a check, scalings outside [1/e^_LOG_ABSORB, e^_LOG_ABSORB] are folded into the potentials.
 # 1e15 leaves a factor 1e23 of headroom to fp32's 3e38 for the iterations of the next block.
@@ -85,6 +89,12 @@ _ANDERSON_RIDGE = 1e-10
 # Iterations per host read by device type (see default_check_every).
 CHECK_EVERY = {'cpu': 1}
 CHECK_EVERY_ACCELERATOR = 4
+# Plain Sinkhorn-Knopp until the rate of a block predicts more than this many iterations left;
+# then Anderson mixing. An Anderson step is ~30 small kernels, worth it on a short solve only
+# when an iteration's two B x K matrix-vector products dwarf them (_LARGE_PROBLEM entries).
+_PLAIN_ENOUGH = 25
+_PLAIN_ENOUGH_LARGE = 2
+_LARGE_PROBLEM = 2 ** 20
 
 
 def default_check_every(device: torch.device) -> int:
@@ -143,6 +153,7 @@ def sinkhorn(cost: torch.Tensor,
              process_group: Optional[object] = None,
              return_info: bool = False,
              warn_not_converged: bool = True,
+             row_normalized: bool = False,
              ) -> Union[torch.Tensor, Tuple[torch.Tensor, SinkhornInfo]]:
     r"""Entropic OT plan between instances (rows) and codewords (columns).
 
@@ -163,6 +174,9 @@ def sinkhorn(cost: torch.Tensor,
         process_group: the group the rows are sharded over (default: the world, if any).
         return_info: also return a :class:`SinkhornInfo`.
         warn_not_converged: warn when ``max_iters`` is reached before ``tol``.
+        row_normalized: return the plan with every row divided by its sum, ``T_ij / a_i``
+            (each row an assignment distribution over the columns), computed as
+            ``K_ij v_j / (K v)_i`` without forming ``diag(u)``: the form the codebook loss uses.
 
     Returns:
         plan: (B, K) fp32 tensor ``T`` with rows summing to ``a`` and columns (over the joint
@@ -190,12 +204,12 @@ def sinkhorn(cost: torch.Tensor,
         raise ValueError(f'tol must be > 0, got {tol!r}')
 
     with torch.autocast(device_type=cost.device.type, enabled=False):
-        M = cost.detach().to(torch.float32)
+        M = cost if cost.dtype == torch.float32 else cost.float()  # no_grad: nothing is recorded
         B, K = M.shape
         if not dist.is_distributed(process_group) and B == 0:
             raise ValueError('cost has no rows (instances)')
         solver = _Solver(M, float(epsilon), a, b, tol, anderson, process_group)
-        plan, info = solver.run(max_iters, check_every)
+        plan, info = solver.run(max_iters, check_every, row_normalized)
 
     if warn_not_converged and not info.converged:
         warnings.warn(f'sinkhorn: marginal error {info.marginal_error:.3g} > tol={tol:g} after '
@@ -210,16 +224,48 @@ def _check_count(name: str, value, minimum: int) -> None:
 
 
 def _read(values: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    """Device scalars -> floats, with one host read."""
+    """Device scalars -> floats, with one host read (no casts when they share a dtype)."""
     names = list(values)
-    stacked = torch.stack([values[n].detach().reshape(()).to(torch.float64) for n in names])
-    return dict(zip(names, stacked.tolist()))
+    tensors = [values[n] for n in names]
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):
+        tensors = [t if t.dtype == torch.float64 else t.double() for t in tensors]
+    tensors = [t if t.dim() == 0 else t.reshape(()) for t in tensors]
+    return dict(zip(names, torch.stack(tensors).tolist()))
+
+
+def _row_update(kernel, kernel_t, a, v, masked_rows: bool = False, group=None):
+    Kv = torch.mv(kernel, v)
+    u = torch.where(a > 0, a / Kv, 0.0) if masked_rows else a / Kv
+    return u, Kv, dist.all_reduce_sum(torch.mv(kernel_t, u), group)
+
+
+def plain_iteration(kernel: torch.Tensor, kernel_t: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    col: torch.Tensor, masked_rows: bool = False, group=None):
+    """One plain Sinkhorn-Knopp iteration of the solver, a pure function of tensors (4 kernels:
+    two divisions, two matrix-vector products; one all-reduce when sharded).
+
+    Given the kernel ``K`` (B, K), its transpose view, the marginals and the current joint
+    column sums ``col = Kᵀu``: ``v = b / col``, ``u = a / (K v)``. Returns ``(u, v, K v, Kᵀu)``.
+    ``masked_rows``: rows with ``a_i = 0`` get ``u_i = 0``. A block of these compiles to one
+    graph (``torch.compile(fullgraph=True)``) and can be captured in a CUDA graph.
+    """
+    v = b / col
+    u, Kv, col = _row_update(kernel, kernel_t, a, v, masked_rows, group)
+    return u, v, Kv, col
 
 
 class _Solver:
     """State of one solve: kernel ``K = exp((f_i + g_j - M_ij)/ε)`` and scalings ``u, v``; the
     plan is ``diag(u) K diag(v)``. ``f is None`` while the kernel is still the initial row
-    softmax (its row potentials are implicit)."""
+    softmax (its row potentials are implicit).
+
+    Two modes of iteration: *plain* Sinkhorn-Knopp (four kernels an iteration) and Anderson-mixed
+    (:class:`_AndersonMixer`, about 30 small kernels more). Every solve starts plain; at each
+    check the rate of the last block predicts how many plain iterations are left, and Anderson
+    is switched on only when that is more than ``_PLAIN_ENOUGH`` (``_PLAIN_ENOUGH_LARGE`` on
+    problems large enough for an iteration's two matrix-vector products to dwarf Anderson's
+    small kernels). Short solves (the codebook loss's: 2-5 iterations) stay plain."""
 
     def __init__(self, M, eps, a, b, tol, anderson, group):
         self.M, self.eps, self.tol, self.group = M, eps, tol, group
@@ -230,43 +276,75 @@ class _Solver:
         self.input_checks: Dict[str, torch.Tensor] = {}
         self._check_cost()
         if self.sharded:
-            rows = dist.all_reduce_sum(torch.tensor(float(B), dtype=torch.float64, device=device), group)
+            rows = dist.all_reduce_sum(torch.tensor(float(B), dtype=torch.float32, device=device), group)
             self.input_checks['joint_rows'] = rows
-            joint_rows = rows.float().clamp_min(1.0)
+            joint_rows = rows.clamp_min(1.0)
         else:
             joint_rows = float(B)
+        self.joint_rows = float(B)     # the host's copy, set from the first read when sharded
+        # With the default (uniform, positive) row marginal no row needs a mask.
+        self.uniform_a = a is None
         self.a = self._marginal('a', a, B, device, joint_rows)
         self.b = self._marginal('b', b, K, device, float(K))
-        self.log_a = torch.log(self.a)  # -inf where a == 0: those rows get no mass
-        self.log_b64 = torch.log(self.b).double()
+        self._log_a: Optional[torch.Tensor] = None
+        self._log_b64: Optional[torch.Tensor] = None
         # The initial kernel is the row softmax of -M/eps: g = 0, f_i = -eps logsumexp_j(-M_ij/eps),
         # every entry <= 1, rows summing to 1, so u = a is already the first row update.
         # In place in one buffer (aten's softmax.out): a second fresh B x K tensor would cost
         # its page faults, which doubled the time of this pass on the CPU (measured).
         self.kernel = torch.mul(M, -1.0 / eps)
         torch._softmax(self.kernel, 1, False, out=self.kernel)
+        self.kernel_t = self.kernel.t()    # a view: in-place rebuilds of the kernel show through
         self.f: Optional[torch.Tensor] = None
-        self.g = torch.zeros(K, dtype=torch.float32, device=device)
+        self.g: Optional[torch.Tensor] = None    # zeros until the first absorption
         self.mixer = _AndersonMixer(anderson)
-        self._set_scalings(self.a.clone(), torch.ones_like(self.b))
+        self.accelerate = False
+        self.u, self.v, self.Kv, self.log_v = self.a, None, None, None
+        self.col = dist.all_reduce_sum(torch.mv(self.kernel_t, self.a), self.group)
+        # Column error of the start (v = 1): with the first block's, the rate of plain iterations.
+        self.input_checks['start_err'] = torch.dist(self.col, self.b, 1)
+
+    @property
+    def log_a(self) -> torch.Tensor:
+        if self._log_a is None:
+            self._log_a = torch.log(self.a)  # -inf where a == 0: those rows get no mass
+        return self._log_a
+
+    @property
+    def log_b64(self) -> torch.Tensor:
+        if self._log_b64 is None:
+            self._log_b64 = torch.log(self.b).double()
+        return self._log_b64
+
+    def _potential_g(self) -> torch.Tensor:
+        if self.g is None:
+            self.g = torch.zeros_like(self.b)
+        return self.g
 
     # ---------------------------------------------------------------- inputs
     def _check_cost(self) -> None:
         M = self.M
-        if M.shape[0] == 0:
-            lo = hi = M.new_zeros(())
+        if self.sharded:
+            if M.shape[0] == 0:
+                lo = hi = M.new_zeros(())
+            else:
+                lo, hi = torch.aminmax(M)
+            finite = torch.isfinite(hi - lo)
+            stats = torch.stack([torch.where(finite, -lo, 0.0), torch.where(finite, hi, 0.0),
+                                 (~finite).float()])
+            stats = dist.all_reduce_max(stats, self.group)
+            self.input_checks['cost_nonfinite'] = stats[2]
+            self.input_checks['cost_range'] = stats[0] + stats[1]
         else:
+            # max - min is NaN or inf exactly when an entry is (aminmax propagates NaN).
             lo, hi = torch.aminmax(M)
-        finite = torch.isfinite(hi - lo)
-        stats = torch.stack([torch.where(finite, -lo, 0.0), torch.where(finite, hi, 0.0),
-                             (~finite).float()])
-        stats = dist.all_reduce_max(stats, self.group)
-        self.input_checks['cost_nonfinite'] = stats[2]
-        self.input_checks['cost_range'] = stats[0] + stats[1]
+            self.input_checks['cost_range'] = hi - lo
 
     def _marginal(self, name, value, size, device, total) -> torch.Tensor:
         if value is None:
-            return torch.ones(size, dtype=torch.float32, device=device) / total
+            if isinstance(total, torch.Tensor):
+                return torch.ones(size, dtype=torch.float32, device=device) / total
+            return torch.full((size,), 1.0 / total, dtype=torch.float32, device=device)
         value = torch.as_tensor(value, device=device).to(torch.float32)
         if value.shape != (size,):
             raise ValueError(f'{name} must have shape ({size},) to match the cost, got {tuple(value.shape)}')
@@ -279,7 +357,7 @@ class _Solver:
         return value
 
     def _raise_on_bad_input(self, read: Dict[str, float]) -> None:
-        if read['cost_nonfinite']:
+        if read.get('cost_nonfinite', 0.0) or not math.isfinite(read['cost_range']):
             check_finite('cost', self.M)  # names the count on this rank
             raise ValueError('cost must be finite, but another rank holds NaN or inf entries')
         ratio = read['cost_range'] / self.eps
@@ -310,12 +388,21 @@ class _Solver:
         and the products that go with them."""
         self.u, self.v = u, v
         self.log_v = torch.log(v).double()
-        self.Kv = self.kernel @ v
-        self.col = dist.all_reduce_sum(self.kernel.T @ u, self.group)  # (K,) joint K^T u
+        self.Kv = torch.mv(self.kernel, v)
+        self.col = dist.all_reduce_sum(torch.mv(self.kernel_t, u), self.group)  # (K,) joint K^T u
         self.mixer.reset()
 
+    def _row_update(self) -> None:
+        self.u, self.Kv, self.col = _row_update(self.kernel, self.kernel_t, self.a, self.v,
+                                                not self.uniform_a, self.group)
+
     def _iterate(self) -> None:
-        """One column update (Anderson-mixed) and one exact row update: a fixed kernel sequence."""
+        """One column update and one exact row update: a fixed kernel sequence (plain, or
+        Anderson-mixed once :attr:`accelerate` is on)."""
+        if not self.accelerate:
+            self.u, self.v, self.Kv, self.col = plain_iteration(
+                self.kernel, self.kernel_t, self.a, self.b, self.col, not self.uniform_a, self.group)
+            return
         err = (self.v * self.col - self.b).abs().sum()
         # The plain column update of log v, centred: the plan is blind to a constant added to
         # log v (the row update takes it back out of u), and without centring the mixing of
@@ -324,21 +411,66 @@ class _Solver:
         image = image - image.mean()
         self.log_v = self.mixer.step(self.log_v, image, err)
         self.v = torch.exp(self.log_v).float()
-        self.Kv = self.kernel @ self.v
-        self.u = torch.where(self.a > 0, self.a / self.Kv, 0.0)
-        self.col = dist.all_reduce_sum(self.kernel.T @ self.u, self.group)
+        self._row_update()
+
+    def _start_anderson(self) -> None:
+        self.accelerate = True
+        self.log_v = torch.log(self.v).double()
+        self.mixer.reset()
+
+    def _lean_state(self) -> bool:
+        # While the kernel is the initial row softmax (rows sum to 1), K v lies between min v
+        # and max v, so u = a / K v is bounded by a / max v and a / min v: the range of v and
+        # of a bound those of both scalings, and no pass over u is needed.
+        return self.f is None and self.uniform_a
 
     def _state(self) -> Dict[str, torch.Tensor]:
-        """Errors and the log-range of the scalings, as device scalars (same on every rank)."""
-        col_err = (self.v * self.col - self.b).abs().sum()
-        row_err = dist.all_reduce_sum((self.u * self.Kv - self.a).abs().sum(), self.group)
-        log_u = torch.where(self.a > 0, torch.log(self.u), 0.0)
-        log_range = torch.cat([log_u, torch.log(self.v)]).abs().amax()
-        return dict(col_err=col_err, row_err=row_err, accepted_err=self.mixer.accepted(self.v.device),
-                    log_range=dist.all_reduce_max(log_range, self.group))
+        """Errors and the range of the scalings, as device scalars (same on every rank)."""
+        col_err = torch.dist(self.v * self.col, self.b, 1)
+        row_err = dist.all_reduce_sum(torch.dist(self.u * self.Kv, self.a, 1), self.group)
+        state = dict(col_err=col_err, row_err=row_err)
+        if self.accelerate:
+            state['accepted_err'] = self.mixer.accepted(self.v.device)
+        if self._lean_state():
+            state['v_min'], state['v_max'] = torch.aminmax(self.v)
+        else:
+            log_u = torch.where(self.a > 0, torch.log(self.u), 0.0)
+            log_range = torch.cat([log_u, torch.log(self.v)]).abs().amax()
+            state['log_range'] = dist.all_reduce_max(log_range, self.group)
+        return state
 
-    def run(self, max_iters: int, check_every: int) -> Tuple[torch.Tensor, SinkhornInfo]:
-        iters = absorptions = reads = 0
+    def _log_range(self, read: Dict[str, float]) -> float:
+        if 'log_range' in read:
+            return read['log_range']
+        v_min, v_max = read['v_min'], read['v_max']
+        if not (v_min > 0 and math.isfinite(v_max)):
+            return math.inf
+        log_a = -math.log(self.joint_rows)
+        return max(abs(math.log(v_min)), abs(math.log(v_max)),
+                   abs(log_a - math.log(v_max)), abs(log_a - math.log(v_min)))
+
+    def _first_decision(self) -> int:
+        """Iterations after which the first plain-or-Anderson decision is taken: on small
+        problems the rate over the first 4 iterations (so that the decision, and the iterates,
+        do not depend on ``check_every`` when it divides 4), on large ones the first block's."""
+        return 1 if self.joint_rows * self.M.shape[1] >= _LARGE_PROBLEM else 4
+
+    def _plain_is_slow(self, err: float, previous: float, block: int) -> bool:
+        """Whether plain iterations, at the rate of the last block, need more than
+        ``_PLAIN_ENOUGH`` more iterations to meet ``tol`` (the same decision on every rank)."""
+        if not err > self.tol:
+            return False
+        if not (previous > 0 and err < previous):
+            return True
+        rate = (err / previous) ** (1.0 / block)
+        remaining = math.log(self.tol / err) / math.log(rate) if rate > 0 else 0.0
+        large = self.joint_rows * self.M.shape[1] >= _LARGE_PROBLEM
+        return remaining > (_PLAIN_ENOUGH_LARGE if large else _PLAIN_ENOUGH)
+
+    def run(self, max_iters: int, check_every: int, row_normalized: bool = False
+            ) -> Tuple[torch.Tensor, SinkhornInfo]:
+        iters = absorptions = reads = previous_iters = 0
+        previous_err = math.nan
         while True:
             block = min(check_every, max_iters - iters)
             for _ in range(block):
@@ -351,10 +483,14 @@ class _Solver:
             reads += 1
             if reads == 1:
                 self._raise_on_bad_input(read)
-            if not all(math.isfinite(read[k]) for k in ('col_err', 'row_err', 'log_range')):
+                self.joint_rows = max(read.get('joint_rows', self.joint_rows), 1.0)
+                previous_err = read['start_err']
+            log_range = self._log_range(read)
+            if not all(math.isfinite(x) for x in (read['col_err'], read['row_err'], log_range)):
                 # A scaling over- or underflowed in this block: exact log-domain update instead.
                 self._log_domain_update()
                 absorptions += 1
+                previous_err, previous_iters = math.nan, iters
                 if iters < max_iters:
                     continue
                 read = _read(self._state())
@@ -362,14 +498,24 @@ class _Solver:
             converged = max(read['col_err'], read['row_err']) <= self.tol
             if converged or iters >= max_iters:
                 break
+            # Plain or Anderson: the rate since the last decision (or the start) predicts the
+            # plain iterations left.
+            if not self.accelerate and self.mixer.depth > 0 and iters >= self._first_decision():
+                if self._plain_is_slow(read['col_err'], previous_err, iters - previous_iters):
+                    self._start_anderson()
+                previous_err, previous_iters = read['col_err'], iters
             # Absorb large scalings, but not those of an extrapolation that the next step's
             # safeguard will reject (col_err above the last accepted error): folded into the
             # kernel it could not be undone. Past 1e30 there is no choice left.
-            if read['log_range'] > _LOG_ABSORB_LAST or (
-                    read['log_range'] > _LOG_ABSORB and not read['col_err'] > read['accepted_err']):
+            if log_range > _LOG_ABSORB_LAST or (
+                    log_range > _LOG_ABSORB and not read['col_err'] > read.get('accepted_err', math.inf)):
                 self._absorb()
                 absorptions += 1
-        plan = self.kernel.mul_(self.u[:, None]).mul_(self.v[None, :])
+        if row_normalized:
+            # T_ij / a_i = K_ij v_j / (K v)_i: the last row update set u = a / K v.
+            plan = self.kernel.mul_(self.v).div_(self.Kv.unsqueeze(1))
+        else:
+            plan = self.kernel.mul_(self.u.unsqueeze(1)).mul_(self.v)
         err = max(read['row_err'], read['col_err'])
         info = SinkhornInfo(iterations=iters, marginal_error=err, row_error=read['row_err'],
                             col_error=read['col_err'], converged=err <= self.tol,
@@ -385,28 +531,32 @@ class _Solver:
     def _absorb(self) -> None:
         """Fold finite scalings into the potentials: ``f += ε log u``, ``g += ε log v``."""
         eps = self.eps
+        g = self._potential_g()
         if self.f is None and self.M.shape[0] > 0:
             # Row potentials of the initial softmax, read off each row's largest entry
             # (>= 1/K, so its logarithm is exact): f_i = eps log K_ij + M_ij - g_j.
             k_max, j_max = self.kernel.max(dim=1)
-            self.f = eps * torch.log(k_max) + self.M.gather(1, j_max[:, None]).squeeze(1) - self.g[j_max]
+            self.f = eps * torch.log(k_max) + self.M.gather(1, j_max[:, None]).squeeze(1) - g[j_max]
         elif self.f is None:
             self.f = self.M.new_zeros(0)
         self.f = self.f + eps * torch.log(torch.where(self.u > 0, self.u, 1.0))
-        self.g = self.g + eps * torch.log(self.v)
+        self.g = g + eps * torch.log(self.v)
         self._rebuild_kernel(torch.where(self.a > 0, 1.0, 0.0))
 
     def _log_domain_update(self) -> None:
         """Exact potentials from the cost alone (immune to under/overflow of ``u, v, K``): a
         row, a column and a row update in the log domain, after which rows sum to ``a``."""
         M, eps = self.M, self.eps
-        g = self.g if self.f is None else torch.where(torch.isfinite(self.g), self.g, 0.0)
+        g = self._potential_g()
+        g = g if self.f is None else torch.where(torch.isfinite(g), g, 0.0)
         f = eps * (self.log_a - torch.logsumexp((g[None, :] - M) / eps, dim=1))
         f = torch.where(torch.isfinite(f), f, 0.0)  # rows with a_i = 0
         self.g = eps * (torch.log(self.b) - _logsumexp_joint((f[:, None] - M) / eps, self.group))
         f = eps * (self.log_a - torch.logsumexp((self.g[None, :] - M) / eps, dim=1))
         self.f = torch.where(torch.isfinite(f), f, 0.0)
         self._rebuild_kernel(torch.where(self.a > 0, 1.0, 0.0))
+        if self.accelerate:
+            self.log_v = torch.log(self.v).double()
 
 
 class _AndersonMixer:

@@ -166,8 +166,10 @@ def test_codebook_block_options_reach_the_loss(lavis_plugin, arch):
     cls = lavis_plugin.MODEL_NAMES[arch]
     model = cls.from_config(tiny_cfg(cls))
     assert model.codebook_loss.ot_cost_features == 'plan'
-    assert model.codebook_loss.codebook.init_norm is None
-    changed = cls.from_config(tiny_cfg(cls, codebook_loss=dict(ot_cost_features='student', codeword_init_norm=1.0)))
+    assert model.codebook_loss.codebook.init_norm == 1.0
+    torch.testing.assert_close(model.codebook_loss.codebook.weight.norm(dim=1),
+                               torch.ones(model.codebook_loss.codebook.num_codewords))
+    changed = cls.from_config(tiny_cfg(cls, codebook_loss=dict(ot_cost_features='student', codeword_init_norm=None)))
     assert changed.codebook_loss.ot_cost_features == 'student'
-    torch.testing.assert_close(changed.codebook_loss.codebook.weight.norm(dim=1),
-                               torch.ones(changed.codebook_loss.codebook.num_codewords))
+    assert changed.codebook_loss.codebook.init_norm is None
+    assert changed.codebook_loss.codebook.weight.norm(dim=1).min() > 2.0     # N(0, 1) rows: ~sqrt(d)

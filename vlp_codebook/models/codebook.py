@@ -11,9 +11,10 @@ optimisers (AdamW over all parameters, the usual set-up) the update of every coo
 about :math:`\mathrm{lr}\sqrt{d}/r` radians per step. The default initialisation draws every
 entry from N(0, 1), :math:`r \approx \sqrt{d}`, so a codeword turns by about ``lr`` radians per
 step, like the weights of the heads it is trained with; ``init_norm=1.0`` (unit-norm codewords)
-makes it turn :math:`\sqrt{d}` times faster (16x at d = 256): ahead on a short (492-step)
-real-data schedule, no better on a 4x longer one, about a point worse on the held-out set of
-issue 9 (``benchmarks/real_data_ablation.py``, docs/ot_and_codebook.md).
+makes it turn :math:`\sqrt{d}` times faster (16x at d = 256). :class:`CodebookOTLoss` builds its
+codebook with ``codeword_init_norm=1.0`` by default: on real data (``benchmarks/real_data_ablation.py``,
+docs/ot_and_codebook.md) unit-norm codewords were ahead on the validation split on the short
+schedule and at a lower learning rate, and not measurably behind on a 4x longer one.
 
 Usage statistics: :meth:`Codebook.update_usage` takes an assignment matrix (rows = instances;
 ``CodebookOTLoss`` passes the students' predicted codeword distributions -- a transport plan's
@@ -40,6 +41,7 @@ from torch.nn import functional as F
 
 from vlp_codebook import dist
 from vlp_codebook.checks import check_finite
+from vlp_codebook.models.losses.functional import l2_normalize
 from vlp_codebook.registry import MODELS
 
 __all__ = ['Codebook', 'check_features', 'entropy']
@@ -50,16 +52,18 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)
 
 
-def check_features(name: str, feats: torch.Tensor, embed_dim: int) -> None:
+def check_features(name: str, feats: torch.Tensor, embed_dim: int, values: bool = True) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``feats`` is a finite (N, embed_dim) tensor
-    (the finiteness through :func:`vlp_codebook.checks.check_finite`: one read per step in CODIS)."""
+    (the finiteness through :func:`vlp_codebook.checks.check_finite`: one read per step in CODIS).
+    ``values=False``: the shape only (the caller checks the values with a fused flag)."""
     if not isinstance(feats, torch.Tensor) or feats.dim() != 2:
         raise ValueError(f'{name} must be a 2-D tensor (batch, embed_dim), got '
                          f'{type(feats).__name__} of shape {tuple(getattr(feats, "shape", ()))}')
     if feats.shape[1] != embed_dim:
         raise ValueError(f'{name} has feature dimension {feats.shape[1]}, but the codebook expects '
                          f'embed_dim={embed_dim} (shape {tuple(feats.shape)})')
-    check_finite(name, feats)  # a device flag inside vlp_codebook.checks.deferred_checks
+    if values:
+        check_finite(name, feats)  # a device flag inside vlp_codebook.checks.deferred_checks
 
 
 @MODELS.register_module()
@@ -100,7 +104,7 @@ class Codebook(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The L2-normalised codewords, (K, d), in fp32."""
-        return F.normalize(self.weight.float(), dim=1)
+        return l2_normalize(self.weight.float())
 
     def similarity(self, feats: torch.Tensor) -> torch.Tensor:
         """Cosine similarity ``z c_k`` of L2-normalised ``feats`` (N, d) to every codeword: (N, K)."""
@@ -112,15 +116,20 @@ class Codebook(nn.Module):
         return 1.0 - self.similarity(feats)
 
     @torch.no_grad()
-    def update_usage(self, assignments: torch.Tensor) -> torch.Tensor:
+    def update_usage(self, assignments: torch.Tensor, normalized_rows: bool = False) -> torch.Tensor:
         """Fold the mass per codeword of ``assignments`` (N, K; rows = instances, summed over
-        all ranks) into the EMA ``usage``; returns this batch's normalised mass (K,)."""
+        all ranks) into the EMA ``usage``; returns this batch's normalised mass (K,).
+        ``normalized_rows``: every row sums to 1 (distributions), so the mass is normalised
+        by the joint row count."""
         if assignments.dim() != 2 or assignments.shape[1] != self.num_codewords:
             raise ValueError(f'assignments must have shape (N, {self.num_codewords}), got '
                              f'{tuple(assignments.shape)}')
         mass = dist.all_reduce_sum(assignments.float().sum(0))
-        mass = mass / mass.sum().clamp_min(torch.finfo(torch.float32).tiny)
-        self.usage.mul_(self.usage_momentum).add_(mass, alpha=1.0 - self.usage_momentum)
+        if normalized_rows and not dist.is_distributed():
+            mass = mass.mul_(1.0 / max(assignments.shape[0], 1))
+        else:
+            mass = mass / mass.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        self.usage.lerp_(mass, 1.0 - self.usage_momentum)
         return mass
 
     @staticmethod

@@ -107,11 +107,10 @@ class CODIS(HostCounters, BaseModel):
             there is no distillation loss (else the distillation loss's learnable γ is used).
         itm_negatives: ``'in_rank'`` (ALBEF: hard negatives from this rank's batch, default) or
             ``'all_ranks'`` (BLIP's ``negative_all_rank``: from the joint batch of all ranks).
-        log_joint_batch_means: under torch.distributed, log every loss term as its mean over the
-            joint batch (one all-reduce per step, weighted by local batch size) rather than
-            rank 0's local value (mmengine's default). The loss that is back-propagated stays
-            local either way. Exact for the per-query-mean losses (distillation, codebook);
-            MLM is averaged per rank over masked tokens, so its joint value is weighted by images.
+        log_joint_batch_means: under torch.distributed, log every loss term as its value on the
+            joint batch (one all-reduce per step: the plain mean over ranks of the losses, each
+            of which is weighted by ``dist.batch_weight``) rather than rank 0's local value
+            (mmengine's default). The loss that is back-propagated stays this rank's share.
         init_cfg: mmengine init config.
     """
 
@@ -323,7 +322,7 @@ class CODIS(HostCounters, BaseModel):
         if self.codebook_loss is not None:
             for name in ('code_perplexity', 'code_plan_perplexity'):
                 if name in self.codebook_loss.last_stats:
-                    losses[name] = torch.tensor(self.codebook_loss.last_stats[name])
+                    losses[name] = torch.as_tensor(self.codebook_loss.last_stats[name], dtype=torch.float32)
         return losses
 
     def parse_losses(self, losses: Dict[str, torch.Tensor]):
@@ -331,7 +330,9 @@ class CODIS(HostCounters, BaseModel):
         values: joint-batch means under torch.distributed (see ``log_joint_batch_means``)."""
         loss, log_vars = super().parse_losses(losses)
         if self.log_joint_batch_means and self._local_batch_size > 0:
-            log_vars = dist.joint_batch_mean(log_vars, self._local_batch_size)
+            # Every loss is already weighted by dist.batch_weight (its rank-local mean times
+            # B_r * world / B): the plain mean over ranks is the joint-batch value.
+            log_vars = dist.joint_batch_mean(log_vars, 1)
         return loss, log_vars
 
     def _mlm(self, input_ids, attention_mask, image_tokens) -> Dict[str, torch.Tensor]:

@@ -25,9 +25,10 @@ model = dict(
                            directions=('t2i', 'i2t', 'i2i', 't2t'), temperature=0.07),
     # L_code: K, epsilon, tau, the OT cost's features and the codeword init are not stated by the
     # paper; the last two were chosen on real data (benchmarks/real_data_ablation.py), see
-    # docs/ot_and_codebook.md. codeword_init_norm=None: N(0, 1) rows (~lr radians per AdamW step).
+    # docs/ot_and_codebook.md. codeword_init_norm=1.0: unit-norm rows (~sqrt(d) lr radians per AdamW
+    # step); None: N(0, 1) rows (~lr radians per step).
     codebook_loss=dict(type='CodebookOTLoss', num_codewords=1024, epsilon=0.05, temperature=0.1,
-                       loss_weight=1.0, ot_cost_features='plan', codeword_init_norm=None),
+                       loss_weight=1.0, ot_cost_features='plan', codeword_init_norm=1.0),
     codebook_plan_features='teacher',
     itm_loss=dict(type='ImageTextMatchingLoss'),
     itm_head=dict(type='ImageTextMatchingHead'),

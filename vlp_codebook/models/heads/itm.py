@@ -212,7 +212,8 @@ class ImageTextMatchingLoss(nn.Module):
                             torch.zeros(len(rows_t) + len(rows_i), dtype=torch.long, device=texts.device)])
         logits = head(fusion(texts, masks, images, image_masks))
         loss = F.cross_entropy(logits.float(), labels)
-        return {'loss_itm': loss * self.loss_weight}
+        # Joint-batch gradient under DDP with unequal local batches (dist.batch_weight).
+        return {'loss_itm': loss * (self.loss_weight * dist.batch_weight(labels.shape[0], labels.device))}
 
 
 def itm_score(fusion: Callable, head: Callable, text_hidden: torch.Tensor, text_mask: torch.Tensor,

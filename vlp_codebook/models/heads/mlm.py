@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vlp_codebook import dist
 from vlp_codebook.checks import check
 from vlp_codebook.registry import MODELS
 
@@ -184,5 +185,9 @@ class MaskedLanguageModelingLoss(nn.Module):
         # No branch on the number of selected positions (a host read): every row is scored and
         # the unselected ones are masked out; none selected gives 0, still attached to the graph.
         nll = -F.log_softmax(logits, dim=-1).gather(1, labels.clamp(0, vocab - 1)[:, None])[:, 0]
-        loss = torch.where(selected, nll, 0.0).sum() / selected.sum().clamp_min(1)
-        return {'loss_mlm': loss * self.loss_weight}
+        count = selected.sum()
+        loss = torch.where(selected, nll, 0.0).sum() / count.clamp_min(1)
+        # A mean over this rank's masked tokens, weighted so that DDP's average of the gradients
+        # is the joint batch's mean over all masked tokens (dist.batch_weight).
+        weight = dist.batch_weight(count, logits.device)
+        return {'loss_mlm': loss * (self.loss_weight * weight)}

@@ -31,8 +31,15 @@ gradient reaches the student features (through the swapped predictions, and thro
 whatever the autocast dtype.
 
 Under DDP each rank passes its own rows: the plans are those of the joint batch (the solver
-all-reduces its column sums), and each term is a mean over this rank's rows, so DDP's
-gradient averaging gives the joint-batch gradient.
+all-reduces its column sums), and each term is a mean over this rank's rows times
+``dist.batch_weight`` (``B_r * world / B``), so DDP's gradient averaging gives the joint-batch
+gradient also when the ranks' batch sizes differ.
+
+The hot path is lean (``docs/ot_and_codebook.md``, "Kernel launches"): both modalities in one
+``(2B, K)`` pass, row-normalised plans straight from the solver, one fused finiteness flag for
+every input; about ``125 + 10 x`` Sinkhorn iterations dispatched operators, forward and
+backward, at B 64, K 128 (``tests/test_op_budgets.py``). Inside ``torch.compile`` the solve is
+one opaque operator, so the loss compiles with ``fullgraph=True``.
 
 Example::
 
@@ -46,20 +53,35 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlp_codebook.models.codebook import Codebook, check_features, entropy
-from vlp_codebook.models.losses.functional import soft_cross_entropy
+from vlp_codebook import dist
+from vlp_codebook.checks import check
+from vlp_codebook.models.codebook import Codebook, check_features
+from vlp_codebook.models.losses.functional import l2_normalize
 from vlp_codebook.ot import sinkhorn
 from vlp_codebook.registry import MODELS
 
 __all__ = ['CodebookOTLoss', 'OT_COST_FEATURES']
 
 TERMS = ('i2p', 't2p', 'ot_v', 'ot_t')
+
+
+@torch.library.custom_op('vlp_codebook::sinkhorn_assignments', mutates_args=())
+def _assign_op(cost: torch.Tensor, epsilon: float, tol: float, max_iters: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row-normalised Sinkhorn plan and ``[iterations, marginal error]``: the solver as one
+    operator for ``torch.compile`` (its convergence loop reads the device, which a graph cannot)."""
+    plan, info = sinkhorn(cost, epsilon, tol=tol, max_iters=max_iters, return_info=True, row_normalized=True)
+    return plan, torch.tensor([float(info.iterations), info.marginal_error], device=cost.device)
+
+
+@_assign_op.register_fake
+def _(cost, epsilon, tol, max_iters):
+    return cost.new_empty(cost.shape, dtype=torch.float32), cost.new_empty(2, dtype=torch.float32)
 OT_COST_FEATURES = ('plan', 'student', 'off')
 
 
@@ -83,8 +105,10 @@ class CodebookOTLoss(nn.Module):
             student features, which are pulled towards codewords too) or ``'off'`` (no
             :math:`L_{ot}`). Chosen by ``benchmarks/real_data_ablation.py``.
         codeword_init_norm: ``init_norm`` of the codebook built here (when ``codebook`` is not
-            given): ``None`` (default) = N(0, 1) entries, so a codeword turns about ``lr`` radians
-            per Adam step; ``1.0`` = unit-norm codewords (:math:`\sqrt{d}` times faster). See
+            given): ``1.0`` (default) = unit-norm codewords, which turn about :math:`\sqrt{d}`
+            ``lr`` radians per Adam step; ``None`` = N(0, 1) entries (about ``lr`` radians per
+            step, :math:`\sqrt{d}` times slower). Chosen on real data by the rule of
+            ``benchmarks/real_data_ablation.py`` (docs/ot_and_codebook.md). See
             :class:`~vlp_codebook.models.codebook.Codebook`.
         track_usage: in training mode, update the codebook's usage EMA with the students'
             predicted codeword mass and record ``code_perplexity`` / ``code_plan_perplexity`` in
@@ -102,7 +126,7 @@ class CodebookOTLoss(nn.Module):
                  loss_weight: float = 1.0,
                  term_weights: Optional[Mapping[str, float]] = None,
                  ot_cost_features: str = 'plan',
-                 codeword_init_norm: Optional[float] = None,
+                 codeword_init_norm: Optional[float] = 1.0,
                  track_usage: bool = True):
         super().__init__()
         if ot_cost_features not in OT_COST_FEATURES:
@@ -131,7 +155,8 @@ class CodebookOTLoss(nn.Module):
             term_weights.update(ot_v=0.0, ot_t=0.0)
         self.term_weights = {t: float(term_weights.get(t, 1.0)) * self.loss_weight for t in TERMS}
         self.track_usage = track_usage
-        self.last_stats: Dict[str, float] = {}
+        self.last_stats: Dict[str, Union[float, torch.Tensor]] = {}
+        self._scale_cache = None
 
     @property
     def enabled_terms(self):
@@ -141,12 +166,22 @@ class CodebookOTLoss(nn.Module):
     def assignments(self, plan_feats: torch.Tensor, name: str = 'plan_feats') -> torch.Tensor:
         """Row-normalised OT plan (N, K) of ``plan_feats`` to the codebook: each row sums to 1."""
         check_features(name, plan_feats, self.codebook.embed_dim)
-        plan, info = sinkhorn(self.codebook.cost(plan_feats.detach()), self.epsilon,
-                              max_iters=self.sinkhorn_max_iters, tol=self.sinkhorn_tol,
-                              return_info=True)
+        return self._assign(self.codebook.cost(plan_feats), name)
+
+    @torch.no_grad()
+    def _assign(self, cost: torch.Tensor, name: str) -> torch.Tensor:
+        """The row-normalised plan (each row sums to 1) of ``cost``."""
+        if torch.compiler.is_compiling():
+            # One opaque operator in the graph: the solve runs eagerly to its tolerance.
+            plan, stats = _assign_op(cost, self.epsilon, self.sinkhorn_tol, self.sinkhorn_max_iters)
+            self.last_stats[f'sinkhorn_iters_{name}'] = stats[0]
+            self.last_stats[f'sinkhorn_err_{name}'] = stats[1]
+            return plan
+        plan, info = sinkhorn(cost, self.epsilon, max_iters=self.sinkhorn_max_iters, tol=self.sinkhorn_tol,
+                              return_info=True, row_normalized=True)
         self.last_stats[f'sinkhorn_iters_{name}'] = float(info.iterations)
         self.last_stats[f'sinkhorn_err_{name}'] = info.marginal_error
-        return plan / plan.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return plan
 
     def forward(self,
                 image_feats: torch.Tensor,
@@ -164,11 +199,14 @@ class CodebookOTLoss(nn.Module):
 
         Returns:
             ``{'loss_i2p', 'loss_t2p', 'loss_ot_v', 'loss_ot_t'}`` (enabled terms only), fp32
-            scalars, already weighted.
+            scalars, already weighted; under ``torch.distributed`` each is this rank's mean
+            times ``B_rank * world / B_joint`` (:func:`vlp_codebook.dist.batch_weight`), so DDP's
+            average of the gradients is the joint batch's gradient.
         """
         d = self.codebook.embed_dim
-        check_features('image_feats', image_feats, d)
-        check_features('text_feats', text_feats, d)
+        inputs = {'image_feats': image_feats, 'text_feats': text_feats}
+        check_features('image_feats', image_feats, d, values=False)
+        check_features('text_feats', text_feats, d, values=False)
         if image_feats.shape[0] != text_feats.shape[0]:
             raise ValueError('image_feats and text_feats must be paired (same batch size), got '
                              f'{tuple(image_feats.shape)} and {tuple(text_feats.shape)}')
@@ -176,49 +214,95 @@ class CodebookOTLoss(nn.Module):
                                         ('text_plan_feats', text_plan_feats, text_feats)):
             if plan_feats is None:
                 continue
-            check_features(name, plan_feats, d)
+            check_features(name, plan_feats, d, values=False)
             if plan_feats.shape[0] != feats.shape[0]:
                 raise ValueError(f'{name} must have one row per instance ({feats.shape[0]}), got '
                                  f'shape {tuple(plan_feats.shape)}')
+            inputs[name] = plan_feats
+        B = image_feats.shape[0]
         terms = self.enabled_terms
+        ce_terms = 'i2p' in terms or 't2p' in terms
+        ot_terms = 'ot_v' in terms or 'ot_t' in terms
         with torch.autocast(device_type=image_feats.device.type, enabled=False):
-            codewords = self.codebook()                                  # (K, d) fp32
-            zv = F.normalize(image_feats.float(), dim=1)
-            zt = F.normalize(text_feats.float(), dim=1)
-            plan_v = zv if image_plan_feats is None else F.normalize(image_plan_feats.float(), dim=1)
-            plan_t = zt if text_plan_feats is None else F.normalize(text_plan_feats.float(), dim=1)
-            plan_v, plan_t = plan_v.detach(), plan_t.detach()
-            q_v = self.assignments(plan_v, 'image')
-            q_t = self.assignments(plan_t, 'text')
-            sim_v = zv @ codewords.T                                     # (B, K)
-            sim_t = zt @ codewords.T
-            # 'plan': the cost of the plans' own (detached) features, so only the codebook
-            # gets the gradient of L_ot; 'student': the students are pulled to codewords too.
-            student_cost = self.ot_cost_features == 'student'
-            losses: Dict[str, torch.Tensor] = {}
-            if 'i2p' in terms:
-                losses['loss_i2p'] = soft_cross_entropy(sim_v / self.temperature, q_t)
-            if 't2p' in terms:
-                losses['loss_t2p'] = soft_cross_entropy(sim_t / self.temperature, q_v)
-            # Transport cost per unit of this rank's mass: <T, M> on one process, and the
-            # DDP average over ranks of equal batch size otherwise.
-            if 'ot_v' in terms:
-                cost_sim_v = sim_v if student_cost else plan_v @ codewords.T
-                losses['loss_ot_v'] = (q_v * (1.0 - cost_sim_v)).sum(1).mean()
-            if 'ot_t' in terms:
-                cost_sim_t = sim_t if student_cost else plan_t @ codewords.T
-                losses['loss_ot_t'] = (q_t * (1.0 - cost_sim_t)).sum(1).mean()
-            losses = {k: v * self.term_weights[k[len('loss_'):]] for k, v in losses.items()}
+            codewords_t = self.codebook().t()                            # (d, K) fp32
+            # Both modalities in one tensor: rows [0, B) image, [B, 2B) text.
+            students = l2_normalize(torch.cat([image_feats, text_feats]).float())
+            sim = students @ codewords_t                                 # (2B, K)
+            separate_plans = image_plan_feats is not None or text_plan_feats is not None
+            if separate_plans:
+                with torch.no_grad():
+                    plans = l2_normalize(torch.cat([image_feats if image_plan_feats is None else image_plan_feats,
+                                                    text_feats if text_plan_feats is None else text_plan_feats]
+                                                   ).float())
+            cost_sim = None
+            if ot_terms:
+                # 'plan': the cost of the plans' own (detached) features, so only the codebook
+                # gets the gradient of L_ot; 'student': the students are pulled to codewords too.
+                if self.ot_cost_features == 'student':
+                    cost_sim = sim
+                else:
+                    cost_sim = (plans if separate_plans else students.detach()) @ codewords_t
+            with torch.no_grad():
+                if separate_plans:
+                    plan_sim = plans @ codewords_t if cost_sim is None or cost_sim is sim else cost_sim
+                else:
+                    plan_sim = sim
+                cost_v, cost_t = (1.0 - plan_sim).split(B)
+                # The assignment distributions q = T / a (rows sum to 1), image rows first.
+                try:
+                    q = torch.cat([self._assign(cost_v, 'image'), self._assign(cost_t, 'text')])
+                except ValueError as err:
+                    if 'must be finite' not in str(err):
+                        raise
+                    raise self._nonfinite_error(inputs) from err   # names the input
+            scale = self._term_scale(B, image_feats.device)
+            per_row, logp = [], None
+            if ce_terms:
+                # Swapped prediction: image rows score the text plan, text rows the image plan.
+                logp = F.log_softmax(sim * (1.0 / self.temperature), dim=1)
+                per_row.append((q.roll(B, dims=0) * logp).sum(1))     # -L_i2p, -L_t2p rows
+            if ot_terms:
+                per_row.append((q * (1.0 - cost_sim)).sum(1))          # L_ot_v, L_ot_t rows
+            rows = per_row[0] if len(per_row) == 1 else torch.cat(per_row)
+            values = rows.view(2 * len(per_row), B).sum(1) * scale[(0 if ce_terms else 2):(4 if ot_terms else 2)]
+            names = (('i2p', 't2p') if ce_terms else ()) + (('ot_v', 'ot_t') if ot_terms else ())
+            losses = {f'loss_{t}': v for t, v in zip(names, values.unbind()) if t in terms}
+        # One fused flag for every input: a NaN or inf anywhere reaches these sums.
+        check(torch.isfinite(values).all(), lambda: self._nonfinite_error(inputs))
         if self.training and self.track_usage:
-            self._usage_stats(sim_v, sim_t, q_v, q_t)
+            self._usage_stats(sim, logp, q)
         return losses
 
+    def _term_scale(self, batch: int, device) -> torch.Tensor:
+        """Per-term factors (i2p, t2p, ot_v, ot_t) turning sums over this rank's rows into its
+        weighted share: ``weight / B_rank * B_rank * world / B_joint`` (cross-entropies negated)."""
+        key = (batch, device, tuple(self.term_weights.values()))
+        if self._scale_cache is None or self._scale_cache[0] != key:
+            weights = [-self.term_weights['i2p'], -self.term_weights['t2p'],
+                       self.term_weights['ot_v'], self.term_weights['ot_t']]
+            self._scale_cache = (key, torch.tensor([w / max(batch, 1) for w in weights], device=device))
+        scale = self._scale_cache[1]
+        weight = dist.batch_weight(batch, device)
+        return scale if isinstance(weight, float) else scale * weight
+
+    def _nonfinite_error(self, inputs: Mapping[str, torch.Tensor]) -> Exception:
+        for name, tensor in inputs.items():
+            if not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                return ValueError(f'{name} contains NaN or inf values ({bad} of {tensor.numel()} entries, '
+                                  f'shape {tuple(tensor.shape)})')
+        if not bool(torch.isfinite(self.codebook.weight).all()):
+            return ValueError('the codebook weight contains NaN or inf values')
+        return ValueError('CodebookOTLoss: a loss term is NaN or inf although every input is finite')
+
     @torch.no_grad()
-    def _usage_stats(self, sim_v, sim_t, q_v, q_t) -> None:
+    def _usage_stats(self, sim, logp, q) -> None:
         # The plans' codeword mass is uniform by construction (equipartition), so usage is
         # measured on what the students predict: softmax(z c / tau), both modalities.
-        predicted = torch.cat([sim_v, sim_t]).div(self.temperature).softmax(dim=1)
-        mass = self.codebook.update_usage(predicted)
-        self.last_stats['code_perplexity'] = Codebook.mass_perplexity(mass).item()
+        # Device scalars: read when logged, not here.
+        if logp is None:
+            logp = F.log_softmax(sim * (1.0 / self.temperature), dim=1)
+        mass = self.codebook.update_usage(logp.exp(), normalized_rows=True)
+        self.last_stats['code_perplexity'] = torch.special.entr(mass).sum().exp()
         # Codewords one instance's plan row is spread over: exp(mean row entropy), this rank.
-        self.last_stats['code_plan_perplexity'] = entropy(torch.cat([q_v, q_t])).mean().exp().item()
+        self.last_stats['code_plan_perplexity'] = (torch.special.entr(q).sum() / max(q.shape[0], 1)).exp()

@@ -82,7 +82,7 @@ from torch.nn import functional as F
 
 from vlp_codebook import dist
 from vlp_codebook.checks import check, check_finite, check_ids
-from vlp_codebook.models.losses.functional import ramped_alpha, soft_cross_entropy
+from vlp_codebook.models.losses.functional import l2_normalize, ramped_alpha, soft_cross_entropy
 from vlp_codebook.models.teachers.feature_queue import FeatureQueue
 from vlp_codebook.registry import MODELS
 
@@ -209,14 +209,123 @@ class MultiDirectionalDistillationLoss(nn.Module):
 
         Returns:
             ``{'loss_t2i', 'loss_i2t', 'loss_i2i', 'loss_t2t'}`` restricted to the enabled
-            directions: fp32 scalars, weighted, each the mean over this rank's queries.
+            directions: fp32 scalars, weighted, each the mean over this rank's queries times
+            ``B_rank * world / B_joint`` (:func:`vlp_codebook.dist.batch_weight`; 1 on one
+            process and with equal batches), so that DDP's average of the gradients is the
+            joint batch's gradient.
         """
-        out = self._compute(image_feats, text_feats, image_teacher_feats, text_teacher_feats,
-                            image_queue, text_queue, image_ids, image_queue_ids, text_queue_ids,
-                            alpha, temperature)
+        args = (image_feats, text_feats, image_teacher_feats, text_teacher_feats, image_queue, text_queue,
+                image_ids, image_queue_ids, text_queue_ids, alpha, temperature)
+        if self._lean_applies(*args):
+            return self._lean_forward(*args)
+        out = self._compute(*args)
         # Mean over this rank's queries; a rank with an empty batch contributes 0, not NaN.
-        return {f'loss_{direction}': soft_cross_entropy(logits, target) * self.weights[direction]
+        batch = next(iter(out.values()))[0].shape[0]
+        weight = dist.batch_weight(batch, next(iter(out.values()))[0].device)
+        return {f'loss_{direction}': soft_cross_entropy(logits, target) * (self.weights[direction] * weight)
                 for direction, (logits, target) in out.items()}
+
+    # ------------------------------------------------------------ lean path
+    def _lean_applies(self, image_feats, text_feats, image_teacher_feats, text_teacher_feats, image_queue,
+                      text_queue, *rest) -> bool:
+        """The four directions, every feature given, queues of one length: all logits in one
+        matrix product and one (2B, 2, N) softmax (:meth:`_lean_forward`)."""
+        feats = (image_feats, text_feats, image_teacher_feats, text_teacher_feats)
+        if self.directions != DIRECTIONS or not all(isinstance(f, torch.Tensor) for f in feats):
+            return False
+        if len({(f.dim(), f.shape, f.is_floating_point()) for f in feats}) != 1 or feats[0].dim() != 2:
+            return False   # the general path raises the precise error
+        if (image_queue is None) != (text_queue is None):
+            return False
+        if image_queue is not None:
+            lengths = [len(q) if isinstance(q, FeatureQueue) else getattr(q, 'shape', (None,))[0]
+                       for q in (image_queue, text_queue)]
+            if lengths[0] != lengths[1]:
+                return False
+        return self.embed_dim is None or feats[0].shape[1] == self.embed_dim
+
+    def _lean_queue(self, queue, queue_ids, name, dim, device):
+        """Queue rows and ids for the lean path; a full FeatureQueue's storage as it is (the
+        order of the keys does not change the loss)."""
+        if isinstance(queue, FeatureQueue) and queue.is_full and queue_ids is None and queue.dim == dim:
+            return queue.feats.to(device), (queue.ids.to(device) if queue.with_ids else None)
+        return _queue_rows(queue, queue_ids, name, dim=dim, device=device, check=False)
+
+    def _lean_forward(self, image_feats, text_feats, image_teacher_feats, text_teacher_feats, image_queue,
+                      text_queue, image_ids, image_queue_ids, text_queue_ids, alpha, temperature):
+        alpha = self.alpha if alpha is None else alpha
+        if isinstance(alpha, torch.Tensor):
+            alpha = alpha.detach().float().reshape(())
+            check((alpha >= 0) & (alpha <= 1),
+                  lambda: ValueError(f'alpha must be a number in [0, 1], got {alpha.item()}'))
+        else:
+            _check_alpha(alpha)
+        batch, dim = image_feats.shape
+        device = image_feats.device
+        inputs = {'image_feats': image_feats, 'text_feats': text_feats,
+                  'image_teacher_feats': image_teacher_feats, 'text_teacher_feats': text_teacher_feats}
+        queues = [self._lean_queue(image_queue, image_queue_ids, 'image_queue', dim, device),
+                  self._lean_queue(text_queue, text_queue_ids, 'text_queue', dim, device)]
+        for name, (feats, _) in zip(('image_queue', 'text_queue'), queues):
+            inputs[name] = feats
+        local = dist.local_slice(batch, device=device)
+        gamma = self._gamma(temperature, check_value=False)
+        with torch.autocast(device_type=device.type, enabled=False):
+            prep = l2_normalize if self.normalize else (lambda x: x.float())
+            with torch.no_grad():
+                if dist.is_distributed():
+                    joint_v, joint_t = dist.gather_no_grad(image_teacher_feats), dist.gather_no_grad(text_teacher_feats)
+                else:
+                    joint_v, joint_t = image_teacher_feats, text_teacher_feats
+                # keys (2N, d): [teacher images (joint batch); image queue; teacher texts; text queue]
+                keys = prep(torch.cat([joint_v.float(), queues[0][0].float(), joint_t.float(), queues[1][0].float()]))
+                n_keys = keys.shape[0] // 2
+                # Positives: keys with the query's instance id (or its own pair), both key blocks.
+                if image_ids is None:
+                    own = torch.arange(local.start, local.stop, device=device)
+                    joint_ids = torch.arange(joint_v.shape[0], device=device)
+                else:
+                    check_ids('image_ids', image_ids, batch)
+                    own = image_ids.to(device=device, dtype=torch.long)
+                    joint_ids = dist.gather_no_grad(own)
+                key_ids = torch.cat([joint_ids, _queue_key_ids(queues[0], image_ids is not None, device),
+                                     joint_ids, _queue_key_ids(queues[1], image_ids is not None, device)])
+                positives = (own.unsqueeze(1) == key_ids).float().view(batch, 2, n_keys)
+                positives = positives.div_(positives.sum(dim=2, keepdim=True))
+                # Teacher predictions of the same keys (queries: the teachers' own rows of keys).
+                own_teacher = prep(torch.cat([image_teacher_feats, text_teacher_feats]).float())
+                teacher_logits = (own_teacher @ keys.T).div_(gamma.detach()).view(2, batch, 2, n_keys)
+                target = torch.lerp(positives, torch.softmax(teacher_logits, dim=3), alpha)
+            students = prep(torch.cat([image_feats, text_feats]).float())       # rows: [z_v; z_t]
+            logits = (students @ keys.T) / gamma
+            # (query modality, row, key modality, key): [i2i, i2t; t2i, t2t]
+            logp = F.log_softmax(logits.view(2, batch, 2, n_keys), dim=3)
+            values = (target * logp).sum(dim=(1, 3)).view(4) * self._lean_scale(batch, device)
+        check(torch.isfinite(values).all() & (gamma > 0),
+              lambda: self._nonfinite_error(inputs, gamma, temperature))
+        i2i, i2t, t2i, t2t = values.unbind()
+        return {'loss_t2i': t2i, 'loss_i2t': i2t, 'loss_i2i': i2i, 'loss_t2t': t2t}
+
+    def _lean_scale(self, batch: int, device) -> torch.Tensor:
+        """Factors (i2i, i2t, t2i, t2t): ``-weight / B_rank * batch_weight``."""
+        key = (batch, device, tuple(self.weights.items()))
+        if getattr(self, '_scale_cache', None) is None or self._scale_cache[0] != key:
+            self._scale_cache = (key, torch.tensor([-self.weights[d] / max(batch, 1)
+                                                    for d in ('i2i', 'i2t', 't2i', 't2t')], device=device))
+        weight = dist.batch_weight(batch, device)
+        scale = self._scale_cache[1]
+        return scale if isinstance(weight, float) else scale * weight
+
+    def _nonfinite_error(self, inputs, gamma, temperature) -> Exception:
+        for name, tensor in inputs.items():
+            if not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                return ValueError(f'{name} contains NaN or inf values ({bad} of {tensor.numel()} entries, '
+                                  f'shape {tuple(tensor.shape)})')
+        name = 'temperature' if temperature is not None else 'the loss\'s temperature'
+        if not (bool(torch.isfinite(gamma)) and bool(gamma > 0)):
+            return ValueError(f'{name} must be a positive finite number, got {gamma.detach().flatten().tolist()}')
+        return ValueError('MultiDirectionalDistillationLoss: a loss is NaN or inf although every input is finite')
 
     def distributions(self, *args, **kwargs) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """Same arguments as :meth:`forward`; returns ``{direction: (p, y)}``, the student's
@@ -226,7 +335,7 @@ class MultiDirectionalDistillationLoss(nn.Module):
         return {d: (F.softmax(logits, dim=1), target) for d, (logits, target) in out.items()}
 
     # ---------------------------------------------------------------- internal
-    def _gamma(self, temperature) -> torch.Tensor:
+    def _gamma(self, temperature, check_value: bool = True) -> torch.Tensor:
         if temperature is not None:
             if not isinstance(temperature, torch.Tensor):
                 _check_temperature(temperature)
@@ -239,7 +348,11 @@ class MultiDirectionalDistillationLoss(nn.Module):
                     self.temperature.clamp_(*self.temperature_range)
             gamma = self.temperature.float()
             name = 'the loss\'s temperature'
-        check((gamma.numel() == 1) & torch.isfinite(gamma).all() & (gamma > 0).all(),
+        if gamma.numel() != 1:
+            raise ValueError(f'{name} must be a single number, got shape {tuple(gamma.shape)}')
+        if not check_value:      # the caller folds the check into its own flag
+            return gamma.reshape(())
+        check(torch.isfinite(gamma).all() & (gamma > 0).all(),
               lambda: ValueError(f'{name} must be a positive finite number, got '
                                  f'{gamma.detach().flatten().tolist()}'))
         return gamma.reshape(())
@@ -350,8 +463,16 @@ def _check_batch(feats: Mapping[str, torch.Tensor], embed_dim: Optional[int]) ->
     return next(iter(dims.values())), next(iter(batches.values()))
 
 
+def _queue_key_ids(queue: Tuple[torch.Tensor, Optional[torch.Tensor]], with_ids: bool, device) -> torch.Tensor:
+    """Ids of a queue's rows as keys: their instance ids, or a value no query has (negatives)."""
+    feats, ids = queue
+    if with_ids and ids is not None:
+        return ids
+    return torch.full((feats.shape[0],), torch.iinfo(torch.long).min, dtype=torch.long, device=device)
+
+
 def _queue_rows(queue: QueueType, queue_ids: Optional[torch.Tensor], name: str, dim: int,
-                device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                device: torch.device, check: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The (N, d) valid rows of a queue argument and their ids (or None)."""
     if queue is None:
         if queue_ids is not None:
@@ -372,7 +493,8 @@ def _queue_rows(queue: QueueType, queue_ids: Optional[torch.Tensor], name: str, 
             check_ids(f'{name}_ids', queue_ids, feats.shape[0])
     else:
         raise TypeError(f'{name} must be None, a (N, d) tensor or a FeatureQueue, got {type(queue).__name__}')
-    check_finite(name, feats)
+    if check:
+        check_finite(name, feats)
     feats = feats.detach().to(device)
     return feats, (None if queue_ids is None else queue_ids.to(device=device, dtype=torch.long))
 
