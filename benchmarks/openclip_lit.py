@@ -20,7 +20,8 @@ with the towers inside the model (no cached features):
   point); ``codebook`` -- + the codebook with the plugin's defaults; ``codebook_intra`` -- + the
   intra-modal directions (``--codis-intra --queue-size 1024``); ``codebook_gaussian`` -- N(0, 1)
   initial codewords (``--codebook-init-norm gaussian``: norm about 16, so they turn about 16x
-  slower under AdamW than the default unit-norm ones).
+  slower under AdamW than the default unit-norm ones); ``codebook_k128`` -- 128 codewords (the
+  size of the default row of ``real_data_ablation.py``) instead of 1024.
 * **Protocol:** the emoji split of ``real_data_ablation.py`` (train / val by image hash; the
   held-out test split is reported, never used to choose). Paired seeds: for seed ``s`` every row
   starts from the same initial checkpoint (heads drawn from ``torch.manual_seed(s)``, passed as
@@ -77,10 +78,12 @@ ROWS: Dict[str, Sequence[str]] = {
     'codebook': (),
     'codebook_intra': ('--codis-intra', '--queue-size', '1024'),
     'codebook_gaussian': ('--codebook-init-norm', 'gaussian'),
+    'codebook_k128': ('--codebook-size', '128'),
 }
 ROW_TITLES = {'clip': "open_clip's ClipLoss", 'codebook': '+ codebook (defaults)',
               'codebook_intra': '+ codebook + intra directions',
-              'codebook_gaussian': '+ codebook, N(0, 1) codewords'}
+              'codebook_gaussian': '+ codebook, N(0, 1) codewords',
+              'codebook_k128': '+ codebook, K = 128'}
 BASELINE = 'clip'
 
 
