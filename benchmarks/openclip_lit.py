@@ -55,7 +55,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Mapping, Sequence
 
 import torch
-from torch.nn import functional as F
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
@@ -176,9 +175,9 @@ def contrastive_losses(log_file: str) -> List[float]:
 
 
 @torch.no_grad()
-def evaluate_checkpoint(checkpoint: str, split: dict, data_dir: str, args) -> Dict[str, float]:
-    """TR/IR recalls of the trained model (loaded in plain open_clip after stripping the CODIS
-    keys) on a retrieval split, with open_clip's eval transform and tokenizer."""
+def evaluate_checkpoint(checkpoint: str, splits: Mapping[str, dict], data_dir: str, args) -> Dict[str, Dict[str, float]]:
+    """TR/IR recalls of the trained model (loaded once, in plain open_clip after stripping the CODIS
+    keys) on each retrieval split, with open_clip's eval transform and tokenizer."""
     import open_clip
     from PIL import Image
 
@@ -192,21 +191,24 @@ def evaluate_checkpoint(checkpoint: str, split: dict, data_dir: str, args) -> Di
     model.load_state_dict(state)
     model.eval()
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
-    image_feats = []
-    for start in range(0, len(split['images']), 128):
-        pixels = []
-        for name in split['images'][start:start + 128]:
-            with Image.open(osp.join(data_dir, name)) as picture:
-                pixels.append(preprocess(picture.convert('RGB')))
-        image_feats.append(model.encode_image(torch.stack(pixels), normalize=True))
-    text_feats = [model.encode_text(tokenizer(split['captions'][s:s + 256]), normalize=True)
-                  for s in range(0, len(split['captions']), 256)]
-    zv, zt = torch.cat(image_feats), torch.cat(text_feats)
-    txt2img = split['txt2img']
-    img2txt = [[] for _ in range(zv.shape[0])]
-    for t, i in enumerate(txt2img):
-        img2txt[i].append(t)
-    return retrieval_recalls(F.normalize(zv, dim=1) @ F.normalize(zt, dim=1).T, img2txt, txt2img)
+    metrics = {}
+    for name, split in splits.items():
+        image_feats = []
+        for start in range(0, len(split['images']), 128):
+            pixels = []
+            for image in split['images'][start:start + 128]:
+                with Image.open(osp.join(data_dir, image)) as picture:
+                    pixels.append(preprocess(picture.convert('RGB')))
+            image_feats.append(model.encode_image(torch.stack(pixels), normalize=True))
+        text_feats = [model.encode_text(tokenizer(split['captions'][s:s + 256]), normalize=True)
+                      for s in range(0, len(split['captions']), 256)]
+        zv, zt = torch.cat(image_feats), torch.cat(text_feats)
+        txt2img = split['txt2img']
+        img2txt = [[] for _ in range(zv.shape[0])]
+        for t, i in enumerate(txt2img):
+            img2txt[i].append(t)
+        metrics[name] = retrieval_recalls(zv @ zt.T, img2txt, txt2img)
+    return metrics
 
 
 def protocol_key(args) -> str:
@@ -242,8 +244,7 @@ def run_one(setting: str, row: str, seed: int, args, splits: dict, csv: str) -> 
     checkpoint = osp.join(logs, name, 'checkpoints', f'epoch_{args.epochs}.pt')
     result = dict(setting=setting, row=row, seed=seed, train_seconds=time.perf_counter() - start, cpu_seconds=cpu,
                   contrastive_loss=contrastive_losses(osp.join(logs, name, 'out.log')),
-                  val=evaluate_checkpoint(checkpoint, splits['val'], args.data, args),
-                  test=evaluate_checkpoint(checkpoint, splits['test'], args.data, args))
+                  **evaluate_checkpoint(checkpoint, {k: splits[k] for k in ('val', 'test')}, args.data, args))
     os.makedirs(osp.dirname(result_path), exist_ok=True)
     with open(result_path, 'w', encoding='utf-8') as handle:
         json.dump(result, handle)

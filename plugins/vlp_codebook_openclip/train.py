@@ -70,15 +70,12 @@ def load_checkpoint_data(file_path: str, map_location=None):
         return torch.load(handle, map_location=map_location, weights_only=True)
 
 
-def _unwrap(model):
-    return model.module if hasattr(model, 'module') and isinstance(model.module, torch.nn.Module) else model
-
-
 @contextlib.contextmanager
 def injected(options) -> Iterator[None]:
     """Replace open_clip_train.main's factories for the duration of one ``main`` call."""
     import open_clip_train.main as oc_main
     from open_clip_train.distributed import is_master
+    from open_clip_train.train import unwrap_model
 
     originals = {name: getattr(oc_main, name)
                  for name in ('create_model_and_transforms', 'create_loss', 'train_one_epoch', 'pt_load',
@@ -114,7 +111,7 @@ def injected(options) -> Iterator[None]:
         np.random.seed(seed)
         random.seed(seed)
         steps_per_epoch = data['train'].dataloader.num_batches // args.accum_freq
-        core = _unwrap(model)
+        core = unwrap_model(model)
         if isinstance(core, CodebookCLIP):
             core.alpha_warmup_steps = steps_per_epoch
         if isinstance(loss, CodebookClipLoss):
