@@ -58,8 +58,8 @@ import torch
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
-from real_data_ablation import (METRICS, ensure_data, load_splits,  # noqa: E402
-                                paired_difference)
+from emoji_data import ensure_data, load_splits  # noqa: E402
+from paired_stats import METRICS, paired_difference  # noqa: E402
 
 from vlp_codebook.evaluation.retrieval import retrieval_recalls  # noqa: E402
 from vlp_codebook_openclip.csv_from_json import write_csv  # noqa: E402

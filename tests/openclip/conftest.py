@@ -31,7 +31,7 @@ def emoji_csv(tmp_path_factory):
     """The first 256 caption pairs of the emoji train split as an open_clip CSV (the data is built
     with ``prepare_emoji`` on first use, as the real-data benchmark does)."""
     sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
-    from real_data_ablation import ensure_data
+    from emoji_data import ensure_data
     data_dir = osp.join(ROOT, 'data', 'emoji')
     ensure_data(data_dir)
     import json

@@ -45,7 +45,7 @@ class HostCounters:
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        for name in self._host_counters:
+        for name in self.__dict__.get('_host_counters', {}):
             value = state_dict.get(prefix + name)
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 self._host_counters[name] = int(value)

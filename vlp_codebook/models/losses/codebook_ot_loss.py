@@ -62,7 +62,9 @@ from torch.nn import functional as F
 from vlp_codebook import dist
 from vlp_codebook.checks import check
 from vlp_codebook.models.codebook import Codebook, check_features
+from vlp_codebook.models.host_counters import HostCounters
 from vlp_codebook.models.losses.functional import l2_normalize
+from vlp_codebook.models.teachers.feature_queue import FeatureQueue
 from vlp_codebook.ot import sinkhorn
 from vlp_codebook.registry import MODELS
 
@@ -86,7 +88,7 @@ OT_COST_FEATURES = ('plan', 'student', 'off')
 
 
 @MODELS.register_module()
-class CodebookOTLoss(nn.Module):
+class CodebookOTLoss(HostCounters, nn.Module):
     r"""Codebook optimal-transport loss with its own :class:`Codebook`.
 
     Args:
@@ -110,6 +112,12 @@ class CodebookOTLoss(nn.Module):
             step, :math:`\sqrt{d}` times slower). Chosen on real data by the rule of
             ``benchmarks/real_data_ablation.py`` (docs/ot_and_codebook.md). See
             :class:`~vlp_codebook.models.codebook.Codebook`.
+        plan_queue_size: rows of past plan features kept per modality (0: off). Each solve
+            transports [this batch; the queued rows] to the codebook and only the batch's rows
+            become targets, so a batch smaller than K still gets peaked plans (SwAV's queue for
+            small batches). Under DDP every rank holds the joint queue and transports its share.
+        warmup_steps: training steps at the start during which every term is zero (the plan
+            queue fills meanwhile); the step count is saved in the state dict.
         track_usage: in training mode, update the codebook's usage EMA with the students'
             predicted codeword mass and record ``code_perplexity`` / ``code_plan_perplexity`` in
             ``last_stats`` (see docs/ot_and_codebook.md).
@@ -127,6 +135,8 @@ class CodebookOTLoss(nn.Module):
                  term_weights: Optional[Mapping[str, float]] = None,
                  ot_cost_features: str = 'plan',
                  codeword_init_norm: Optional[float] = 1.0,
+                 plan_queue_size: int = 0,
+                 warmup_steps: int = 0,
                  track_usage: bool = True):
         super().__init__()
         if ot_cost_features not in OT_COST_FEATURES:
@@ -155,6 +165,18 @@ class CodebookOTLoss(nn.Module):
             term_weights.update(ot_v=0.0, ot_t=0.0)
         self.term_weights = {t: float(term_weights.get(t, 1.0)) * self.loss_weight for t in TERMS}
         self.track_usage = track_usage
+        for name, value in (('plan_queue_size', plan_queue_size), ('warmup_steps', warmup_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f'{name} must be an integer >= 0, got {value!r}')
+        # Buffers only where the option is on, so state dicts of the plain loss keep their keys.
+        self.plan_queue_size = plan_queue_size
+        self.plan_queues = None
+        if plan_queue_size:
+            self.plan_queues = nn.ModuleDict({m: FeatureQueue(plan_queue_size, codebook.embed_dim)
+                                              for m in ('image', 'text')})
+        self.warmup_steps = warmup_steps
+        if warmup_steps:
+            self.register_counter('num_steps')
         self.last_stats: Dict[str, Union[float, torch.Tensor]] = {}
         self._scale_cache = None
 
@@ -201,77 +223,116 @@ class CodebookOTLoss(nn.Module):
             ``{'loss_i2p', 'loss_t2p', 'loss_ot_v', 'loss_ot_t'}`` (enabled terms only), fp32
             scalars, already weighted; under ``torch.distributed`` each is this rank's mean
             times ``B_rank * world / B_joint`` (:func:`vlp_codebook.dist.batch_weight`), so DDP's
-            average of the gradients is the joint batch's gradient.
+            average of the gradients is the joint batch's gradient. During the first
+            ``warmup_steps`` training steps every term is a zero that still reaches the codebook
+            (so DDP sees a gradient for it).
         """
+        inputs = self._check_inputs(image_feats, text_feats, image_plan_feats, text_plan_feats)
+        B = image_feats.shape[0]
+        terms = self.enabled_terms
+        ce_terms = 'i2p' in terms or 't2p' in terms
+        ot_terms = 'ot_v' in terms or 'ot_t' in terms
+        warming_up = self.warmup_steps > 0 and self.training and self.counter('num_steps') < self.warmup_steps
+        with torch.autocast(device_type=image_feats.device.type, enabled=False):
+            codewords_t = self.codebook().t()                            # (d, K) fp32
+            # Both modalities in one tensor: rows [0, B) image, [B, 2B) text.
+            students = l2_normalize(torch.cat([image_feats, text_feats]).float())
+            plans = self._plan_features(students, image_plan_feats, text_plan_feats)
+            if warming_up:
+                losses = {f'loss_{t}': codewords_t.sum() * 0.0 for t in terms}
+            else:
+                sim = students @ codewords_t                             # (2B, K)
+                losses, values, logp, q = self._terms(sim, plans, codewords_t, B, ce_terms, ot_terms, inputs)
+        if not warming_up:
+            # One fused flag for every input: a NaN or inf anywhere reaches these sums.
+            check(torch.isfinite(values).all(), lambda: self._nonfinite_error(inputs))
+        if self.training:
+            if self.plan_queues is not None:
+                for queue, rows in zip(self.plan_queues.values(), plans.split(B)):
+                    queue.enqueue(rows)
+            if self.warmup_steps > 0:
+                self.set_counter('num_steps', self.counter('num_steps') + 1)
+            if self.track_usage and not warming_up:
+                self._usage_stats(sim, logp, q)
+        return losses
+
+    def _check_inputs(self, image_feats, text_feats, image_plan_feats, text_plan_feats) -> Dict[str, torch.Tensor]:
+        """Shapes of every input (values: one fused flag later); the named inputs."""
         d = self.codebook.embed_dim
-        inputs = {'image_feats': image_feats, 'text_feats': text_feats}
         check_features('image_feats', image_feats, d, values=False)
         check_features('text_feats', text_feats, d, values=False)
         if image_feats.shape[0] != text_feats.shape[0]:
             raise ValueError('image_feats and text_feats must be paired (same batch size), got '
                              f'{tuple(image_feats.shape)} and {tuple(text_feats.shape)}')
-        for name, plan_feats, feats in (('image_plan_feats', image_plan_feats, image_feats),
-                                        ('text_plan_feats', text_plan_feats, text_feats)):
+        inputs = {'image_feats': image_feats, 'text_feats': text_feats}
+        for name, plan_feats in (('image_plan_feats', image_plan_feats), ('text_plan_feats', text_plan_feats)):
             if plan_feats is None:
                 continue
             check_features(name, plan_feats, d, values=False)
-            if plan_feats.shape[0] != feats.shape[0]:
-                raise ValueError(f'{name} must have one row per instance ({feats.shape[0]}), got '
+            if plan_feats.shape[0] != image_feats.shape[0]:
+                raise ValueError(f'{name} must have one row per instance ({image_feats.shape[0]}), got '
                                  f'shape {tuple(plan_feats.shape)}')
             inputs[name] = plan_feats
-        B = image_feats.shape[0]
-        terms = self.enabled_terms
-        ce_terms = 'i2p' in terms or 't2p' in terms
-        ot_terms = 'ot_v' in terms or 'ot_t' in terms
-        with torch.autocast(device_type=image_feats.device.type, enabled=False):
-            codewords_t = self.codebook().t()                            # (d, K) fp32
-            # Both modalities in one tensor: rows [0, B) image, [B, 2B) text.
-            students = l2_normalize(torch.cat([image_feats, text_feats]).float())
-            sim = students @ codewords_t                                 # (2B, K)
-            separate_plans = image_plan_feats is not None or text_plan_feats is not None
-            if separate_plans:
-                with torch.no_grad():
-                    plans = l2_normalize(torch.cat([image_feats if image_plan_feats is None else image_plan_feats,
-                                                    text_feats if text_plan_feats is None else text_plan_feats]
-                                                   ).float())
-            cost_sim = None
-            if ot_terms:
-                # 'plan': the cost of the plans' own (detached) features, so only the codebook
-                # gets the gradient of L_ot; 'student': the students are pulled to codewords too.
-                if self.ot_cost_features == 'student':
-                    cost_sim = sim
-                else:
-                    cost_sim = (plans if separate_plans else students.detach()) @ codewords_t
-            with torch.no_grad():
-                if separate_plans:
-                    plan_sim = plans @ codewords_t if cost_sim is None or cost_sim is sim else cost_sim
-                else:
-                    plan_sim = sim
-                cost_v, cost_t = (1.0 - plan_sim).split(B)
-                # The assignment distributions q = T / a (rows sum to 1), image rows first.
-                try:
-                    q = torch.cat([self._assign(cost_v, 'image'), self._assign(cost_t, 'text')])
-                except ValueError as err:
-                    if 'must be finite' not in str(err):
-                        raise
-                    raise self._nonfinite_error(inputs) from err   # names the input
-            scale = self._term_scale(B, image_feats.device)
-            per_row, logp = [], None
-            if ce_terms:
-                # Swapped prediction: image rows score the text plan, text rows the image plan.
-                logp = F.log_softmax(sim * (1.0 / self.temperature), dim=1)
-                per_row.append((q.roll(B, dims=0) * logp).sum(1))     # -L_i2p, -L_t2p rows
-            if ot_terms:
-                per_row.append((q * (1.0 - cost_sim)).sum(1))          # L_ot_v, L_ot_t rows
-            rows = per_row[0] if len(per_row) == 1 else torch.cat(per_row)
-            values = rows.view(2 * len(per_row), B).sum(1) * scale[(0 if ce_terms else 2):(4 if ot_terms else 2)]
-            names = (('i2p', 't2p') if ce_terms else ()) + (('ot_v', 'ot_t') if ot_terms else ())
-            losses = {f'loss_{t}': v for t, v in zip(names, values.unbind()) if t in terms}
-        # One fused flag for every input: a NaN or inf anywhere reaches these sums.
-        check(torch.isfinite(values).all(), lambda: self._nonfinite_error(inputs))
-        if self.training and self.track_usage:
-            self._usage_stats(sim, logp, q)
-        return losses
+        return inputs
+
+    @staticmethod
+    @torch.no_grad()
+    def _plan_features(students, image_plan_feats, text_plan_feats) -> torch.Tensor:
+        """(2B, d) unit-norm, detached features the plans come from, image rows first."""
+        if image_plan_feats is None and text_plan_feats is None:
+            return students.detach()
+        B = students.shape[0] // 2
+        image = students[:B] if image_plan_feats is None else image_plan_feats
+        text = students[B:] if text_plan_feats is None else text_plan_feats
+        return l2_normalize(torch.cat([image, text]).float())
+
+    def _terms(self, sim, plans, codewords_t, B, ce_terms, ot_terms, inputs):
+        """The weighted terms from the students' codeword similarities ``sim`` (2B, K)."""
+        separate = len(inputs) > 2          # plan features given: the plans are not the students'
+        # 'plan': the L_ot cost of the plans' own (detached) features, so only the codebook
+        # gets its gradient; 'student': the students are pulled to codewords too.
+        cost_sim = (sim if self.ot_cost_features == 'student' else plans @ codewords_t) if ot_terms else None
+        with torch.no_grad():
+            if not separate:
+                plan_sim = sim
+            elif cost_sim is not None and cost_sim is not sim:
+                plan_sim = cost_sim
+            else:
+                plan_sim = plans @ codewords_t
+            q = self._assignments_with_queue(plan_sim, codewords_t, B, inputs)
+        scale = self._term_scale(B, sim.device)
+        per_row, logp = [], None
+        if ce_terms:
+            # Swapped prediction: image rows score the text plan, text rows the image plan.
+            logp = F.log_softmax(sim * (1.0 / self.temperature), dim=1)
+            per_row.append((q.roll(B, dims=0) * logp).sum(1))     # -L_i2p, -L_t2p rows
+        if ot_terms:
+            per_row.append((q * (1.0 - cost_sim)).sum(1))          # L_ot_v, L_ot_t rows
+        rows = per_row[0] if len(per_row) == 1 else torch.cat(per_row)
+        values = rows.view(2 * len(per_row), B).sum(1) * scale[(0 if ce_terms else 2):(4 if ot_terms else 2)]
+        names = (('i2p', 't2p') if ce_terms else ()) + (('ot_v', 'ot_t') if ot_terms else ())
+        return {f'loss_{t}': v for t, v in zip(names, values.unbind()) if t in self.enabled_terms}, values, logp, q
+
+    def _assignments_with_queue(self, plan_sim, codewords_t, B, inputs) -> torch.Tensor:
+        """(2B, K) row-normalised plans of this batch, image rows first. With a plan queue each
+        modality's solve also transports the queued rows (this rank's share of them, so the
+        joint solve sees every queued row once); only the batch's rows are returned."""
+        costs = list((1.0 - plan_sim).split(B))
+        if self.plan_queues is None:
+            queued_rows = False
+        else:
+            queued_rows = any(len(queue) for queue in self.plan_queues.values())
+            for i, queue in enumerate(self.plan_queues.values()):
+                if len(queue):
+                    queued = queue.features()[dist.even_shard(len(queue))]
+                    costs[i] = torch.cat([costs[i], 1.0 - queued @ codewords_t])
+        try:
+            plans = [self._assign(cost, name) for cost, name in zip(costs, ('image', 'text'))]
+            return torch.cat([plan[:B] for plan in plans] if queued_rows else plans)
+        except ValueError as err:
+            if 'must be finite' not in str(err):
+                raise
+            raise self._nonfinite_error(inputs) from err   # names the input
 
     def _term_scale(self, batch: int, device) -> torch.Tensor:
         """Per-term factors (i2p, t2p, ot_v, ot_t) turning sums over this rank's rows into its
