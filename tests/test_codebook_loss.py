@@ -265,6 +265,8 @@ def test_plan_queue_rows_join_the_solve_and_only_the_batch_becomes_targets():
     logp_v = F.log_softmax(zv.detach() @ codewords.T / 0.1, dim=1).double()
     expected_i2p = -(q_t * logp_v).sum(1).mean()
     assert losses['loss_i2p'].item() == pytest.approx(expected_i2p.item(), rel=1e-4)
+    logp_t = F.log_softmax(zt.detach() @ codewords.T / 0.1, dim=1).double()
+    assert losses['loss_t2p'].item() == pytest.approx(-(q_v * logp_t).sum(1).mean().item(), rel=1e-4)
     without_queue = -(_pot_assignments(tt, codewords, eps) * logp_v).sum(1).mean()
     assert abs(without_queue.item() - expected_i2p.item()) > 1e-3          # the queue mattered
     torch.testing.assert_close(loss_fn.plan_queues['text'].features()[-B:], tt)  # plan features, not students
