@@ -110,7 +110,8 @@ class CodebookCLIP(nn.Module):
         clip: an open_clip model (``CLIP``, ``CustomTextCLIP``, ...) created with
             ``output_dict=True``.
         codebook_size: K, the number of codewords (> 0). Default 1024.
-        codebook_weight: weight of every codebook term (> 0). Default 1.0.
+        codebook_weight: weight of every codebook term (>= 0). Default 1.0. ``0``: no codebook at
+            all (with ``intra=True``: open_clip's loss plus the intra directions only).
         plan_features: ``'student'`` (default): the OT plans come from the student features of
             the batch, no teacher needed; ``'teacher'``: from a momentum teacher's (the paper's
             choice; one more forward of both towers per step).
@@ -145,8 +146,11 @@ class CodebookCLIP(nn.Module):
         if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 1:
             raise ValueError(f'codebook_size must be a positive integer, got {codebook_size!r}')
         if not (isinstance(codebook_weight, (int, float)) and math.isfinite(codebook_weight)
-                and codebook_weight > 0):
-            raise ValueError(f'codebook_weight must be a finite number > 0, got {codebook_weight!r}')
+                and codebook_weight >= 0):
+            raise ValueError(f'codebook_weight must be a finite number >= 0, got {codebook_weight!r}')
+        if codebook_weight == 0 and not intra:
+            raise ValueError('codebook_weight=0 without intra=True adds nothing to open_clip: '
+                             'train the open_clip model alone')
         if plan_features not in PLAN_FEATURES:
             raise ValueError(f'plan_features must be one of {list(PLAN_FEATURES)}, got {plan_features!r}')
         if intra and (isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1):
@@ -165,8 +169,10 @@ class CodebookCLIP(nn.Module):
         self.intra = bool(intra)
         self.alpha = float(alpha)
         self.alpha_warmup_steps = int(alpha_warmup_steps)
-        self.codebook_loss = CodebookOTLoss(num_codewords=codebook_size, embed_dim=self.embed_dim,
-                                            loss_weight=float(codebook_weight), **dict(codebook_kwargs or {}))
+        self.codebook_loss = None
+        if codebook_weight > 0:
+            self.codebook_loss = CodebookOTLoss(num_codewords=codebook_size, embed_dim=self.embed_dim,
+                                                loss_weight=float(codebook_weight), **dict(codebook_kwargs or {}))
         # Built at the first training forward (or checkpoint load), after open_clip_train has
         # locked towers: --lock-image-freeze-bn-stats replaces the trunk's BatchNorm modules.
         self.needs_teacher = plan_features == 'teacher' or self.intra
@@ -198,8 +204,18 @@ class CodebookCLIP(nn.Module):
 
     @property
     def codebook(self):
-        """The :class:`~vlp_codebook.models.codebook.Codebook` (its ``weight`` is trained)."""
-        return self.codebook_loss.codebook
+        """The :class:`~vlp_codebook.models.codebook.Codebook` (its ``weight`` is trained); None
+        with ``codebook_weight=0``."""
+        return None if self.codebook_loss is None else self.codebook_loss.codebook
+
+    def no_weight_decay(self) -> set:
+        """Parameter names not to decay (timm's optimizer factory and open_clip's newer
+        ``--wd-exclude`` logic ask models this): the wrapped model's, and the codewords, which
+        are normalised when used, so decay only shrinks their norm and speeds up their turning
+        under AdamW."""
+        inner = getattr(self.clip, 'no_weight_decay', None)
+        names = {f'clip.{name}' for name in (inner() if callable(inner) else ())}
+        return names | ({'codebook_loss.codebook.weight'} if self.codebook_loss is not None else set())
 
     def _teacher_features(self, image, text, out):
         """The momentum teacher's normalised features; a fully locked tower's teacher is the
@@ -231,8 +247,9 @@ class CodebookCLIP(nn.Module):
             image_m, text_m = self._teacher_features(image, text, out)
         losses: Dict[str, torch.Tensor] = {}
         plans = (image_m, text_m) if self.plan_features == 'teacher' else (None, None)
-        for name, value in self.codebook_loss(image_feats, text_feats, *plans).items():
-            losses['codebook_' + name[len('loss_'):]] = value
+        if self.codebook_loss is not None:
+            for name, value in self.codebook_loss(image_feats, text_feats, *plans).items():
+                losses['codebook_' + name[len('loss_'):]] = value
         if self.intra:
             step = self.teacher.counter('num_updates') - 1
             alpha = ramped_alpha(self.alpha, step, self.alpha_warmup_steps)
@@ -246,7 +263,7 @@ class CodebookCLIP(nn.Module):
             self.image_queue.enqueue(image_m)
             self.text_queue.enqueue(text_m)
         out['codis_losses'] = losses
-        out['codis_stats'] = CodisStats(self.codebook_loss)
+        out['codis_stats'] = CodisStats(self.codebook_loss) if self.codebook_loss is not None else None
         return out
 
     # ------------------------------------------------------------ checkpoints
@@ -257,8 +274,8 @@ class CodebookCLIP(nn.Module):
             self._ensure_teacher()
         key = 'codebook_loss.codebook.weight'
         weight = state_dict.get(key, state_dict.get('module.' + key))
-        own = self.codebook.weight
-        if weight is not None and tuple(weight.shape) != tuple(own.shape):
+        own = self.codebook.weight if self.codebook is not None else None
+        if weight is not None and own is not None and tuple(weight.shape) != tuple(own.shape):
             raise ValueError(
                 f'the checkpoint has a codebook of {weight.shape[0]} codewords of dimension {weight.shape[1]}, '
                 f'this model {own.shape[0]} of dimension {own.shape[1]}: resume with the same '
@@ -275,6 +292,6 @@ class CodebookCLIP(nn.Module):
                 raise ValueError(
                     'the checkpoint was trained with other CODIS options: '
                     f'{len(missing)} keys missing (e.g. {missing[:3]}), {len(extra)} unexpected '
-                    f'(e.g. {extra[:3]}); resume with the same --codebook-plan-features / --codis-intra / '
-                    '--queue-size as the run that wrote it')
+                    f'(e.g. {extra[:3]}); resume with the same --codebook-plan-features / --codebook-plan-queue / '
+                    '--codebook-warmup-steps / --codebook-weight 0 / --codis-intra / --queue-size as the run that wrote it')
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -36,6 +36,14 @@ def _positive_float(flag: str):
     return _checked(flag, float, lambda v: math.isfinite(v) and v > 0, 'a finite number > 0')
 
 
+def _nonnegative_int(flag: str):
+    return _checked(flag, int, lambda v: v >= 0, 'an integer >= 0')
+
+
+def _nonnegative_float(flag: str):
+    return _checked(flag, float, lambda v: math.isfinite(v) and v >= 0, 'a finite number >= 0')
+
+
 def _unit_float(flag: str):
     return _checked(flag, float, lambda v: 0.0 <= v <= 1.0, 'in [0, 1]')
 
@@ -55,8 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('CODIS codebook (vlp_codebook_openclip)')
     group.add_argument('--codebook-size', type=_positive_int('--codebook-size'), default=1024,
                        help='K, the number of codewords (default 1024)')
-    group.add_argument('--codebook-weight', type=_positive_float('--codebook-weight'), default=1.0,
-                       help='weight of every codebook term (default 1.0)')
+    group.add_argument('--codebook-weight', type=_nonnegative_float('--codebook-weight'), default=1.0,
+                       help='weight of every codebook term (default 1.0; 0 with --codis-intra: the intra '
+                            'directions without a codebook)')
+    group.add_argument('--codebook-wd', type=_nonnegative_float('--codebook-wd'), default=0.0,
+                       help="weight decay of the codewords (default 0; open_clip's --wd decays every "
+                            'other matrix). Codewords are normalised when used: decay only shrinks them')
+    group.add_argument('--codebook-plan-queue', type=_nonnegative_int('--codebook-plan-queue'), default=0,
+                       help='past plan features per modality that each Sinkhorn solve also transports, so '
+                            'that batches smaller than the codebook get peaked targets (default 0: off)')
+    group.add_argument('--codebook-warmup-steps', type=_nonnegative_int('--codebook-warmup-steps'), default=0,
+                       help='training steps at the start with the codebook terms at zero (default 0)')
     group.add_argument('--codebook-plan-features', choices=PLAN_FEATURES, default='student',
                        help="features the OT plans are computed from: 'student' (default, no extra "
                             "forward) or 'teacher' (a momentum teacher of the whole model)")
@@ -89,7 +106,8 @@ def parse_codebook_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[s
     options, rest = parser.parse_known_args(list(argv))
     if options.no_codebook:
         given = [flag for flag in ('--codis-intra', '--queue-size', '--codebook-plan-features',
-                                   '--codebook-size', '--codebook-weight', '--codebook-init-norm')
+                                   '--codebook-size', '--codebook-weight', '--codebook-init-norm', '--codebook-wd',
+                                   '--codebook-plan-queue', '--codebook-warmup-steps')
                  if any(a == flag or a.startswith(flag + '=') for a in argv)]
         if given:
             parser.error(f'--no-codebook trains without the CODIS terms: drop {", ".join(given)}')
@@ -98,6 +116,9 @@ def parse_codebook_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[s
                      'the intra directions contrast against, e.g. 4096)')
     if options.queue_size is not None and not options.codis_intra:
         parser.error('--queue-size is only used by --codis-intra')
+    if options.codebook_weight == 0 and not options.codis_intra:
+        parser.error('--codebook-weight 0 is only meaningful with --codis-intra (use --no-codebook for '
+                     "open_clip's loss alone)")
     return options, rest
 
 
@@ -125,7 +146,9 @@ def codebook_model_kwargs(options: argparse.Namespace) -> dict:
                   plan_features=options.codebook_plan_features, intra=options.codis_intra,
                   momentum=options.codis_momentum, queue_size=options.queue_size or 0,
                   intra_weight=options.codis_intra_weight)
+    codebook_kwargs = dict(plan_queue_size=options.codebook_plan_queue, warmup_steps=options.codebook_warmup_steps)
     if options.codebook_init_norm is not None:
-        norm = None if options.codebook_init_norm == 'gaussian' else options.codebook_init_norm
-        kwargs['codebook_kwargs'] = dict(codeword_init_norm=norm)
+        codebook_kwargs['codeword_init_norm'] = (None if options.codebook_init_norm == 'gaussian'
+                                                 else options.codebook_init_norm)
+    kwargs['codebook_kwargs'] = codebook_kwargs
     return kwargs

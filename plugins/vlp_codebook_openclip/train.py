@@ -21,6 +21,9 @@ Nothing of open_clip_train is copied or forked. For the duration of the call, th
 * ``pt_load``: checkpoints are read with ``torch.load(weights_only=True)`` (tensors and plain
   containers only; a file that would run code is refused);
 * ``parse_args``: refuses, naming the flag, settings the plugin does not support;
+* ``optim`` (the ``torch.optim`` module it builds AdamW from): the codewords get a parameter
+  group of their own, with weight decay ``--codebook-wd`` (default 0: open_clip decays every
+  matrix, and decay only shrinks codewords that are normalised when used);
 * ``torch.nn.parallel.DistributedDataParallel``: on CPU, without the ``device_ids=[cpu]`` that
   open_clip_train passes and torch refuses (so ``torchrun ... --dist-backend gloo`` runs on CPU);
 * open_clip's HF architecture table gets BERT's layer names where it lacks them, so
@@ -70,16 +73,35 @@ def load_checkpoint_data(file_path: str, map_location=None):
         return torch.load(handle, map_location=map_location, weights_only=True)
 
 
+_REPLACED = ('create_model_and_transforms', 'create_loss', 'train_one_epoch', 'pt_load', 'parse_args', 'optim')
+
+
 @contextlib.contextmanager
 def injected(options) -> Iterator[None]:
-    """Replace open_clip_train.main's factories for the duration of one ``main`` call."""
+    """Replace open_clip_train.main's factories for the duration of one ``main`` call; every
+    replaced name (and torch's DDP class, open_clip's BERT architecture names) is restored."""
     import open_clip_train.main as oc_main
+
+    originals = {name: getattr(oc_main, name) for name in _REPLACED}
+    for name, value in _replacements(options, originals).items():
+        setattr(oc_main, name, value)
+    ddp_class = torch.nn.parallel.DistributedDataParallel
+    torch.nn.parallel.DistributedDataParallel = _cpu_friendly_ddp(ddp_class)
+    added_names = _complete_bert_arch_names()
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(oc_main, name, value)
+        torch.nn.parallel.DistributedDataParallel = ddp_class
+        for names, key in added_names:
+            names.pop(key, None)
+
+
+def _replacements(options, originals) -> dict:
+    """The thin wrappers around open_clip_train.main's originals (see the module docstring)."""
     from open_clip_train.distributed import is_master
     from open_clip_train.train import unwrap_model
-
-    originals = {name: getattr(oc_main, name)
-                 for name in ('create_model_and_transforms', 'create_loss', 'train_one_epoch', 'pt_load',
-                              'parse_args')}
     wrapped_models = []
 
     def parse_args(args):
@@ -120,21 +142,35 @@ def injected(options) -> Iterator[None]:
         return originals['train_one_epoch'](model, data, loss, epoch, optimizer, scaler, scheduler,
                                             dist_model, args, tb_writer=tb_writer)
 
-    replacements = dict(create_model_and_transforms=create_model_and_transforms, create_loss=create_loss,
-                        train_one_epoch=train_one_epoch, pt_load=load_checkpoint_data, parse_args=parse_args)
-    for name, value in replacements.items():
-        setattr(oc_main, name, value)
-    ddp_class = torch.nn.parallel.DistributedDataParallel
-    torch.nn.parallel.DistributedDataParallel = _cpu_friendly_ddp(ddp_class)
-    added_names = _complete_bert_arch_names()
-    try:
-        yield
-    finally:
-        for name, value in originals.items():
-            setattr(oc_main, name, value)
-        torch.nn.parallel.DistributedDataParallel = ddp_class
-        for names, key in added_names:
-            names.pop(key, None)
+    codewords = lambda: [m.codebook.weight for m in wrapped_models if m.codebook is not None]  # noqa: E731
+    return dict(create_model_and_transforms=create_model_and_transforms, create_loss=create_loss,
+                train_one_epoch=train_one_epoch, pt_load=load_checkpoint_data, parse_args=parse_args,
+                optim=CodewordDecayOptim(codewords, options.codebook_wd))
+
+
+class CodewordDecayOptim:
+    """``torch.optim`` as open_clip_train.main sees it, except that ``AdamW`` puts the codewords
+    in a parameter group of their own with weight decay ``--codebook-wd`` (open_clip 3.3.0 decays
+    every parameter of two or more dimensions; its timm optimizers ask ``no_weight_decay()``).
+    The groups are made when the optimizer is created, so a resumed run rebuilds the same ones."""
+
+    def __init__(self, codewords, weight_decay: float):
+        self._codewords = codewords
+        self.weight_decay = float(weight_decay)
+
+    def __getattr__(self, name):
+        return getattr(torch.optim, name)
+
+    def AdamW(self, param_groups, *args, **kwargs):  # noqa: N802 (torch.optim's name)
+        codewords = {id(p) for p in self._codewords()}
+        groups, moved = [], []
+        for group in param_groups:
+            params = list(group['params'])
+            moved += [p for p in params if id(p) in codewords]
+            groups.append({**group, 'params': [p for p in params if id(p) not in codewords]})
+        if moved:
+            groups.append({'params': moved, 'weight_decay': self.weight_decay})
+        return torch.optim.AdamW(groups, *args, **kwargs)
 
 
 def _complete_bert_arch_names():

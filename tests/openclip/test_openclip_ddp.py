@@ -12,6 +12,8 @@ JOINT, STEPS = 8, 2
 CONFIGS = {
     'student_plans': dict(codebook_size=16),
     'teacher_plans_intra': dict(codebook_size=16, plan_features='teacher', intra=True, queue_size=8),
+    # the second step's plans also transport the 8 queued rows of the first
+    'student_plans_plan_queue': dict(codebook_size=16, codebook_kwargs=dict(plan_queue_size=8)),
 }
 
 

@@ -116,7 +116,7 @@ def test_state_dict_roundtrip_builds_the_teacher(openclip_plugin):
 
 @pytest.mark.parametrize('kwargs, message', [
     (dict(codebook_size=0), 'codebook_size must be a positive integer'),
-    (dict(codebook_weight=-1.0), 'codebook_weight must be a finite number > 0'),
+    (dict(codebook_weight=-1.0), 'codebook_weight must be a finite number >= 0'),
     (dict(plan_features='momentum'), "plan_features must be one of ['student', 'teacher']"),
     (dict(intra=True), 'intra=True needs queue_size >= 1'),
 ])
@@ -167,3 +167,54 @@ def test_codebook_init_norm_flag_reaches_the_codewords(openclip_plugin):
     assert torch.allclose(norms, torch.ones(16), atol=1e-5)
     gaussian, _ = parse_codebook_args(['--codebook-size', '16', '--codebook-init-norm', 'gaussian'])
     assert CodebookCLIP(_clip(), **codebook_model_kwargs(gaussian)).codebook.weight.norm(dim=1).min() > 3.0
+
+
+def test_codewords_get_their_own_weight_decay_group_and_the_patch_is_undone(openclip_plugin):
+    """open_clip 3.3.0 builds AdamW from two groups by name rules that decay the codebook; the
+    entry point moves the codewords into a group with --codebook-wd, and restores open_clip_train."""
+    import open_clip_train.main as oc_main
+
+    from vlp_codebook_openclip.options import parse_codebook_args
+    from vlp_codebook_openclip.train import _REPLACED, injected
+    options, _ = parse_codebook_args(['--codebook-size', '16', '--codebook-wd', '0.05'])
+    before = {name: getattr(oc_main, name) for name in _REPLACED}
+    with injected(options):
+        model, _, _ = oc_main.create_model_and_transforms('codis-tiny-vit', output_dict=True)
+        named = list(model.named_parameters())
+        decayed = [p for n, p in named if p.ndim >= 2 and 'logit_scale' not in n]      # open_clip's rule
+        optimizer = oc_main.optim.AdamW([{'params': [p for n, p in named if p.ndim < 2], 'weight_decay': 0.0},
+                                         {'params': decayed, 'weight_decay': 0.1}], lr=1e-3)
+    assert {name: getattr(oc_main, name) for name in _REPLACED} == before
+    groups = optimizer.param_groups
+    assert [g['weight_decay'] for g in groups] == [0.0, 0.1, 0.05]
+    assert groups[2]['params'] == [model.codebook.weight]
+    assert not any(p is model.codebook.weight for g in groups[:2] for p in g['params'])
+    assert sum(len(g['params']) for g in groups) == len(named)
+    assert 'codebook_loss.codebook.weight' in model.no_weight_decay()
+
+
+def test_codebook_weight_zero_with_intra_is_open_clip_plus_intra_directions(openclip_plugin):
+    from vlp_codebook_openclip import CodebookCLIP, CodebookClipLoss
+    import open_clip
+    model = CodebookCLIP(_clip(), codebook_weight=0.0, intra=True, queue_size=8)
+    assert model.codebook is None and 'codebook_loss.codebook.weight' not in model.state_dict()
+    out = model(*_batch())
+    losses = CodebookClipLoss(open_clip.ClipLoss())(**out, output_dict=True)
+    assert set(losses) == {'contrastive_loss', 'intra_i2i', 'intra_t2t'}
+    sum(losses.values()).backward()
+    with pytest.raises(ValueError, match='codebook_weight=0 without intra=True'):
+        CodebookCLIP(_clip(), codebook_weight=0.0)
+
+
+def test_plan_queue_and_warmup_flags_reach_the_loss(openclip_plugin):
+    from vlp_codebook_openclip import CodebookCLIP
+    from vlp_codebook_openclip.options import codebook_model_kwargs, parse_codebook_args
+    options, _ = parse_codebook_args(['--codebook-size', '16', '--codebook-plan-queue', '32',
+                                      '--codebook-warmup-steps', '1'])
+    model = CodebookCLIP(_clip(), **codebook_model_kwargs(options))
+    loss = model.codebook_loss
+    assert loss.plan_queues['image'].size == 32 and loss.warmup_steps == 1
+    first = model(*_batch())['codis_losses']
+    assert all(v.item() == 0.0 for v in first.values())                 # the warm-up step
+    second = model(*_batch(seed=2))['codis_losses']
+    assert second['codebook_i2p'].item() > 0 and len(loss.plan_queues['text']) == 12

@@ -21,7 +21,7 @@ def _train_args(csv, logs, name, *extra):
             '--precision', 'fp32', '--seed', '0', '--log-every-n-steps', '2', '--logs', str(logs), '--name', name,
             '--report-to', 'tensorboard', '--save-frequency', '1',
             '--codebook-size', '64', '--codebook-plan-features', 'teacher', '--codis-intra', '--queue-size', '64',
-            *extra)
+            '--codebook-plan-queue', '64', *extra)
 
 
 @pytest.fixture(scope='module')
@@ -83,6 +83,10 @@ def test_codebook_and_teacher_move_and_checkpoints_are_data(trained):
     assert not torch.equal(student, teacher)
     assert torch.equal(last['state_dict']['teacher.num_updates'], torch.tensor(8 * EPOCHS))
     assert int(last['state_dict']['image_queue.num_valid']) == 64
+    assert int(last['state_dict']['codebook_loss.plan_queues.text.num_valid']) == 64
+    # open_clip's AdamW groups plus the codewords' own, undecayed (--codebook-wd 0, the default)
+    groups = last['optimizer']['param_groups']
+    assert [g['weight_decay'] for g in groups] == [0.0, 0.1, 0.0] and len(groups[-1]['params']) == 1
 
 
 def test_resume_is_exact(trained):
@@ -151,7 +155,12 @@ def test_checkpoint_reader_refuses_code(openclip_plugin, tmp_path):
 
 @pytest.mark.parametrize('argv, message', [
     (['--codebook-size', '0'], '--codebook-size must be a positive integer, got 0'),
-    (['--codebook-weight', 'nan'], '--codebook-weight must be a finite number > 0'),
+    (['--codebook-weight', 'nan'], '--codebook-weight must be a finite number >= 0'),
+    (['--codebook-weight', '0'], '--codebook-weight 0 is only meaningful with --codis-intra'),
+    (['--codebook-wd', '-1'], '--codebook-wd must be a finite number >= 0, got -1'),
+    (['--codebook-plan-queue', '-5'], '--codebook-plan-queue must be an integer >= 0, got -5'),
+    (['--codebook-warmup-steps', 'x'], "--codebook-warmup-steps must be an integer >= 0, got 'x'"),
+    (['--no-codebook', '--codebook-wd', '0'], 'drop --codebook-wd'),
     (['--codis-intra'], '--codis-intra needs --queue-size'),
     (['--queue-size', '16'], '--queue-size is only used by --codis-intra'),
     (['--codis-momentum', '1.5'], '--codis-momentum must be in [0, 1]'),
