@@ -17,11 +17,13 @@ with the towers inside the model (no cached features):
   (batch norm + ReLU6) by a plain ``FrozenBatchNorm2d``, dropping the activation, and the
   trunk's features explode (about 1e10); the locked trunk's batch norm uses batch statistics.
 * **Rows:** ``clip`` -- open_clip's ClipLoss alone (``--no-codebook``, through the same entry
-  point); ``codebook`` -- + the codebook with the plugin's defaults; ``codebook_intra`` -- + the
-  intra-modal directions (``--codis-intra --queue-size 1024``); ``codebook_gaussian`` -- N(0, 1)
-  initial codewords (``--codebook-init-norm gaussian``: norm about 16, so they turn about 16x
-  slower under AdamW than the default unit-norm ones); ``codebook_k128`` -- 128 codewords (the
-  size of the default row of ``real_data_ablation.py``) instead of 1024.
+  point); ``codebook`` -- + the codebook with the plugin's defaults; ``codebook_cwd0.1`` -- the
+  codewords decayed like every other matrix (open_clip's rule, ``--codebook-wd 0.1``);
+  ``codebook_pq0`` / ``codebook_pq1024`` -- no plan queue / a plan queue of 1024 rows;
+  ``intra`` -- ClipLoss + the intra-modal directions without a codebook (``--codebook-weight 0
+  --codis-intra --queue-size 1024``); ``codebook_intra`` -- + the codebook and the intra
+  directions (CODIS's whole recipe); ``codebook_gaussian`` -- N(0, 1) initial codewords;
+  ``codebook_k128`` -- 128 codewords instead of 1024.
 * **Protocol:** the emoji split of ``real_data_ablation.py`` (train / val by image hash; the
   held-out test split is reported, never used to choose). Paired seeds: for seed ``s`` every row
   starts from the same initial checkpoint (heads drawn from ``torch.manual_seed(s)``, passed as
@@ -75,11 +77,19 @@ SETTINGS: Dict[str, Sequence[str]] = {
 ROWS: Dict[str, Sequence[str]] = {
     'clip': ('--no-codebook',),
     'codebook': (),
+    'codebook_cwd0.1': ('--codebook-wd', '0.1'),
+    'codebook_pq0': ('--codebook-plan-queue', '0'),
+    'codebook_pq1024': ('--codebook-plan-queue', '1024'),
+    'intra': ('--codebook-weight', '0', '--codis-intra', '--queue-size', '1024'),
     'codebook_intra': ('--codis-intra', '--queue-size', '1024'),
     'codebook_gaussian': ('--codebook-init-norm', 'gaussian'),
     'codebook_k128': ('--codebook-size', '128'),
 }
 ROW_TITLES = {'clip': "open_clip's ClipLoss", 'codebook': '+ codebook (defaults)',
+              'codebook_cwd0.1': "+ codebook, codewords decayed by open_clip's --wd 0.1",
+              'codebook_pq0': '+ codebook, no plan queue',
+              'codebook_pq1024': '+ codebook, plan queue 1024',
+              'intra': '+ intra directions, no codebook',
               'codebook_intra': '+ codebook + intra directions',
               'codebook_gaussian': '+ codebook, N(0, 1) codewords',
               'codebook_k128': '+ codebook, K = 128'}
@@ -218,8 +228,12 @@ def protocol_key(args) -> str:
 
 
 def run_key(setting: str, row: str, seed: int) -> str:
-    """File name of one run's result: the setting's and the row's flags are part of it."""
-    flags = hashlib.blake2b(json.dumps([SETTINGS[setting], ROWS[row]]).encode(), digest_size=4).hexdigest()
+    """File name of one run's result: the setting's and the row's flags, and the plugin's
+    defaults (a saved row of the defaults stays valid only for the defaults it was run with)."""
+    from vlp_codebook_openclip.options import build_parser
+    defaults = sorted((k, str(v)) for k, v in vars(build_parser().parse_args([])).items())
+    flags = hashlib.blake2b(json.dumps([SETTINGS[setting], ROWS[row], defaults]).encode(),
+                            digest_size=4).hexdigest()
     return f'{setting}_{row}_seed{seed}_{flags}'
 
 

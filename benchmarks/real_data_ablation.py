@@ -49,7 +49,6 @@ The table of the documented run is in docs/benchmarks.md and docs/ot_and_codeboo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -57,13 +56,15 @@ import os.path as osp
 import statistics
 import sys
 import time
-from typing import Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Dict, Mapping, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from ablation_rows import (BASELINE, DEFAULT_CODEBOOK_ROW, OBJECTIVE_BASELINE, OBJECTIVES,  # noqa: E402
+                           ROW_GROUPS, ROWS, Row, result_path)
 from emoji_data import cached_features, ensure_data, load_splits, tensors_for  # noqa: E402
 from paired_stats import METRICS, mean_std, paired_difference  # noqa: E402
 
@@ -72,58 +73,6 @@ from vlp_codebook.models.losses.functional import ramped_alpha  # noqa: E402
 from vlp_codebook.registry import MODELS  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-OBJECTIVES = {'cross': ('t2i', 'i2t'), 'all': ('t2i', 'i2t', 'i2i', 't2t'), 'clip': ()}
-OBJECTIVE_BASELINE = {'cross': 'a', 'all': 'b', 'clip': 'clip'}
-
-
-class Row(NamedTuple):
-    title: str
-    objective: str                       # 'cross' (row a), 'all' (row b) or 'clip' (row c)
-    codebook: Optional[dict] = None      # CodebookOTLoss arguments; None: no codebook
-    teacher_plans: bool = True           # plans from the momentum teacher's features (else the students')
-    codeword_wd: Optional[float] = None  # the codewords' weight decay; None: --weight-decay like the rest
-
-
-K128, K1024 = dict(num_codewords=128), dict(num_codewords=1024)
-ROWS: Dict[str, Row] = {
-    'a': Row('(a) cross directions, no codebook', 'cross'),
-    'b': Row('(b) intra + cross, no codebook', 'all'),
-    'clip': Row('(c) in-batch InfoNCE (ClipLoss form), no codebook', 'clip'),
-    'b_cb128': Row('(b) + codebook K=128, defaults', 'all', K128),
-    'b_cb512': Row('(b) + codebook K=512', 'all', dict(num_codewords=512)),
-    'b_cb128_student_plans': Row('(b) + codebook, student plans', 'all', K128, teacher_plans=False),
-    'b_cb128_w0.5': Row('(b) + codebook, 0.5x weight', 'all', dict(K128, loss_weight=0.5)),
-    'b_cb128_w2': Row('(b) + codebook, 2x weight', 'all', dict(K128, loss_weight=2.0)),
-    'b_cb128_ot_student': Row("(b) + codebook, ot_cost_features='student'", 'all',
-                              dict(K128, ot_cost_features='student')),
-    'b_cb128_ot_off': Row("(b) + codebook, ot_cost_features='off'", 'all', dict(K128, ot_cost_features='off')),
-    'b_cb128_gaussian_init': Row('(b) + codebook, N(0, 1) codewords (init_norm=None)', 'all',
-                                 dict(K128, codeword_init_norm=None)),
-    'b_cb128_init_norm4': Row('(b) + codebook, codewords of norm 4 (init_norm=4)', 'all',
-                              dict(K128, codeword_init_norm=4.0)),
-    # the decomposition: one factor at a time from (b) + codebook towards open_clip's setting
-    'a_cb128': Row('(a) + codebook K=128', 'cross', K128),
-    'clip_cb128_teacher': Row('(c) + codebook K=128, teacher plans', 'clip', K128),
-    'clip_cb128': Row('(c) + codebook K=128, student plans', 'clip', K128, teacher_plans=False),
-    'b_cb1024': Row('(b) + codebook K=1024', 'all', K1024),
-    'clip_cb1024': Row('(c) + codebook K=1024, student plans', 'clip', K1024, teacher_plans=False),
-    'b_cb128_cwd0': Row('(b) + codebook, no weight decay on codewords', 'all', K128, codeword_wd=0.0),
-    'b_cb128_cwd0.1': Row('(b) + codebook, weight decay 0.1 on codewords', 'all', K128, codeword_wd=0.1),
-    'clip_cb1024_cwd0.1': Row("(c) + codebook K=1024, student plans, codeword wd 0.1 (open_clip's)", 'clip',
-                              K1024, teacher_plans=False, codeword_wd=0.1),
-}
-ROW_GROUPS = {
-    'default': ['a', 'b', 'b_cb128', 'b_cb512', 'b_cb128_student_plans', 'b_cb128_w0.5', 'b_cb128_w2',
-                'b_cb128_ot_student', 'b_cb128_ot_off', 'b_cb128_gaussian_init', 'b_cb128_init_norm4'],
-    'decomposition': ['a', 'b', 'clip', 'b_cb128', 'a_cb128', 'clip_cb128_teacher', 'clip_cb128', 'b_cb1024',
-                      'clip_cb1024', 'b_cb128_cwd0', 'b_cb128_cwd0.1', 'clip_cb1024_cwd0.1'],
-    'schedule': ['b', 'clip', 'b_cb128', 'clip_cb128', 'clip_cb1024_cwd0.1'],
-}
-BASELINE = 'b'
-# The row that builds CodebookOTLoss with its defaults (only K given): what a user gets.
-DEFAULT_CODEBOOK_ROW = 'b_cb128'
-
-
 # ---------------------------------------------------------------------------------- training
 class Head(nn.Module):
     """The trainable 2-layer head on a frozen tower: Linear-GELU-Linear to the shared space."""
@@ -365,34 +314,6 @@ def _run(job: Tuple[str, int]) -> Tuple[str, int, dict, float]:
     return row, seed, result, time.perf_counter() - t0
 
 
-# Arguments that change a run's numbers (the key of its saved result); not --workers, --rows, --seeds.
-_PROTOCOL = ('epochs', 'batch', 'lr', 'weight_decay', 'embed_dim', 'hidden', 'queue', 'momentum', 'alpha',
-             'image_size', 'max_images')
-
-
-def _codebook_defaults() -> dict:
-    """The defaults of CodebookOTLoss that change a run's numbers (part of a saved run's key). An
-    option whose default is 'off' joins this list when its default changes."""
-    import inspect
-    from vlp_codebook.models.losses.codebook_ot_loss import CodebookOTLoss
-    keyed = ('codeword_init_norm', 'ot_cost_features', 'epsilon', 'temperature', 'loss_weight')
-    return {name: p.default for name, p in inspect.signature(CodebookOTLoss).parameters.items() if name in keyed}
-
-
-def _result_path(args, row: str, seed: int) -> Optional[str]:
-    if not args.results_dir:
-        return None
-    spec = ROWS[row]
-    # The effective codebook arguments: a saved run of the defaults row stays valid only for the
-    # defaults it was run with.
-    codebook = None if spec.codebook is None else {**_codebook_defaults(), **spec.codebook}
-    protocol = json.dumps([[OBJECTIVES[spec.objective], codebook, spec.teacher_plans, spec.codeword_wd,
-                            spec.objective], {k: getattr(args, k) for k in _PROTOCOL}],
-                          sort_keys=True, default=str)
-    key = hashlib.blake2b(protocol.encode(), digest_size=6).hexdigest()
-    return osp.join(args.results_dir, f'{row}_seed{seed}_{key}.json')
-
-
 def run_all(data: dict, args) -> Dict[str, Dict[int, dict]]:
     """Every (row, seed), in ``args.workers`` processes of one thread each; results do not
     depend on the number of workers (each run is seeded on its own). With ``--results-dir``
@@ -403,7 +324,7 @@ def run_all(data: dict, args) -> Dict[str, Dict[int, dict]]:
 
     def report(row, seed, result, seconds, saved=False):
         results[row][seed] = result
-        path = _result_path(args, row, seed)
+        path = result_path(args, row, seed)
         if path and not saved:
             os.makedirs(args.results_dir, exist_ok=True)
             with open(path, 'w') as handle:
@@ -414,7 +335,7 @@ def run_all(data: dict, args) -> Dict[str, Dict[int, dict]]:
 
     todo = []
     for row, seed in jobs:
-        path = _result_path(args, row, seed)
+        path = result_path(args, row, seed)
         if path and osp.isfile(path):
             with open(path) as handle:
                 report(row, seed, json.load(handle), 0.0, saved=True)

@@ -84,9 +84,10 @@ def test_codebook_and_teacher_move_and_checkpoints_are_data(trained):
     assert torch.equal(last['state_dict']['teacher.num_updates'], torch.tensor(8 * EPOCHS))
     assert int(last['state_dict']['image_queue.num_valid']) == 64
     assert int(last['state_dict']['codebook_loss.plan_queues.text.num_valid']) == 64
-    # open_clip's AdamW groups plus the codewords' own, undecayed (--codebook-wd 0, the default)
+    # open_clip's AdamW groups (its --wd default 0.2) plus the codewords' own, undecayed
+    # (--codebook-wd 0, the default)
     groups = last['optimizer']['param_groups']
-    assert [g['weight_decay'] for g in groups] == [0.0, 0.1, 0.0] and len(groups[-1]['params']) == 1
+    assert [g['weight_decay'] for g in groups] == [0.0, 0.2, 0.0] and len(groups[-1]['params']) == 1
 
 
 def test_resume_is_exact(trained):
