@@ -228,12 +228,13 @@ def protocol_key(args) -> str:
 
 
 def run_key(setting: str, row: str, seed: int) -> str:
-    """File name of one run's result: the setting's and the row's flags, and the plugin's
-    defaults (a saved row of the defaults stays valid only for the defaults it was run with)."""
-    from vlp_codebook_openclip.options import build_parser
-    defaults = sorted((k, str(v)) for k, v in vars(build_parser().parse_args([])).items())
-    flags = hashlib.blake2b(json.dumps([SETTINGS[setting], ROWS[row], defaults]).encode(),
-                            digest_size=4).hexdigest()
+    """File name of one run's result: the setting's flags and the row's *effective* plugin options
+    (its flags over the plugin's defaults), so a saved run stays valid exactly as long as the
+    options it ran with are the row's."""
+    from vlp_codebook_openclip.options import parse_codebook_args
+    options = vars(parse_codebook_args(list(ROWS[row]))[0])
+    effective = ['--no-codebook'] if options['no_codebook'] else sorted((k, str(v)) for k, v in options.items())
+    flags = hashlib.blake2b(json.dumps([SETTINGS[setting], effective]).encode(), digest_size=4).hexdigest()
     return f'{setting}_{row}_seed{seed}_{flags}'
 
 

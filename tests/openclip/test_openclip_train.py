@@ -127,7 +127,8 @@ def test_export_loads_in_plain_open_clip(trained, tmp_path):
     assert not any(k.startswith(('codebook_loss', 'teacher', 'image_queue', 'clip.')) for k in exported)
     plain, _, _ = open_clip.create_model_and_transforms('codis-tiny-vit', pretrained=str(out))
     clip, _, _ = open_clip.create_model_and_transforms('codis-tiny-vit', output_dict=True)
-    wrapped = CodebookCLIP(clip, codebook_size=64, plan_features='teacher', intra=True, queue_size=64)
+    wrapped = CodebookCLIP(clip, codebook_size=64, plan_features='teacher', intra=True, queue_size=64,
+                           codebook_kwargs=dict(plan_queue_size=64))
     wrapped.load_state_dict(_load(source)['state_dict'])
     images = torch.randn(3, 3, 32, 32)
     plain.eval(), wrapped.eval()
