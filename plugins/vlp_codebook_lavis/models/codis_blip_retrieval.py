@@ -17,7 +17,7 @@ from lavis.models.blip_models.blip_retrieval import BlipRetrieval
 
 from vlp_codebook_lavis.codis_mixin import CodisLossMixin
 from vlp_codebook_lavis.encoders import add_blip_special_tokens
-from vlp_codebook_lavis.paths import plugin_path
+from vlp_codebook_lavis.paths import model_configs
 
 __all__ = ['CodisBlipRetrieval']
 
@@ -32,11 +32,7 @@ class CodisBlipRetrieval(CodisLossMixin, BlipRetrieval):
     :class:`~vlp_codebook_lavis.outputs.CodisBlipOutput`.
     """
 
-    PRETRAINED_MODEL_CONFIG_DICT = {
-        'coco': plugin_path('configs', 'models', 'codis_blip_retrieval_coco.yaml'),
-        'flickr': plugin_path('configs', 'models', 'codis_blip_retrieval_flickr.yaml'),
-        'tiny': plugin_path('configs', 'models', 'codis_blip_retrieval_tiny.yaml'),
-    }
+    PRETRAINED_MODEL_CONFIG_DICT = model_configs('codis_blip_retrieval', 'coco', 'flickr', 'tiny')
     codis_uses_ids = True
 
     lavis_defaults = dict(queue_size=0, alpha=0.4, embed_dim=256, momentum=0.995, negative_all_rank=False,

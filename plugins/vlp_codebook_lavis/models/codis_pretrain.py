@@ -25,7 +25,7 @@ from lavis.models.albef_models.albef_pretrain import AlbefPretrain
 
 from vlp_codebook_lavis.codis_mixin import CodisLossMixin, load_weights_from_config
 from vlp_codebook_lavis.encoders import build_masked_lm_encoder
-from vlp_codebook_lavis.paths import plugin_path
+from vlp_codebook_lavis.paths import model_configs
 
 __all__ = ['CodisPretrain']
 
@@ -43,10 +43,7 @@ class CodisPretrain(CodisLossMixin, AlbefPretrain):
     with ``loss_itc, loss_itm, loss_mlm`` and the CODIS terms.
     """
 
-    PRETRAINED_MODEL_CONFIG_DICT = {
-        'base': plugin_path('configs', 'models', 'codis_pretrain_base.yaml'),
-        'tiny': plugin_path('configs', 'models', 'codis_pretrain_tiny.yaml'),
-    }
+    PRETRAINED_MODEL_CONFIG_DICT = model_configs('codis_pretrain', 'base', 'tiny')
 
     lavis_defaults = dict(queue_size=65536, embed_dim=256, mlm_mask_prob=0.15, temp=0.07, momentum=0.995,
                           alpha=0.4, max_txt_len=30)

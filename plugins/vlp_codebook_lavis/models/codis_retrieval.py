@@ -19,7 +19,7 @@ from __future__ import annotations
 from lavis.models.albef_models.albef_retrieval import AlbefRetrieval
 
 from vlp_codebook_lavis.codis_mixin import CodisLossMixin
-from vlp_codebook_lavis.paths import plugin_path
+from vlp_codebook_lavis.paths import model_configs
 
 __all__ = ['CodisRetrieval']
 
@@ -39,11 +39,7 @@ class CodisRetrieval(CodisLossMixin, AlbefRetrieval):
     :class:`~vlp_codebook_lavis.outputs.CodisAlbefOutput`.
     """
 
-    PRETRAINED_MODEL_CONFIG_DICT = {
-        'coco': plugin_path('configs', 'models', 'codis_retrieval_coco.yaml'),
-        'flickr': plugin_path('configs', 'models', 'codis_retrieval_flickr.yaml'),
-        'tiny': plugin_path('configs', 'models', 'codis_retrieval_tiny.yaml'),
-    }
+    PRETRAINED_MODEL_CONFIG_DICT = model_configs('codis_retrieval', 'coco', 'flickr', 'tiny')
     codis_uses_ids = True
 
     lavis_defaults = dict(queue_size=0, embed_dim=256, temp=0.07, use_distill=True, momentum=0.995, alpha=0.4,
