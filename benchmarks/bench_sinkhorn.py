@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/bench_sinkhorn.py                 # full grid, both feature kinds
     python benchmarks/bench_sinkhorn.py --quick         # B=1024, K=4096 only
+    python benchmarks/bench_sinkhorn.py --iterations    # iteration counts across the loss's range
 
 For each (B, K) a cosine cost ``1 - z c^T`` between unit-norm features z (B x 256) and
 codewords c (K x 256), ε = 0.05, is solved by
@@ -49,6 +50,9 @@ def make_cost(B: int, K: int, kind: str, dim: int = 256, seed: int = 0,
               device: str = 'cpu') -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     codewords = F.normalize(torch.randn(K, dim, generator=g), dim=1)
+    if kind == 'collapsed':   # every feature near one direction (an encoder that collapsed)
+        centre = F.normalize(torch.randn(dim, generator=g), dim=0)
+        return (1.0 - F.normalize(centre + 0.05 * torch.randn(B, dim, generator=g), dim=1) @ codewords.T).to(device)
     if kind in ('clustered', 'peaked'):
         noise = 0.08 if kind == 'clustered' else 0.02
         idx = torch.randint(0, K, (B,), generator=g)
@@ -152,6 +156,25 @@ def per_iteration(grid, eps, device, peak_gbps=None, repeats=5):
         print(f'| {B} | {K} | {per_it * 1e3:.3f} | {gbps:.0f} | {peak} |', flush=True)
 
 
+def iteration_table(kinds, grid):
+    """Iterations to tol 1e-4 across the codebook loss's range (ε 0.02-0.1, fp32 and bf16
+    costs), plain Sinkhorn-Knopp (``anderson=0``) next to the default; ``!``: not converged
+    in 1000 iterations."""
+    print('| features | B x K | ε 0.02 plain / default | ε 0.05 | ε 0.1 | bf16 = fp32 |')
+    print('|---|---|---|---|---|---|')
+    for kind, (B, K) in ((kind, size) for size in grid for kind in kinds):
+        cost, cells, same = make_cost(B, K, kind), [], True
+        for eps in (0.02, 0.05, 0.1):
+            counts = []
+            for anderson in (0, 3):
+                infos = [sinkhorn(cost.to(dtype), eps, tol=1e-4, anderson=anderson, return_info=True,
+                                  warn_not_converged=False)[1] for dtype in (torch.float32, torch.bfloat16)]
+                counts.append(f'{infos[0].iterations}{"" if infos[0].converged else "!"}')
+                same = same and abs(infos[0].iterations - infos[1].iterations) <= 1
+            cells.append(' / '.join(counts))
+        print(f'| {kind} | {B} x {K} | ' + ' | '.join(cells) + f' | {"yes" if same else "no"} |', flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='only B=1024, K=4096')
@@ -168,6 +191,8 @@ def main():
                         help='also print the time and memory bandwidth of one iteration')
     parser.add_argument('--peak-gbps', type=float, default=None,
                         help='the device\'s peak memory bandwidth, for --per-iteration (H200: 4800)')
+    parser.add_argument('--iterations', action='store_true',
+                        help='only the table of iteration counts across the loss\'s range')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,6 +200,10 @@ def main():
         grid = [tuple(int(x) for x in size.lower().split('x')) for size in args.grid]
     else:
         grid = [(1024, 4096)] if args.quick else [(B, K) for B in (256, 1024, 4096) for K in (1024, 4096)]
+    if args.iterations:
+        kinds = args.kinds + ['collapsed']
+        return iteration_table(kinds, grid if args.grid else [(32, 64), (256, 1024), (1024, 1024),
+                                                              (4096, 1024), (4096, 4096), (4096, 16384)])
     where = (torch.cuda.get_device_name() if args.device.startswith('cuda')
              else f'{torch.get_num_threads()} threads')
     print(f'torch {torch.__version__}, {where}, POT {ot.__version__}, epsilon={args.epsilon}, '

@@ -1,5 +1,11 @@
 import os
 
+# The checkout, not the regular install in .venv, in this process (pyproject.toml's `pythonpath`)
+# and in every process a test starts.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ['PYTHONPATH'] = os.pathsep.join(
+    [_ROOT, os.path.join(_ROOT, 'plugins')] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
+
 # Tests are tiny: more threads only add contention on the 2-core CI machine.
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 

@@ -9,7 +9,8 @@ from torch.nn import functional as F
 from vlp_codebook.models.losses.codebook_ot_loss import CodebookOTLoss
 from vlp_codebook.models.losses.distillation import MultiDirectionalDistillationLoss
 from vlp_codebook.models.teachers import FeatureQueue
-from vlp_codebook.ot import _AndersonMixer, plain_iteration
+from vlp_codebook.anderson import AndersonMixer as _AndersonMixer
+from vlp_codebook.ot import plain_iteration
 
 
 @pytest.fixture(autouse=True)

@@ -47,14 +47,16 @@ def test_sinkhorn_on_cuda_agrees_with_pot_torch_backend(eps):
 
 def test_a_block_of_iterations_has_no_synchronising_call():
     from vlp_codebook.ot import _Solver
-    solver = _Solver(_clustered_cost(256, 1024).float(), 0.05, None, None, 1e-6, 3, None)
-    solver._iterate()  # the first step allocates the Anderson history
+    solver = _Solver(_clustered_cost(256, 1024).float(), 0.05, 3, None)
+    solver._iterate()
+    solver._start_anderson()
+    solver._iterate()  # the first mixed step allocates the Anderson history
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('error')
     try:
         for _ in range(8):
             solver._iterate()
-        state = solver._state()
+        state = solver._state(first=True)
     finally:
         torch.cuda.set_sync_debug_mode('default')
     assert all(v.device.type == 'cuda' for v in state.values())

@@ -18,7 +18,8 @@ sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
 from test_ot_sinkhorn import _clustered_cost as clustered_cost  # noqa: E402
 
 from vlp_codebook.checks import check_finite, deferred_checks
-from vlp_codebook.ot import _AndersonMixer, default_check_every, sinkhorn
+from vlp_codebook.anderson import AndersonMixer as _AndersonMixer
+from vlp_codebook.ot import default_check_every, sinkhorn
 
 READ_METHODS = ('item', 'tolist', '__bool__', 'cpu', 'numpy', '__float__', '__int__', '__index__')
 

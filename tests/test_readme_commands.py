@@ -157,3 +157,11 @@ def test_no_page_cites_a_file_outside_the_repository():
     """``SPEC.md`` (the project brief) is not shipped: pages must not send readers to it."""
     for page in PAGES:
         assert 'SPEC.md' not in page.read_text() or osp.exists(ROOT / 'SPEC.md'), page.name
+
+
+def test_the_tests_import_the_checkout():
+    """scripts/setup_env.sh installs the package the regular way (for `mim run`); the tests must
+    still run against the working tree (pyproject.toml's pytest `pythonpath`)."""
+    from importlib.util import find_spec
+    for package, where in (('vlp_codebook', ROOT), ('vlp_codebook_lavis', ROOT / 'plugins')):
+        assert Path(find_spec(package).origin).resolve().is_relative_to(where.resolve()), package

@@ -32,11 +32,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ['check', 'check_finite', 'check_ids', 'deferred_checks', 'set_eager']
+__all__ = ['check', 'check_finite', 'check_ids', 'deferred_checks', 'nonfinite_error', 'set_eager']
 
 _state = threading.local()
 _eager = os.environ.get('VLP_CODEBOOK_EAGER_CHECKS', '0') not in ('', '0')
@@ -95,11 +95,20 @@ def check(ok: torch.Tensor, error: Callable[[], Exception]) -> None:
 
 def check_finite(name: str, tensor: torch.Tensor, hint: str = '') -> None:
     """Require every entry of ``tensor`` to be finite; the error names ``name``."""
-    def error() -> ValueError:
+    check(torch.isfinite(tensor).all(), lambda: nonfinite_error({name: tensor}, hint=hint))
+
+
+def nonfinite_error(inputs: Mapping[str, torch.Tensor], fallback: Optional[Exception] = None,
+                    hint: str = '') -> Exception:
+    """The error of a failed finiteness check over several tensors (a loss checks one fused
+    flag, ``isfinite(values).all()``): a ``ValueError`` naming the first of ``inputs`` that
+    holds NaN or inf, else ``fallback`` (e.g. the loss's own parameters are at fault)."""
+    for name, tensor in inputs.items():
         bad = int((~torch.isfinite(tensor)).sum())
-        return ValueError(f'{name} contains NaN or inf values ({bad} of {tensor.numel()} entries, '
-                          f'shape {tuple(tensor.shape)}){hint}')
-    check(torch.isfinite(tensor).all(), error)
+        if bad:
+            return ValueError(f'{name} contains NaN or inf values ({bad} of {tensor.numel()} entries, '
+                              f'shape {tuple(tensor.shape)}){hint}')
+    return fallback or ValueError('a value is NaN or inf although every input is finite')
 
 
 def check_ids(name: str, ids, length: int) -> torch.Tensor:

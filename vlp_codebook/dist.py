@@ -50,23 +50,22 @@ def get_rank(group: Optional[object] = None) -> int:
     return torch_dist.get_rank(group) if is_distributed(group) else 0
 
 
-@torch.no_grad()
 def all_reduce_sum(tensor: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
     """Sum of ``tensor`` over ranks (a new tensor; the input is left untouched)."""
-    if not is_distributed(group):
-        return tensor
-    out = tensor.detach().clone()
-    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM, group=group)
-    return out
+    return _all_reduce(tensor, 'SUM', group)
+
+
+def all_reduce_max(tensor: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over ranks (a new tensor)."""
+    return _all_reduce(tensor, 'MAX', group)
 
 
 @torch.no_grad()
-def all_reduce_max(tensor: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
-    """Element-wise maximum of ``tensor`` over ranks (a new tensor)."""
+def _all_reduce(tensor: torch.Tensor, op: str, group: Optional[object]) -> torch.Tensor:
     if not is_distributed(group):
         return tensor
     out = tensor.detach().clone()
-    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX, group=group)
+    torch_dist.all_reduce(out, op=getattr(torch_dist.ReduceOp, op), group=group)
     return out
 
 

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 from vlp_codebook.checks import deferred_checks
 from vlp_codebook.registry import MODELS
+from vlp_codebook_lavis.encoders import build_vision_encoder, build_xbert_encoder, load_bert_tokenizer
 from vlp_codebook_lavis.outputs import with_codis_terms
 
 __all__ = ['CodisLossMixin', 'as_dict']
@@ -67,7 +68,9 @@ def as_dict(block: Any, name: str) -> Dict[str, Any]:
 class CodisLossMixin:
     """Mixin for LAVIS ALBEF/BLIP classes; put it first: ``class X(CodisLossMixin, AlbefRetrieval)``.
 
-    The subclass's ``__init__`` calls :meth:`build_codis_losses` after LAVIS's ``__init__``.
+    Its ``__init__`` takes LAVIS's arguments plus ``tokenizer``, ``codebook_loss`` and
+    ``intra_modal_loss`` and calls :meth:`build_codis_losses` after LAVIS's ``__init__``; its
+    ``from_config`` reads the class's ``lavis_defaults`` from the config.
     Set ``codis_uses_ids = True`` where samples carry ``image_id`` (retrieval): then captions of
     one image are positives of each other in the intra-modal terms, as in LAVIS's ITC.
 
@@ -77,6 +80,40 @@ class CodisLossMixin:
     """
 
     codis_uses_ids = False
+    # LAVIS's constructor arguments that ``from_config`` reads from the model config, with
+    # LAVIS's defaults (set by each model class).
+    lavis_defaults: Dict[str, Any] = {}
+
+    def __init__(self, image_encoder, text_encoder, queue_size, tokenizer=None, codebook_loss=None,
+                 intra_modal_loss=None, **lavis_args):
+        # read by init_tokenizer(), which LAVIS's __init__ calls first
+        object.__setattr__(self, '_codis_tokenizer', tokenizer)
+        super().__init__(image_encoder=image_encoder, text_encoder=text_encoder, queue_size=queue_size,
+                         **lavis_args)
+        self.build_codis_losses(lavis_args.get('embed_dim', 256), codebook_loss, intra_modal_loss,
+                                default_queue_size=queue_size)
+
+    def init_tokenizer(self):
+        """The local tokenizer (``tokenizer``: a directory; default the offline bert-base-uncased vocab)."""
+        return load_bert_tokenizer(self._codis_tokenizer)
+
+    @classmethod
+    def build_text_encoder(cls, cfg):
+        return build_xbert_encoder(cfg)
+
+    def load_config_weights(self, cfg) -> None:
+        """LAVIS's checkpoint switches (:func:`load_weights_from_config`)."""
+        load_weights_from_config(self, cfg)
+
+    @classmethod
+    def from_config(cls, cfg=None):
+        """LAVIS's entry point: the model of a config's ``model:`` block; downloads nothing."""
+        args = {name: cfg.get(name, default) for name, default in cls.lavis_defaults.items()}
+        model = cls(image_encoder=build_vision_encoder(cfg), text_encoder=cls.build_text_encoder(cfg),
+                    tokenizer=cfg.get('tokenizer'), codebook_loss=cfg.get('codebook_loss'),
+                    intra_modal_loss=cfg.get('intra_modal_loss'), **args)
+        model.load_config_weights(cfg)
+        return model
 
     def build_codis_losses(self, embed_dim: int, codebook_loss: Any = None,
                            intra_modal_loss: Any = None, default_queue_size: int = 0) -> None:

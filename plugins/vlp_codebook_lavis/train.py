@@ -11,23 +11,28 @@ Differences from LAVIS's script, each because LAVIS's would fail or surprise her
 
 * ``run.output_dir``, when relative, is taken relative to the current directory (LAVIS's
   runner puts it under LAVIS's package directory, i.e. inside site-packages).
-* Without a distributed launch (no ``RANK``/``WORLD_SIZE``), LAVIS's runner still calls
-  ``torch.distributed.barrier()`` after every epoch, which fails without a process group: the
-  launcher makes that barrier a no-op for the runner module (in this process only).
 * On CPU (``run.device: cpu``), LAVIS's ``RunnerBase.model`` returns None (it sets its model
   only when moving it to another device); the launcher hands the runner its model.
-* On CPU, LAVIS's data loaders are wrapped in its ``PrefetchLoader``, which creates a CUDA
-  stream; for ``run.device: cpu`` the launcher has the runner use :class:`CpuLoader` instead
-  (same interface, no stream) -- in this process only.
 * A ``codebook_loss`` / ``intra_modal_loss`` block under a model whose ``arch`` is not a CODIS
   one is an error (LAVIS would silently ignore it).
+
+Runtime patches of LAVIS (LAVIS's runner has no hook for either), made by
+:func:`adapted_runner_module` for the duration of :func:`main` and restored when it returns
+or raises:
+
+* ``lavis.runners.runner_base.dist`` -> a ``torch.distributed`` whose ``barrier()`` is a no-op
+  without a process group, for a non-distributed run (the runner calls ``dist.barrier()``
+  unguarded after every epoch, which fails without one);
+* ``lavis.runners.runner_base.PrefetchLoader`` -> :class:`CpuLoader` (same interface, no CUDA
+  stream), for ``run.device: cpu`` (LAVIS's wrapper creates a CUDA stream).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +48,7 @@ import lavis.common.optims  # noqa: F401  (registers the lr schedulers)
 import lavis.runners  # noqa: F401  (registers runner_base, runner_iter)
 import lavis.tasks as lavis_tasks
 
-__all__ = ['parse_args', 'build_config', 'main', 'CODIS_BLOCKS']
+__all__ = ['parse_args', 'build_config', 'main', 'adapted_runner_module', 'CODIS_BLOCKS']
 
 CODIS_BLOCKS = ('codebook_loss', 'intra_modal_loss')
 
@@ -108,13 +113,24 @@ class _NoProcessGroupDist:
         return getattr(torch.distributed, name)
 
 
-def adapt_runner_module(cfg: Config) -> None:
-    """The two LAVIS runner fixes of a non-distributed / CPU run (see the module docstring)."""
+@contextlib.contextmanager
+def adapted_runner_module(cfg: Config) -> Iterator[None]:
+    """LAVIS's runner module patched for a non-distributed / CPU run (the module docstring's
+    list), restored on exit."""
     import lavis.runners.runner_base as runner_base
+    patches = {}
     if not cfg.run_cfg.distributed:
-        runner_base.dist = _NoProcessGroupDist()
+        patches['dist'] = _NoProcessGroupDist()
     if torch.device(cfg.run_cfg.get('device', 'cuda')).type == 'cpu':
-        runner_base.PrefetchLoader = CpuLoader
+        patches['PrefetchLoader'] = CpuLoader
+    saved = {name: getattr(runner_base, name) for name in patches}
+    try:
+        for name, value in patches.items():
+            setattr(runner_base, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(runner_base, name, value)
 
 
 def main(argv: Optional[List[str]] = None):
@@ -123,11 +139,14 @@ def main(argv: Optional[List[str]] = None):
     job_id = now()
     cfg = build_config(args)
     init_distributed_mode(cfg.run_cfg)
-    adapt_runner_module(cfg)
+    with adapted_runner_module(cfg):
+        return _run(cfg, job_id)
+
+
+def _run(cfg: Config, job_id: str):
     setup_seeds(cfg)
     setup_logger()
     cfg.pretty_print()
-
     task = lavis_tasks.setup_task(cfg)
     datasets = task.build_datasets(cfg)
     model = task.build_model(cfg)
@@ -142,7 +161,6 @@ def main(argv: Optional[List[str]] = None):
         runner._wrapped_model = runner._model
     runner.train()
     return runner
-
 
 if __name__ == '__main__':
     main()

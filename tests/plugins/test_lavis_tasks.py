@@ -103,6 +103,22 @@ def test_launcher_trains_with_lavis_runner(lavis_plugin, data_env, tmp_path):
     assert 'codebook_loss.codebook.weight' in state
 
 
+def test_launcher_patches_lavis_runner_only_while_it_runs(lavis_plugin, data_env):
+    import argparse
+
+    import lavis.runners.runner_base as runner_base
+    from vlp_codebook_lavis.train import CpuLoader, adapted_runner_module, build_config
+    cfg = build_config(argparse.Namespace(cfg_path=TINY_RUN_CONFIG, options=['run.device=cpu']))
+    cfg.run_cfg.distributed = False
+    before = runner_base.dist, runner_base.PrefetchLoader
+    with pytest.raises(RuntimeError, match='inside'):
+        with adapted_runner_module(cfg):
+            assert runner_base.PrefetchLoader is CpuLoader and runner_base.dist is not before[0]
+            runner_base.dist.barrier()          # no process group: a no-op, not an error
+            raise RuntimeError('inside')
+    assert (runner_base.dist, runner_base.PrefetchLoader) == before
+
+
 def test_launcher_rejects_codebook_block_on_plain_arch(lavis_plugin, data_env):
     import argparse
 

@@ -67,6 +67,21 @@ __all__ = ['CODIS']
 ConfigType = Union[None, Mapping, nn.Module]
 
 
+def _check_options(codebook_plan_features, queue_size, alpha, alpha_warmup_iters, itm_negatives) -> None:
+    if codebook_plan_features not in ('teacher', 'student'):
+        raise ValueError("codebook_plan_features must be 'teacher' or 'student', got "
+                         f'{codebook_plan_features!r}')
+    if queue_size < 0:
+        raise ValueError(f'queue_size must be >= 0, got {queue_size}')
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f'alpha must be in [0, 1], got {alpha}')
+    if alpha_warmup_iters < 0:
+        raise ValueError(f'alpha_warmup_iters must be >= 0, got {alpha_warmup_iters}')
+    if itm_negatives not in ('in_rank', 'all_ranks'):
+        raise ValueError(f"itm_negatives must be 'in_rank' (ALBEF) or 'all_ranks' (BLIP), got "
+                         f'{itm_negatives!r}')
+
+
 def _enabled(cfg: ConfigType) -> bool:
     """An objective is built unless its config is None or its loss_weight is 0."""
     if cfg is None:
@@ -139,43 +154,47 @@ class CODIS(HostCounters, BaseModel):
         if isinstance(data_preprocessor, Mapping):
             data_preprocessor = MODELS.build(dict(data_preprocessor))
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        if codebook_plan_features not in ('teacher', 'student'):
-            raise ValueError("codebook_plan_features must be 'teacher' or 'student', got "
-                             f'{codebook_plan_features!r}')
-        if queue_size < 0:
-            raise ValueError(f'queue_size must be >= 0, got {queue_size}')
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f'alpha must be in [0, 1], got {alpha}')
-        if alpha_warmup_iters < 0:
-            raise ValueError(f'alpha_warmup_iters must be >= 0, got {alpha_warmup_iters}')
-        if itm_negatives not in ('in_rank', 'all_ranks'):
-            raise ValueError(f"itm_negatives must be 'in_rank' (ALBEF) or 'all_ranks' (BLIP), got "
-                             f'{itm_negatives!r}')
+        _check_options(codebook_plan_features, queue_size, alpha, alpha_warmup_iters, itm_negatives)
         self.embed_dim = embed_dim
         self.log_joint_batch_means = log_joint_batch_means
         self._local_batch_size = 0  # of the last loss-mode forward, for parse_losses
+        self._build_towers(image_encoder, text_encoder, teacher, queue_size)
+        self.distillation_loss = build_module(distillation_loss, 'distillation_loss') if _enabled(distillation_loss) else None
+        self.codebook_loss = (build_module(codebook_loss, 'codebook_loss', embed_dim=embed_dim)
+                              if _enabled(codebook_loss) else None)
+        self.codebook_plan_features = codebook_plan_features
+        self._build_fusion(fusion_encoder, itm_loss, itm_head, mlm_loss, mlm_head)
+        self.mask_prob = mask_prob
+        self.alpha = float(alpha)
+        self.alpha_warmup_iters = int(alpha_warmup_iters)
+        self.itm_temperature = float(itm_temperature)
+        self.itm_negatives = itm_negatives
+        # Training steps taken, for the α ramp; a buffer so that resuming continues the ramp.
+        self.register_counter('num_steps')
+        # Ids handed to pairs that come without one: negative (dataset ids are >= 0) and never
+        # reused, so queued entries of earlier steps are not mistaken for positives.
+        self.register_counter('num_anonymous_ids')
+
+    def _build_towers(self, image_encoder, text_encoder, teacher, queue_size: int) -> None:
+        """Student towers, their momentum teachers and the teachers' feature queues."""
         if isinstance(text_encoder, Mapping) and text_encoder.get('vocab_size', 0) is None:
             # The text encoder's vocabulary is the tokenizer's.
             vocab_size = getattr(self.data_preprocessor, 'vocab_size', None)
             if vocab_size is None:
                 raise ValueError('text_encoder.vocab_size=None needs a data_preprocessor with a tokenizer')
             text_encoder = dict(text_encoder, vocab_size=vocab_size)
-        self.image_tower = ImageTower(image_encoder, embed_dim)
-        self.text_tower = TextTower(text_encoder, embed_dim)
+        self.image_tower = ImageTower(image_encoder, self.embed_dim)
+        self.text_tower = TextTower(text_encoder, self.embed_dim)
         self.image_teacher = build_module(teacher, 'teacher', student=self.image_tower)
         self.text_teacher = build_module(teacher, 'teacher', student=self.text_tower)
         self.queue_size = queue_size
+        self.image_queue = self.text_queue = None
         if queue_size > 0:
-            self.image_queue = MODELS.build(dict(type='FeatureQueue', size=queue_size, dim=embed_dim, with_ids=True))
-            self.text_queue = MODELS.build(dict(type='FeatureQueue', size=queue_size, dim=embed_dim, with_ids=True))
-        else:
-            self.image_queue = self.text_queue = None
+            queue = dict(type='FeatureQueue', size=queue_size, dim=self.embed_dim, with_ids=True)
+            self.image_queue, self.text_queue = MODELS.build(queue), MODELS.build(queue)
 
-        self.distillation_loss = build_module(distillation_loss, 'distillation_loss') if _enabled(distillation_loss) else None
-        self.codebook_loss = (build_module(codebook_loss, 'codebook_loss', embed_dim=embed_dim)
-                              if _enabled(codebook_loss) else None)
-        self.codebook_plan_features = codebook_plan_features
-
+    def _build_fusion(self, fusion_encoder, itm_loss, itm_head, mlm_loss, mlm_head) -> None:
+        """The fusion encoder and the ITM / MLM heads and losses (none without ITM and MLM)."""
         needs_fusion = _enabled(itm_loss) or _enabled(mlm_loss)
         if needs_fusion and fusion_encoder is None:
             raise ValueError('itm_loss / mlm_loss need a fusion_encoder config; set them to None '
@@ -189,16 +208,6 @@ class CODIS(HostCounters, BaseModel):
                                       vocab_size=self.text_tower.encoder.vocab_size,
                                       tie_to=self.text_tower.encoder.word_embeddings)
                          if self.mlm_loss is not None else None)
-        self.mask_prob = mask_prob
-        self.alpha = float(alpha)
-        self.alpha_warmup_iters = int(alpha_warmup_iters)
-        self.itm_temperature = float(itm_temperature)
-        self.itm_negatives = itm_negatives
-        # Training steps taken, for the α ramp; a buffer so that resuming continues the ramp.
-        self.register_counter('num_steps')
-        # Ids handed to pairs that come without one: negative (dataset ids are >= 0) and never
-        # reused, so queued entries of earlier steps are not mistaken for positives.
-        self.register_counter('num_anonymous_ids')
 
     def init_weights(self):
         super().init_weights()

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from lavis.models.albef_models.albef_retrieval import AlbefRetrieval
 
-from vlp_codebook_lavis.codis_mixin import CodisLossMixin, load_weights_from_config
-from vlp_codebook_lavis.encoders import build_vision_encoder, build_xbert_encoder, load_bert_tokenizer
-from vlp_codebook_lavis.paths import plugin_path
+from vlp_codebook_lavis.codis_mixin import CodisLossMixin
+from vlp_codebook_lavis.paths import model_configs
 
 __all__ = ['CodisRetrieval']
 
@@ -40,41 +39,8 @@ class CodisRetrieval(CodisLossMixin, AlbefRetrieval):
     :class:`~vlp_codebook_lavis.outputs.CodisAlbefOutput`.
     """
 
-    PRETRAINED_MODEL_CONFIG_DICT = {
-        'coco': plugin_path('configs', 'models', 'codis_retrieval_coco.yaml'),
-        'flickr': plugin_path('configs', 'models', 'codis_retrieval_flickr.yaml'),
-        'tiny': plugin_path('configs', 'models', 'codis_retrieval_tiny.yaml'),
-    }
+    PRETRAINED_MODEL_CONFIG_DICT = model_configs('codis_retrieval', 'coco', 'flickr', 'tiny')
     codis_uses_ids = True
 
-    def __init__(self, image_encoder, text_encoder, queue_size, embed_dim=256, temp=0.07,
-                 use_distill=True, momentum=0.995, alpha=0.4, max_txt_len=30, tokenizer=None,
-                 codebook_loss=None, intra_modal_loss=None):
-        # read by init_tokenizer(), which LAVIS's __init__ calls first
-        object.__setattr__(self, '_codis_tokenizer', tokenizer)
-        super().__init__(image_encoder=image_encoder, text_encoder=text_encoder, queue_size=queue_size,
-                         embed_dim=embed_dim, temp=temp, use_distill=use_distill, momentum=momentum,
-                         alpha=alpha, max_txt_len=max_txt_len)
-        self.build_codis_losses(embed_dim, codebook_loss, intra_modal_loss, default_queue_size=queue_size)
-
-    def init_tokenizer(self):
-        return load_bert_tokenizer(self._codis_tokenizer)
-
-    @classmethod
-    def from_config(cls, cfg=None):
-        model = cls(
-            image_encoder=build_vision_encoder(cfg),
-            text_encoder=build_xbert_encoder(cfg),
-            queue_size=cfg.get('queue_size', 0),
-            embed_dim=cfg.get('embed_dim', 256),
-            temp=cfg.get('temp', 0.07),
-            use_distill=cfg.get('use_distill', True),
-            momentum=cfg.get('momentum', 0.995),
-            alpha=cfg.get('alpha', 0.4),
-            max_txt_len=cfg.get('max_txt_len', 30),
-            tokenizer=cfg.get('tokenizer'),
-            codebook_loss=cfg.get('codebook_loss'),
-            intra_modal_loss=cfg.get('intra_modal_loss'),
-        )
-        load_weights_from_config(model, cfg)
-        return model
+    lavis_defaults = dict(queue_size=0, embed_dim=256, temp=0.07, use_distill=True, momentum=0.995, alpha=0.4,
+                          max_txt_len=30)

@@ -128,6 +128,40 @@ def _pad_length(x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([x, pad], dim=1)
 
 
+def _check_shapes(text_hidden, text_mask, image_tokens, sim_i2t, sim_t2i, ids) -> None:
+    batch = text_hidden.shape[0]
+    if text_mask.shape != text_hidden.shape[:2]:
+        raise ValueError(f'text_mask must be {tuple(text_hidden.shape[:2])}, got {tuple(text_mask.shape)}')
+    if image_tokens.shape[0] != batch:
+        raise ValueError(f'image_tokens has {image_tokens.shape[0]} rows, text_hidden {batch}')
+    if sim_i2t.shape != sim_t2i.shape or sim_i2t.dim() != 2 or sim_i2t.shape[0] != batch:
+        raise ValueError(f'sim_i2t and sim_t2i must both be (B={batch}, K), got {tuple(sim_i2t.shape)} '
+                         f'and {tuple(sim_t2i.shape)}')
+    if ids is not None and ids.shape != (batch,):
+        raise ValueError(f'ids must be ({batch},), got {tuple(ids.shape)}')
+
+
+def _negative_pool(text_hidden, text_mask, image_tokens, image_mask, ids, num_keys: int):
+    """What the negatives are drawn from: this rank's pairs (ALBEF pretraining) when the
+    similarities have ``B`` columns, the joint batch over ranks (gathered; texts padded to one
+    length) when they have ``B_joint``. Returns ``(text_hidden, text_mask, start, keys)``:
+    the (padded) local texts, the offset of this rank's pairs among the keys, and the keys'
+    ``(texts, text masks, image tokens, image masks, ids)``."""
+    batch = text_hidden.shape[0]
+    joint = sum(dist.batch_sizes(batch, text_hidden.device)) if dist.is_distributed() else batch
+    if num_keys not in (batch, joint):
+        raise ValueError(f'sim_i2t has {num_keys} columns: expected the local batch ({batch}) or '
+                         f'the joint batch over ranks ({joint})')
+    if num_keys == batch:
+        return text_hidden, text_mask, 0, (text_hidden, text_mask, image_tokens, image_mask, ids)
+    length = int(dist.all_reduce_max(torch.tensor(text_hidden.shape[1], device=text_hidden.device)))
+    text_hidden, text_mask = _pad_length(text_hidden, length), _pad_length(text_mask, length)
+    start = dist.local_slice(batch, device=text_hidden.device).start
+    keys = (dist.gather_with_grad(text_hidden), dist.gather_no_grad(text_mask), dist.gather_with_grad(image_tokens),
+            dist.gather_no_grad(image_mask), dist.gather_no_grad(ids) if ids is not None else None)
+    return text_hidden, text_mask, start, keys
+
+
 @MODELS.register_module()
 class ImageTextMatchingLoss(nn.Module):
     """ALBEF's ITM loss with hard negatives (see module docstring).
@@ -163,38 +197,12 @@ class ImageTextMatchingLoss(nn.Module):
             ``{'loss_itm': scalar fp32}``.
         """
         batch = text_hidden.shape[0]
-        if text_mask.shape != text_hidden.shape[:2]:
-            raise ValueError(f'text_mask must be {tuple(text_hidden.shape[:2])}, got {tuple(text_mask.shape)}')
-        if image_tokens.shape[0] != batch:
-            raise ValueError(f'image_tokens has {image_tokens.shape[0]} rows, text_hidden {batch}')
-        if sim_i2t.shape != sim_t2i.shape or sim_i2t.dim() != 2 or sim_i2t.shape[0] != batch:
-            raise ValueError(f'sim_i2t and sim_t2i must both be (B={batch}, K), got {tuple(sim_i2t.shape)} '
-                             f'and {tuple(sim_t2i.shape)}')
-        if ids is not None and ids.shape != (batch,):
-            raise ValueError(f'ids must be ({batch},), got {tuple(ids.shape)}')
+        _check_shapes(text_hidden, text_mask, image_tokens, sim_i2t, sim_t2i, ids)
         if image_mask is None:
             image_mask = torch.ones(image_tokens.shape[:2], dtype=text_mask.dtype, device=image_tokens.device)
-        num_keys = sim_i2t.shape[1]
-
-        joint = sum(dist.batch_sizes(batch, sim_i2t.device)) if dist.is_distributed() else batch
-        if num_keys not in (batch, joint):
-            raise ValueError(f'sim_i2t has {num_keys} columns: expected the local batch ({batch}) or '
-                             f'the joint batch over ranks ({joint})')
-        if num_keys == batch:  # keys are this rank's pairs (ALBEF pretraining)
-            start = 0
-            keys_text, keys_mask, keys_image, keys_image_mask, key_ids = (
-                text_hidden, text_mask, image_tokens, image_mask, ids)
-        else:  # keys are the joint batch: gather what the negatives are taken from
-            length = int(dist.all_reduce_max(torch.tensor(text_hidden.shape[1], device=text_hidden.device)))
-            text_hidden = _pad_length(text_hidden, length)
-            text_mask = _pad_length(text_mask, length)
-            start = dist.local_slice(batch, device=sim_i2t.device).start
-            keys_text = dist.gather_with_grad(text_hidden)
-            keys_mask = dist.gather_no_grad(text_mask)
-            keys_image = dist.gather_with_grad(image_tokens)
-            keys_image_mask = dist.gather_no_grad(image_mask)
-            key_ids = dist.gather_no_grad(ids) if ids is not None else None
-
+        text_hidden, text_mask, start, keys = _negative_pool(text_hidden, text_mask, image_tokens, image_mask,
+                                                             ids, sim_i2t.shape[1])
+        keys_text, keys_mask, keys_image, keys_image_mask, key_ids = keys
         positive = torch.arange(start, start + batch, device=sim_i2t.device)
         use_ids = self.exclude_same_id and ids is not None
         neg_text, ok_text = sample_hard_negatives(sim_i2t, positive, ids if use_ids else None,
