@@ -60,7 +60,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp_codebook import dist
-from vlp_codebook.checks import check
+from vlp_codebook.checks import check, nonfinite_error
 from vlp_codebook.models.codebook import Codebook, check_features
 from vlp_codebook.models.host_counters import HostCounters
 from vlp_codebook.models.losses.functional import l2_normalize
@@ -347,14 +347,12 @@ class CodebookOTLoss(HostCounters, nn.Module):
         return scale if isinstance(weight, float) else scale * weight
 
     def _nonfinite_error(self, inputs: Mapping[str, torch.Tensor]) -> Exception:
-        for name, tensor in inputs.items():
-            if not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
-                return ValueError(f'{name} contains NaN or inf values ({bad} of {tensor.numel()} entries, '
-                                  f'shape {tuple(tensor.shape)})')
+        """The input that holds NaN or inf, else the codebook, else the loss itself."""
         if not bool(torch.isfinite(self.codebook.weight).all()):
-            return ValueError('the codebook weight contains NaN or inf values')
-        return ValueError('CodebookOTLoss: a loss term is NaN or inf although every input is finite')
+            fallback = ValueError('the codebook weight contains NaN or inf values')
+        else:
+            fallback = ValueError('CodebookOTLoss: a loss term is NaN or inf although every input is finite')
+        return nonfinite_error(inputs, fallback)
 
     @torch.no_grad()
     def _usage_stats(self, sim, logp, q) -> None:
