@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--model-config-dir', action='append', default=[], metavar='DIR',
                        help='also register the open_clip model configs (*.json) in DIR (repeatable); '
                             "the plugin's own configs (codis-tiny-vit) are always registered")
-    parser.add_argument('--verbose', action='store_true', help='print the traceback of an error')
+    parser.add_argument('--verbose', action='store_true',
+                        help="print the traceback of an error, and all of open_clip's log on the console")
     return parser
 
 

@@ -21,6 +21,9 @@ Nothing of open_clip_train is copied or forked. For the duration of the call, th
 * ``pt_load``: checkpoints are read with ``torch.load(weights_only=True)`` (tensors and plain
   containers only; a file that would run code is refused);
 * ``parse_args``: refuses, naming the flag, settings the plugin does not support;
+* ``setup_logging``: the console shows progress and numbers (``Train Epoch``, ``codebook step``
+  ..., warnings); the model printout and the arguments go to the log file only (``--verbose``:
+  everything on the console too); torch's loggers stay at WARNING;
 * ``optim`` (the ``torch.optim`` module it builds AdamW from): the codewords get a parameter
   group of their own, with weight decay ``--codebook-wd`` (default 0: open_clip decays every
   matrix, and decay only shrinks codewords that are normalised when used);
@@ -73,7 +76,14 @@ def load_checkpoint_data(file_path: str, map_location=None):
         return torch.load(handle, map_location=map_location, weights_only=True)
 
 
-_REPLACED = ('create_model_and_transforms', 'create_loss', 'train_one_epoch', 'pt_load', 'parse_args', 'optim')
+_REPLACED = ('create_model_and_transforms', 'create_loss', 'train_one_epoch', 'pt_load', 'parse_args', 'optim',
+             'setup_logging')
+# What the console shows without --verbose: progress and numbers (the rest is in the log file).
+CONSOLE_PREFIXES = ('Start epoch', 'Train Epoch', 'Eval Epoch', 'codebook step', 'vlp_codebook_openclip')
+
+
+def _console_record(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or str(record.msg).startswith(CONSOLE_PREFIXES)
 
 
 @contextlib.contextmanager
@@ -109,11 +119,22 @@ def _replacements(options, originals) -> dict:
         check_compatible(options, parsed)
         return parsed
 
+    def setup_logging(log_file, level, include_host=False):
+        originals['setup_logging'](log_file, level, include_host)
+        # open_clip's setup_logging sets every logger to its level: torch would then print its
+        # compile statistics at exit
+        for name in list(logging.root.manager.loggerDict):
+            if name == 'torch' or name.startswith('torch.'):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        if not options.verbose:      # the model printout and the arguments go to the log file only
+            for handler in logging.root.handlers:
+                if type(handler) is logging.StreamHandler:
+                    handler.addFilter(_console_record)
+        if log_file and not options.verbose:
+            print(f'vlp_codebook_openclip: progress here, everything in {log_file} (--verbose: all here)', flush=True)
+
     def create_model_and_transforms(*args, **kwargs):
         model, preprocess_train, preprocess_val = originals['create_model_and_transforms'](*args, **kwargs)
-        # open_clip_train's setup_logging set every logger to INFO: torch would then print its
-        # compile statistics at exit
-        logging.getLogger('torch').setLevel(logging.WARNING)
         if options.no_codebook or wrapped_models:      # the baseline, or a --distill-model
             return model, preprocess_train, preprocess_val
         model = CodebookCLIP(model, **codebook_model_kwargs(options))
@@ -145,7 +166,7 @@ def _replacements(options, originals) -> dict:
     codewords = lambda: [m.codebook.weight for m in wrapped_models if m.codebook is not None]  # noqa: E731
     return dict(create_model_and_transforms=create_model_and_transforms, create_loss=create_loss,
                 train_one_epoch=train_one_epoch, pt_load=load_checkpoint_data, parse_args=parse_args,
-                optim=CodewordDecayOptim(codewords, options.codebook_wd))
+                optim=CodewordDecayOptim(codewords, options.codebook_wd), setup_logging=setup_logging)
 
 
 class CodewordDecayOptim:

@@ -30,7 +30,8 @@ def trained(openclip_plugin, emoji_csv, tmp_path_factory):
     proc = run_entry_point(*_train_args(emoji_csv, logs, 'full'))
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = logs / 'full'
-    return dict(logs=logs, run=run, csv=emoji_csv, log=(run / 'out.log').read_text(), stderr=proc.stderr)
+    return dict(logs=logs, run=run, csv=emoji_csv, log=(run / 'out.log').read_text(), stderr=proc.stderr,
+                stdout=proc.stdout)
 
 
 def _epoch_means(log: str, term: str):
@@ -61,6 +62,14 @@ def test_codebook_terms_are_logged_by_open_clip_and_tensorboard(trained):
             'train/codebook_usage_perplexity', 'train/code_plan_perplexity'} <= tags
     perplexity = [e.value for e in events.Scalars('train/codebook_usage_perplexity')]
     assert len(perplexity) >= EPOCHS and all(1.0 <= p <= 64.0 for p in perplexity)
+
+
+def test_console_shows_progress_and_the_log_file_everything(trained):
+    console = trained['stderr']
+    assert 'Train Epoch: 0' in console and 'codebook step' in console
+    assert 'Params:' not in console and 'VisionTransformer(' not in console     # model printout: log only
+    assert 'Params:' in trained['log'] and 'VisionTransformer(' in trained['log']
+    assert 'TorchDynamo' not in console and 'out.log' in trained['stdout']
 
 
 def test_the_losses_fall(trained):
