@@ -225,11 +225,11 @@ def load_model_weights(model: nn.Module, filename: str, trust: Optional[bool] = 
     """Load a local checkpoint into ``model`` safely, refusing one that leaves parameters unloaded
     or holds NaN/inf (:func:`check_finite`; ``allow_nonfinite`` only warns).
 
-    ``trust``: see :func:`vlp_codebook.engine.checkpoint.load_checkpoint_file`. Returns the coverage.
+    ``trust``: see :func:`vlp_codebook.checkpoint_io.read_checkpoint`. Returns the coverage.
     """
-    from vlp_codebook.engine.checkpoint import load_checkpoint_file
+    from vlp_codebook.checkpoint_io import read_checkpoint
 
-    checkpoint = load_checkpoint_file(filename, map_location='cpu', trust=trust)
+    checkpoint = read_checkpoint(filename, map_location='cpu', trust=trust)
     state = checkpoint_state_dict(checkpoint)
     check_finite(state, str(filename), allow=allow_nonfinite)
     coverage = state_dict_coverage(model, state)
