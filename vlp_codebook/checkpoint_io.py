@@ -205,7 +205,7 @@ def read_checkpoint(source: Union[str, os.PathLike, io.IOBase], map_location: An
         size = os.path.getsize(source)
     label = label or (source if isinstance(source, str) else getattr(source, 'name', '(a file object)'))
     if trust_requested(trust):
-        return torch.load(source, map_location=map_location, weights_only=False)
+        return torch.serialization.load(source, map_location=map_location, weights_only=False)
     with (open(source, 'rb') if isinstance(source, str) else contextlib.nullcontext(source)) as handle:
         start = handle.tell()
         dropped = _scan_pickle(_read_archive(handle, what, label, size), what, label)
@@ -213,7 +213,7 @@ def read_checkpoint(source: Union[str, os.PathLike, io.IOBase], map_location: An
         placeholders = [(type(f'Dropped_{n}', (_Dropped,), {'name': n}), n) for n in dropped]
         try:
             with torch.serialization.safe_globals(placeholders):
-                loaded = torch.load(handle, map_location=map_location, weights_only=True)
+                loaded = torch.serialization.load(handle, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as error:   # an opcode or construct the safe unpickler refuses
             raise _untrusted(what, label, str(error).split('WeightsUnpickler error:')[-1].strip()[:200]) from None
         except (RuntimeError, EOFError, OSError, UnicodeDecodeError, KeyError, TypeError) as error:
