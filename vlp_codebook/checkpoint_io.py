@@ -204,20 +204,27 @@ def read_checkpoint(source: Union[str, os.PathLike, io.IOBase], map_location: An
             raise FileNotFoundError(f'{what} {label or source!r} {where} (resolved path: {source})')
         size = os.path.getsize(source)
     label = label or (source if isinstance(source, str) else getattr(source, 'name', '(a file object)'))
-    if trust_requested(trust):
-        return torch.serialization.load(source, map_location=map_location, weights_only=False)
+    trusted = trust_requested(trust)
     with (open(source, 'rb') if isinstance(source, str) else contextlib.nullcontext(source)) as handle:
-        start = handle.tell()
-        dropped = _scan_pickle(_read_archive(handle, what, label, size), what, label)
-        handle.seek(start)
-        placeholders = [(type(f'Dropped_{n}', (_Dropped,), {'name': n}), n) for n in dropped]
+        placeholders = []
+        if not trusted:
+            start = handle.tell()
+            dropped = _scan_pickle(_read_archive(handle, what, label, size), what, label)
+            handle.seek(start)
+            placeholders = [(type(f'Dropped_{n}', (_Dropped,), {'name': n}), n) for n in dropped]
         try:
             with torch.serialization.safe_globals(placeholders):
-                loaded = torch.serialization.load(handle, map_location=map_location, weights_only=True)
+                loaded = torch.serialization.load(handle, map_location=map_location, weights_only=not trusted)
         except pickle.UnpicklingError as error:   # an opcode or construct the safe unpickler refuses
+            if trusted:
+                raise _corrupt(what, label, error, size) from error
             raise _untrusted(what, label, str(error).split('WeightsUnpickler error:')[-1].strip()[:200]) from None
         except (RuntimeError, EOFError, OSError, UnicodeDecodeError, KeyError, TypeError) as error:
+            if isinstance(error, (PermissionError, FileNotFoundError)):
+                raise
             raise _corrupt(what, label, error, size) from error
+    if trusted:
+        return loaded
     ignored: List[str] = []
     loaded = _walk(loaded, what, label, ignored)
     if isinstance(loaded, dict) and ('meta' in loaded or 'message_hub' in loaded):
