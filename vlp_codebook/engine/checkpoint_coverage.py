@@ -216,7 +216,7 @@ def check_finite(state: Mapping[str, Any], source: str, allow: bool = False, fla
     if allow:
         print_log(f'{message}. Continuing because of {flag}.', logger='current', level=30)
         return
-    raise ValueError(f'{message}. To go on anyway, pass {flag}.')
+    raise ValueError(f'{message}. {"To go on anyway, pass" if flag.startswith("--allow") else "Use"} {flag}.')
 
 
 def load_model_weights(model: nn.Module, filename: str, trust: Optional[bool] = None,
@@ -272,6 +272,9 @@ class CheckpointCoverageHook(Hook):
         runner.message_hub.update_info('loaded_checkpoint', str(source), resumed=False)  # named by score errors
         if self.mode == 'evaluate':
             check_finite(state, str(source), allow=self.allow_nonfinite)
+        else:   # training from NaN weights fails at the first forward, without naming the checkpoint
+            check_finite(state, str(source), allow=self.allow_nonfinite,
+                         flag='--resume / load_from an earlier checkpoint (training from these weights gives NaN)')
         expected = self.expected_missing
         if expected is None:
             expected = getattr(model, 'load_from_expected_missing', None)
