@@ -39,6 +39,7 @@ import os
 import pickle
 import pickletools
 import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -54,7 +55,7 @@ MAX_HISTORY = 1_000_000
 #: deepest nesting of containers a checkpoint may have
 MAX_DEPTH = 64
 _MAX_INT = 2 ** 61          # Python hashes an int modulo 2**61 - 1: larger ones collide at will
-_FOREIGN = ('numpy.', 'numpy ', 'mmengine.', 'builtins.getattr', '__builtin__.getattr')
+_FOREIGN = ('numpy.', 'mmengine.', 'builtins.getattr')
 _META_KEYS = ('epoch', 'iter', 'cfg', 'seed', 'experiment_name', 'time', 'mmengine_version', 'dataset_meta')
 _INFO_KEYS = ('epoch', 'iter', 'max_epochs', 'max_iters', 'loop_stage', 'seed', 'experiment_name',
               'mmengine_version', 'cfg', 'eta', 'best_score')
@@ -145,8 +146,10 @@ def _scan_pickle(data: bytes, what: str, label: str) -> List[str]:
     names: List[str] = []
     try:
         for opcode, arg, _ in pickletools.genops(data):
-            if opcode.name == 'GLOBAL':
-                names.append(arg.replace(' ', '.'))
+            if opcode.name == 'GLOBAL':   # named as torch's unpickler names it (Python 2 names mapped)
+                module, name = arg.split(' ', 1)
+                module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
+                names.append(f'{module}.{name}')
             elif isinstance(arg, int) and not isinstance(arg, bool) and abs(arg) >= _MAX_INT \
                     and opcode.name in ('INT', 'LONG', 'LONG1', 'LONG4'):
                 raise _untrusted(what, label, f'an integer of {arg.bit_length()} bits (integers that large '
@@ -231,7 +234,7 @@ def read_checkpoint(source: Union[str, os.PathLike, io.IOBase], map_location: An
         conform_mmengine(loaded, ignored, what, label)
     if ignored:
         print(f'{what} {label}: ignored {len(ignored)} entr{"y" if len(ignored) == 1 else "ies"} a checkpoint of '
-              f'this project does not read: {"; ".join(ignored[:6])}{" ..." if len(ignored) > 6 else ""}', flush=True)
+              f'this project does not read: {"; ".join(ignored[:10])}{" ..." if len(ignored) > 10 else ""}', flush=True)
     return loaded
 
 
