@@ -14,8 +14,9 @@ project *is*, and refuses the rest before it is built:
   ``HistoryBuffer`` s and numpy values) become inert placeholders that numpy and mmengine never
   see, and the entries holding them are dropped with one line saying what was ignored;
 * **the objects**, walked once: plain containers (dict, list, tuple), str, numbers, None and
-  tensors only; no container reachable twice (a shared list nested a few dozen times is a few
-  bytes in the file and astronomically large once copied); depth at most :data:`MAX_DEPTH`;
+  tensors only; no container reachable twice, except a list or tuple of at most 16 plain values
+  (a shared list nested a few dozen times is a few bytes in the file and astronomically large once
+  copied); depth at most :data:`MAX_DEPTH`;
 * **every tensor is dense**: a plain strided CPU/GPU tensor whose storage holds at least its own
   elements (a zero stride would make ``torch.zeros(1).expand(10**10)`` 11 KB on disk);
 * **mmengine's parts** (:func:`conform_mmengine`): ``meta`` keeps only plain known keys (its
@@ -126,15 +127,6 @@ class _Dropped:
         pass
 
     def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-    def append(self, value: Any) -> None:
-        pass
-
-    def extend(self, values: Any) -> None:
         pass
 
 
@@ -278,6 +270,8 @@ def _walk(root: Any, what: str, label: str, ignored: List[str]) -> Any:
         if type(obj) not in (dict, OrderedDict, list, tuple):
             raise _untrusted(what, label, f'a {type(obj).__name__} at {_path(node)}')
         if id(obj) in seen:
+            if type(obj) in (list, tuple) and len(obj) <= 16 and all(type(v) in _ATOMS for v in obj):
+                continue   # a few numbers shared (an optimizer's betas in every group): copies stay small
             raise _untrusted(what, label, f'a {type(obj).__name__} at {_path(node)} that is also reachable by another '
                              'path (shared references are refused: copying them can take unbounded memory)')
         if depth >= MAX_DEPTH:
