@@ -298,7 +298,7 @@ def _plain_number_list(values: Any, limit: int = MAX_HISTORY) -> bool:
 
 def conform_mmengine(checkpoint: dict, ignored: List[str], what: str = 'checkpoint', label: str = '') -> dict:
     """Keep of an mmengine checkpoint's ``meta`` and ``message_hub`` only what the schema allows."""
-    meta = checkpoint.get('meta')
+    meta = checkpoint.setdefault('meta', {})
     if not isinstance(meta, dict):
         raise _untrusted(what, label, f'meta of type {type(meta).__name__}; expected a dict')
     for key in [k for k in meta if k not in _META_KEYS]:
@@ -320,7 +320,7 @@ def conform_mmengine(checkpoint: dict, ignored: List[str], what: str = 'checkpoi
             ignored.append(f'message_hub log_scalars[{key!r}] (not plain lists of at most {MAX_HISTORY} numbers)')
             del scalars[key]
     for key in list(info):
-        known = key in _INFO_KEYS or str(key).startswith('best_score_')
+        known = key in _INFO_KEYS or str(key).startswith(('best_score_', 'val/', 'test/'))   # metrics
         if not known or type(info[key]) not in (str, int, float, bool):
             if not str(key).startswith(_QUIET):
                 ignored.append(f'message_hub runtime_info[{key!r}]')
