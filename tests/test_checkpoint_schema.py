@@ -348,3 +348,16 @@ def test_openclip_csv_problems_are_named_before_training(text, words, tmp_path):
               '--logs', str(tmp_path / 'logs'), '--workers', '0'])
     assert words in str(error.value) and f'--train-data {data}' in str(error.value)
     assert not (tmp_path / 'logs').exists()
+
+
+def test_an_archive_with_a_second_pickle_is_refused(tmp_path):
+    good, two = tmp_path / 'good.pth', tmp_path / 'two.pth'
+    torch.save({'state_dict': {'w': torch.zeros(2)}}, good)
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(two, 'w') as target:
+        first, *rest = source.infolist()
+        target.writestr(first, source.read(first))
+        target.writestr('other/data.pkl', source.read('good/data.pkl'))   # which one would torch read?
+        for info in rest:
+            target.writestr(info, source.read(info))
+    with pytest.raises(UntrustedCheckpointError, match='2 data.pkl members'):
+        read_checkpoint(two)

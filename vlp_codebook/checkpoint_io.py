@@ -164,9 +164,12 @@ def _read_archive(handle: Any, what: str, label: str, size: Optional[int]) -> by
             if packed:
                 raise _untrusted(what, label, f'compressed archive member {packed[0]!r} ({len(packed)} in all; '
                                  'torch.save stores members uncompressed, a compressed one can expand without bound)')
-            pickles = [m for m in members if m.filename.endswith('/data.pkl') or m.filename == 'data.pkl']
-            if not pickles:
-                raise _corrupt(what, label, 'a zip archive without data.pkl', size)
+            names = [m.filename for m in members]
+            pickles = [n for n in names if n.rsplit('/', 1)[-1] == 'data.pkl']
+            if len(set(names)) != len(names) or len(pickles) > 1:   # so that torch reads the pickle scanned here
+                raise _untrusted(what, label, f'an archive with {len(pickles)} data.pkl members or repeated names')
+            if not pickles or pickles[0] != f'{names[0].split("/", 1)[0]}/data.pkl':
+                raise _corrupt(what, label, 'a zip archive without data.pkl beside its first member', size)
             return archive.read(pickles[0])
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
         if isinstance(error, (PermissionError, FileNotFoundError)):
