@@ -1,35 +1,26 @@
 """Checkpoints are read against a schema: nothing in a file is run, imported, deleted or blown up.
 
-A ``.pth`` file is a zip archive holding a pickle (``data.pkl``) and raw tensor bytes. Unpickling
-can run any code its author put in it, and even a pickle of plain data can be built to take far
-more memory or time than its size. :func:`read_checkpoint` reads only what a checkpoint of this
-project *is*, and refuses the rest before it is built:
+A ``.pth`` file is a zip archive holding a pickle and raw tensor bytes. Unpickling can run any
+code its author put in it, and even plain data can be built to take far more memory or time than
+its size. :func:`read_checkpoint` reads what a checkpoint of this project *is*, and refuses the
+rest before it is built (docs/security.md has the cases):
 
-* **the archive**: members stored uncompressed, as ``torch.save`` writes them (a deflated member
-  could expand a few megabytes into gigabytes); a file that is not a zip archive is corrupt;
-* **the pickle**, scanned before anything is built: only torch's own tensor and container globals
-  run (``torch.load(weights_only=True)``, nothing added); no integer beyond 2**61 (dictionary
-  keys of that size can be made to collide, turning one load into minutes);
-  ``numpy``, ``mmengine`` and ``getattr`` globals (a stock mmengine checkpoint's logged
-  ``HistoryBuffer`` s and numpy values) become inert placeholders that numpy and mmengine never
-  see, and the entries holding them are dropped with one line saying what was ignored;
-* **the objects**, walked once: plain containers (dict, list, tuple), str, numbers, None and
-  tensors only; no container reachable twice, except a list or tuple of at most 16 plain values
-  (a shared list nested a few dozen times is a few bytes in the file and astronomically large once
-  copied); depth at most :data:`MAX_DEPTH`;
-* **every tensor is dense**: a plain strided CPU/GPU tensor whose storage holds at least its own
-  elements (a zero stride would make ``torch.zeros(1).expand(10**10)`` 11 KB on disk);
-* **mmengine's parts** (:func:`conform_mmengine`): ``meta`` keeps only plain known keys (its
-  config text is kept for reading; ``meta['config']``, which mmengine's resume would execute,
-  is dropped); ``message_hub`` keeps logged scalars only as plain lists of at most
-  :data:`MAX_HISTORY` numbers and ``runtime_info`` only known keys (never a path: which
-  checkpoint files to prune is computed from the work dir's own listing).
+* the archive: members stored uncompressed, exactly one ``data.pkl``;
+* the pickle, scanned first: only torch's own tensor and container globals (``weights_only=True``,
+  nothing added); no integer beyond 2**61 (such dict keys collide at will); ``numpy``,
+  ``mmengine`` and ``getattr`` globals become inert placeholders and their entries are dropped,
+  with one line saying so;
+* the objects, walked once: dict, list, tuple, str, numbers, None, dense tensors (storage at least
+  their own elements: no zero strides); no container reachable twice but small lists of plain
+  values; depth at most :data:`MAX_DEPTH`;
+* mmengine's ``meta`` and ``message_hub`` (:func:`conform_mmengine`): plain known keys only; the
+  config text is never executed, logged scalars are plain lists of at most :data:`MAX_HISTORY`
+  numbers, and no path or step number is kept to delete anything by.
 
-Anything a checkpoint needs beyond that is refused with :class:`UntrustedCheckpointError`, naming
-the file, what was found and the opt-in (``--trust-checkpoint`` / ``VLP_CODEBOOK_TRUST_CHECKPOINTS=1``:
-``weights_only=False``, only for files you wrote yourself). A damaged file raises
-:class:`CorruptCheckpointError`. This module is on the ground floor (it imports only torch), so
-models and plugins read weights through it without importing the engine.
+Anything else raises :class:`UntrustedCheckpointError` naming the file, what was found and the
+opt-in (``--trust-checkpoint`` / ``VLP_CODEBOOK_TRUST_CHECKPOINTS=1``: ``weights_only=False``, for
+files you wrote yourself); a damaged file :class:`CorruptCheckpointError`. Ground floor (imports
+only torch): models and plugins read weights without importing the engine.
 """
 from __future__ import annotations
 
@@ -61,7 +52,7 @@ _META_KEYS = ('epoch', 'iter', 'cfg', 'seed', 'experiment_name', 'time', 'mmengi
 _INFO_KEYS = ('epoch', 'iter', 'max_epochs', 'max_iters', 'loop_stage', 'seed', 'experiment_name',
               'mmengine_version', 'cfg', 'eta', 'best_score')
 _QUIET = ('last_ckpt', 'keep_ckpt_ids', 'best_ckpt')   # paths and ids: recomputed from the work dir
-_ATOMS = (str, int, float, bool, type(None), torch.dtype, torch.device)
+_ATOMS = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
 _TRUST_IN_SCOPE: contextvars.ContextVar[bool] = contextvars.ContextVar('vlp_codebook_trust', default=False)
 
 
