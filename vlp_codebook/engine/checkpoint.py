@@ -1,20 +1,15 @@
 """mmengine loads every checkpoint through the schema reader (:mod:`vlp_codebook.checkpoint_io`).
 
-:func:`checkpoint_loading` makes :func:`load_from_safe_local` mmengine's loader for local paths
-(the ``''`` prefix of :class:`mmengine.runner.CheckpointLoader`) for the duration of a ``with``
-block, and wraps every other scheme mmengine knows (``http(s)://``, ``torchvision://``,
-``mmcls://``, ``open-mmlab://``, ``s3://``, ``pavi://`` ...): its download or cache lookup runs as
-before, and every ``torch.load`` it makes reads through the schema instead (torch.hub's
-``load_state_dict_from_url`` defaults to ``weights_only=False``). Outside the block mmengine keeps
-its own loaders: nothing changes at import time.
-
-What the reader returns is plain data; :func:`to_mmengine` rebuilds the message hub's
-``HistoryBuffer`` s from their plain lists, so the Runner resumes as from its own pickle.
+Inside a :func:`checkpoint_loading` block, local paths go to :func:`load_from_safe_local` and every
+other scheme mmengine knows (``http(s)://``, ``torchvision://``, ``s3://`` ...) still downloads as
+before, but each ``torch.load`` it makes reads through the schema (torch.hub's own default is
+``weights_only=False``). Outside the block mmengine keeps its own loaders: nothing changes at
+import time. :func:`to_mmengine` rebuilds the message hub's ``HistoryBuffer`` s from the plain
+lists the reader returns.
 
 Usage::
 
-    >>> from vlp_codebook.engine.checkpoint import checkpoint_loading
-    >>> with checkpoint_loading():        # Runner resume / load_from, as data  # doctest: +SKIP
+    >>> with checkpoint_loading():        # Runner resume / load_from  # doctest: +SKIP
     ...     runner.train()
 """
 from __future__ import annotations
@@ -64,9 +59,8 @@ def is_url(filename: Any) -> bool:
 
 
 def _as_data_scheme(loader: Callable) -> Callable:
-    """mmengine scheme ``loader`` whose ``torch.load`` calls read through the schema. ``torch.load``
-    is replaced while it runs because mmengine's loaders call it (or torch.hub) from inside their
-    own code, and call each other (``torchvision://`` ends in the ``http://`` loader directly)."""
+    """mmengine scheme ``loader`` whose ``torch.load`` calls (its own or torch.hub's, also when the
+    schemes call each other) read through the schema while it runs."""
     if getattr(loader, '_vlp_codebook_as_data', False):
         return loader
 
