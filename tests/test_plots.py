@@ -186,7 +186,10 @@ def test_plot_tool_redraws_a_work_dir(demo_run, tmp_path):
     from vlp_codebook.tools import plot as plot_tool
     work_dir, runner, _ = demo_run
     out = tmp_path / 'again'
-    written = plot_tool.main([work_dir, '--out', str(out), '--gallery-images', '6'])
+    # the gallery's model comes from a config the user names (nothing in the work dir is built)
+    assert 'gallery.png' not in [osp.basename(p) for p in plot_tool.main([work_dir, '--out', str(tmp_path / 'no')])]
+    written = plot_tool.main([work_dir, '--out', str(out), '--gallery-images', '6',
+                              '--config', osp.join(CONFIGS, 'codis_demo.py'), '--cfg-options', *SMALL])
     assert sorted(osp.basename(p) for p in written) == ['codebook.png', 'gallery.png', 'losses.png', 'retrieval.png']
     assert all(osp.getsize(p) > 1000 for p in written)
     with pytest.raises(FileNotFoundError, match='nope'):

@@ -8,7 +8,7 @@ this package::
     python -m vlp_codebook_openclip.export logs/run/checkpoints/epoch_10.pt model.pt
     python -c "import open_clip; open_clip.create_model_and_transforms('ViT-B-32', pretrained='model.pt')"
 
-The input is read with ``torch.load(weights_only=True)``; the output is written to a temporary
+The input is read against the schema of :mod:`vlp_codebook.checkpoint_io`; the output is written to a temporary
 file in the same directory and renamed into place, so an interrupted export leaves no half file.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ import tempfile
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch
+
+from vlp_codebook.checkpoint_io import read_checkpoint
 
 __all__ = ['strip_codis', 'export', 'main']
 
@@ -43,7 +45,7 @@ def export(src: str, dst: str) -> int:
     """Write the plain open_clip checkpoint of ``src`` to ``dst``; returns the number of keys."""
     if not osp.isfile(src):
         raise FileNotFoundError(f'checkpoint {src} does not exist')
-    checkpoint = torch.load(src, map_location='cpu', weights_only=True)
+    checkpoint = read_checkpoint(src, map_location='cpu')
     state_dict = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, Mapping):
         raise ValueError(f'{src} holds no state dict (got {type(checkpoint).__name__})')

@@ -18,8 +18,8 @@ Nothing of open_clip_train is copied or forked. For the duration of the call, th
   ``--resume``-d run sees the batches and augmentations an uninterrupted one would have (plain
   open_clip_train seeds once per process), sets the teacher's alpha ramp to one epoch and binds
   the codebook statistics to open_clip's logging and TensorBoard writer;
-* ``pt_load``: checkpoints are read with ``torch.load(weights_only=True)`` (tensors and plain
-  containers only; a file that would run code is refused);
+* ``pt_load``: checkpoints are read against the schema of :mod:`vlp_codebook.checkpoint_io`
+  (tensors and plain data only; a file that would run code or exhaust memory is refused);
 * ``parse_args``: refuses, naming the flag, settings the plugin does not support;
 * ``setup_logging``: the console shows progress and numbers (``Train Epoch``, ``codebook step``
   ..., warnings); the model printout and the arguments go to the log file only (``--verbose``:
@@ -70,10 +70,13 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def load_checkpoint_data(file_path: str, map_location=None):
-    """open_clip_train's ``pt_load`` (local or fsspec paths) with ``weights_only=True``."""
+    """open_clip_train's ``pt_load`` (local or fsspec paths) through the schema reader
+    (:func:`vlp_codebook.checkpoint_io.read_checkpoint`; opt-in: ``VLP_CODEBOOK_TRUST_CHECKPOINTS=1``)."""
     import fsspec
+
+    from vlp_codebook.checkpoint_io import read_checkpoint
     with fsspec.open(file_path, 'rb') as handle:
-        return torch.load(handle, map_location=map_location, weights_only=True)
+        return read_checkpoint(handle, map_location=map_location, label=str(file_path))
 
 
 _REPLACED = ('create_model_and_transforms', 'create_loss', 'train_one_epoch', 'pt_load', 'parse_args', 'optim',
@@ -233,6 +236,8 @@ def main(argv: Optional[Sequence[str]] = None):
         parse_args(['--help'])
         return 0
     options, rest = parse_codebook_args(argv)
+    from vlp_codebook_openclip.csv_check import check_csv_args
+    check_csv_args(rest)   # a wrong separator or an empty caption, named before open_clip reads them
     register_model_configs(options.model_config_dir)
     import open_clip_train.main as oc_main
     with injected(options):

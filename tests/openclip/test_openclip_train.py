@@ -157,11 +157,16 @@ def test_checkpoint_reader_refuses_code(openclip_plugin, tmp_path):
             return (open, (str(marker), 'w'))
 
     path = tmp_path / 'evil.pt'
-    with open(path, 'wb') as handle:
-        pickle.dump({'state_dict': {}, 'x': Payload()}, handle)
-    with pytest.raises(pickle.UnpicklingError):
+    torch.save({'state_dict': {}, 'x': Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError) as error:   # ours, with the opt-in (not torch's "retry ...")
         load_checkpoint_data(str(path))
     assert not marker.exists()
+    assert 'io.open' in str(error.value) and 'VLP_CODEBOOK_TRUST_CHECKPOINTS=1' in str(error.value)
+    assert 'weights_only=False' not in str(error.value)
+    with pytest.MonkeyPatch.context() as patch:   # the opt-in unpickles (so the refusal above is what stopped it)
+        patch.setenv('VLP_CODEBOOK_TRUST_CHECKPOINTS', '1')
+        load_checkpoint_data(str(path))
+    assert marker.exists()
 
 
 @pytest.mark.parametrize('argv, message', [

@@ -23,9 +23,9 @@ import glob
 import json
 import os.path as osp
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
-__all__ = ['ScalarLog', 'find_scalars', 'read_scalars', 'CODEBOOK_PREFIX']
+__all__ = ['ScalarLog', 'find_scalars', 'read_scalars', 'read_usage', 'CODEBOOK_PREFIX']
 
 CODEBOOK_PREFIX = 'codebook/'
 
@@ -99,3 +99,23 @@ def read_scalars(path: str) -> ScalarLog:
             else:
                 log.val.append(record)
     return log
+
+
+def read_usage(path: str) -> Optional[List[float]]:
+    """The codeword usage of a ``plots/codebook_usage.json`` (None if there is no such file).
+
+    Raises:
+        ValueError: the file is not JSON, or its ``usage`` is not a list of numbers (named in the message).
+    """
+    if not osp.isfile(path):
+        return None
+    try:
+        with open(path, encoding='utf-8') as handle:
+            usage = json.load(handle).get('usage')
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ValueError(f'{path}: not a JSON object with a "usage" list ({type(error).__name__}: {error}); '
+                         'delete it to read the usage from the checkpoint') from None
+    if type(usage) is not list or not all(type(v) in (int, float) for v in usage):
+        raise ValueError(f'{path}: "usage" must be a list of numbers, got {type(usage).__name__}; delete the '
+                         'file to read the usage from the checkpoint')
+    return usage

@@ -6,8 +6,8 @@ resumption, checkpoint coverage, crash-safe checkpoint saving) and the bf16 opti
 ``OPTIM_WRAPPERS``... list it in their ``locations``) and the tools import it first.
 
 Importing it changes nothing in mmengine's checkpoint loading: the tools load checkpoints
-inside :func:`~vlp_codebook.engine.checkpoint.checkpoint_loading` (``weights_only=True`` with
-a short allow-list; see :mod:`vlp_codebook.engine.checkpoint` and docs/security.md).
+inside :func:`~vlp_codebook.engine.checkpoint.checkpoint_loading` (read against a schema; see
+:mod:`vlp_codebook.checkpoint_io` and docs/security.md).
 """
 from .checkpoint import (CorruptCheckpointError, UntrustedCheckpointError, checkpoint_loading,
                          load_checkpoint_file)

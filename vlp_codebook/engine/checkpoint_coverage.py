@@ -216,7 +216,7 @@ def check_finite(state: Mapping[str, Any], source: str, allow: bool = False, fla
     if allow:
         print_log(f'{message}. Continuing because of {flag}.', logger='current', level=30)
         return
-    raise ValueError(f'{message}. To go on anyway, pass {flag}.')
+    raise ValueError(f'{message}. {"To go on anyway, pass" if flag.startswith("--allow") else "Use"} {flag}.')
 
 
 def load_model_weights(model: nn.Module, filename: str, trust: Optional[bool] = None,
@@ -225,11 +225,11 @@ def load_model_weights(model: nn.Module, filename: str, trust: Optional[bool] = 
     """Load a local checkpoint into ``model`` safely, refusing one that leaves parameters unloaded
     or holds NaN/inf (:func:`check_finite`; ``allow_nonfinite`` only warns).
 
-    ``trust``: see :func:`vlp_codebook.engine.checkpoint.load_checkpoint_file`. Returns the coverage.
+    ``trust``: see :func:`vlp_codebook.checkpoint_io.read_checkpoint`. Returns the coverage.
     """
-    from vlp_codebook.engine.checkpoint import load_checkpoint_file
+    from vlp_codebook.checkpoint_io import read_checkpoint
 
-    checkpoint = load_checkpoint_file(filename, map_location='cpu', trust=trust)
+    checkpoint = read_checkpoint(filename, map_location='cpu', trust=trust)
     state = checkpoint_state_dict(checkpoint)
     check_finite(state, str(filename), allow=allow_nonfinite)
     coverage = state_dict_coverage(model, state)
@@ -272,6 +272,9 @@ class CheckpointCoverageHook(Hook):
         runner.message_hub.update_info('loaded_checkpoint', str(source), resumed=False)  # named by score errors
         if self.mode == 'evaluate':
             check_finite(state, str(source), allow=self.allow_nonfinite)
+        else:   # training from NaN weights fails at the first forward, without naming the checkpoint
+            check_finite(state, str(source), allow=self.allow_nonfinite,
+                         flag='--resume / load_from an earlier checkpoint (training from these weights gives NaN)')
         expected = self.expected_missing
         if expected is None:
             expected = getattr(model, 'load_from_expected_missing', None)

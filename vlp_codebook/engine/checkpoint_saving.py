@@ -12,12 +12,15 @@ directory (``.NAME.XXXX.tmp``), is flushed and ``fsync``-ed, then renamed over t
 * :class:`AtomicCheckpointHook` -- mmengine's ``CheckpointHook`` that saves through that backend
   (when no other storage backend is configured), updates ``last_checkpoint`` the same way and
   only after the checkpoint is complete, and deletes checkpoints beyond ``max_keep_ckpts`` only
-  after the new one is in place (mmengine deletes first).
+  after the new one is in place (mmengine deletes first). It writes the message hub's logged
+  scalars as plain lists (what :mod:`vlp_codebook.checkpoint_io` reads) and never deletes a path
+  or step found in a checkpoint: the checkpoints to prune and the previous best one are found in
+  the output directory's own listing. Temporary files of a killed save are removed at the start.
 
 The shipped runtime config uses the hook; the train tool swaps a config's plain
 ``CheckpointHook`` for it (:func:`use_atomic_checkpoint_hook`). A leftover ``.tmp`` file after a
 crash is an incomplete write; ``--resume`` ignores it (see
-:mod:`vlp_codebook.engine.resume`).
+:mod:`vlp_codebook.engine.resume`) and the next training run removes it.
 
 Usage in a config::
 
@@ -27,9 +30,11 @@ from __future__ import annotations
 
 import os
 import os.path as osp
+import re
 import tempfile
+from collections import deque
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from mmengine.dist import is_main_process
 from mmengine.fileio import LocalBackend, register_backend
@@ -44,6 +49,7 @@ __all__ = ['ATOMIC_BACKEND', 'TEMP_SUFFIX', 'atomic_write', 'AtomicLocalBackend'
 ATOMIC_BACKEND = 'vlp_codebook_atomic_local'
 #: how the temporary files end (``.iter_8.pth.k3j2.tmp``)
 TEMP_SUFFIX = '.tmp'
+_LEFTOVER = re.compile(r'\.(?:[\w.-]+\.pth|last_checkpoint)\.\w+\.tmp')
 
 
 def _write_all(handle: Any, data: Union[bytes, str]) -> None:
@@ -125,6 +131,59 @@ class AtomicCheckpointHook(CheckpointHook):
         super().__init__(*args, out_dir=out_dir, backend_args=backend_args,
                          file_client_args=file_client_args, **kwargs)
 
+    def before_train(self, runner) -> None:
+        """mmengine's, except that no path or step number from the resumed message hub is used to
+        delete anything: the kept steps and the previous best checkpoint come from the listing of
+        the output directory (regular files named as this hook names them, at or below the current
+        step); leftover temporary files of a killed save are removed."""
+        info = runner.message_hub.runtime_info
+        for key in [k for k in info if k == 'keep_ckpt_ids' or k.startswith('best_ckpt')]:
+            info.pop(key)
+        super().before_train(runner)
+        if not (_is_local(self.out_dir) and osp.isdir(self.out_dir)):
+            return
+        current = runner.epoch if self.by_epoch else runner.iter
+        self.keep_ckpt_ids = deque(step for step, _ in self._listed(self.filename_tmpl) if step <= current)
+        for key in getattr(self, 'key_indicators', None) or []:
+            best = [path for step, path in self._listed(f'best_{key}_{self.filename_tmpl}'.replace('/', '_'))
+                    if step <= current]
+            if len(self.key_indicators) == 1:
+                self.best_ckpt_path = best[-1] if best else None
+            else:
+                self.best_ckpt_path_dict[key] = best[-1] if best else None
+        for name in os.listdir(self.out_dir) if is_main_process() else ():
+            path = osp.join(self.out_dir, name)
+            if _LEFTOVER.fullmatch(name) and osp.isfile(path) and not osp.islink(path):
+                os.remove(path)
+                runner.logger.info(f'removed {path}, left by an interrupted save')
+
+    def _listed(self, template: str) -> List[tuple]:
+        """``(step, path)`` of the output directory's regular files named ``template`` (``{}``: the
+        step), by step."""
+        pattern = re.compile(re.escape(template).replace(re.escape('{}'), r'(\d+)'))
+        found = []
+        for name in os.listdir(self.out_dir):
+            match = pattern.fullmatch(name)
+            path = osp.join(self.out_dir, name)
+            if match and osp.isfile(path) and not osp.islink(path):
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Write the message hub as plain data: each ``HistoryBuffer`` as ``{'log': [...], 'count':
+        [...], 'max_length': n}``, numpy numbers of ``runtime_info`` as Python numbers."""
+        hub = checkpoint.get('message_hub') or {}
+        scalars: Dict[str, Any] = hub.get('log_scalars') or {}
+        for key, buffer in list(scalars.items()):
+            if hasattr(buffer, 'data') and hasattr(buffer, 'max_length'):
+                log, count = buffer.data
+                scalars[key] = {'log': [float(v) for v in log.tolist()], 'count': [int(v) for v in count.tolist()],
+                                'max_length': int(buffer.max_length)}
+        info = hub.get('runtime_info') or {}
+        for key, value in list(info.items()):
+            if hasattr(value, 'item') and getattr(value, 'ndim', 1) == 0:
+                info[key] = value.item()
+
     def _save_checkpoint_with_step(self, runner, step: int, meta: dict) -> None:
         """As mmengine's, in a crash-safe order: save, then point ``last_checkpoint`` at it, then
         delete the checkpoints beyond ``max_keep_ckpts``."""
@@ -148,10 +207,8 @@ class AtomicCheckpointHook(CheckpointHook):
             if old == step:
                 continue
             path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(old))
-            if self.file_backend.isfile(path):
+            if self.file_backend.isfile(path) and not (_is_local(path) and osp.islink(path)):
                 self.file_backend.remove(path)
-            elif self.file_backend.isdir(path):   # checkpoints saved by deepspeed are directories
-                self.file_backend.rmtree(path)
 
 
 def use_atomic_checkpoint_hook(cfg: Any) -> bool:

@@ -27,7 +27,6 @@ Usage in a config::
 from __future__ import annotations
 
 import json
-import os
 import os.path as osp
 from typing import Optional
 
@@ -35,6 +34,7 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
+from vlp_codebook.engine.checkpoint_saving import atomic_write
 from vlp_codebook.engine.hooks import unwrap_model
 from vlp_codebook.registry import HOOKS
 
@@ -109,13 +109,12 @@ class TrainingPlotsHook(Hook):
         if not is_main_process():
             return
         runner.visualizer.add_scalars(dict(health, epoch=epoch, iter=runner.iter), step=runner.iter)
-        os.makedirs(self._plots_dir(runner), exist_ok=True)
-        with open(osp.join(self._plots_dir(runner), USAGE_FILE), 'w', encoding='utf-8') as handle:
-            json.dump(dict(epoch=epoch, iter=runner.iter, usage=usage.tolist()), handle)
+        atomic_write(osp.join(self._plots_dir(runner), USAGE_FILE),
+                     json.dumps(dict(epoch=epoch, iter=runner.iter, usage=usage.tolist())))
 
     def _plot(self, runner) -> None:
         from vlp_codebook.analysis.plots import plot_run
-        from vlp_codebook.analysis.scalars import read_scalars
+        from vlp_codebook.analysis.scalars import read_scalars, read_usage
         self._plotted_at = runner.iter
         if not is_main_process():
             return
@@ -126,11 +125,7 @@ class TrainingPlotsHook(Hook):
                           logger='current', level='WARNING')
                 self._warned = True
             return
-        usage_file = osp.join(self._plots_dir(runner), USAGE_FILE)
-        usage = None
-        if osp.isfile(usage_file):
-            with open(usage_file, encoding='utf-8') as handle:
-                usage = json.load(handle)['usage']
+        usage = read_usage(osp.join(self._plots_dir(runner), USAGE_FILE))
         gallery = self._gallery(runner)
         title = '' if gallery is None else (
             f'Epoch {runner.epoch}: top {self.gallery_top_k} of the first '

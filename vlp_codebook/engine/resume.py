@@ -13,7 +13,7 @@ it silently starts from scratch although ``epoch_1.pth`` is there, an empty file
    with one line saying why.
    Temporary files of an interrupted save (``.iter_8.pth.XXXX.tmp``) are never candidates.
 3. No checkpoint at all in the work dir -> ``None`` (train from scratch), with one line saying so.
-4. Checkpoints, but none intact -> :class:`~vlp_codebook.engine.checkpoint.CorruptCheckpointError`
+4. Checkpoints, but none intact -> :class:`~vlp_codebook.checkpoint_io.CorruptCheckpointError`
    listing them (starting over would silently discard the run).
 
 :func:`checkpoint_damage` reads the whole file without unpickling it: a torch checkpoint is a zip
@@ -27,7 +27,8 @@ import re
 import zipfile
 from typing import List, Optional, Tuple
 
-from vlp_codebook.engine.checkpoint import CorruptCheckpointError, is_url
+from vlp_codebook.checkpoint_io import CorruptCheckpointError
+from vlp_codebook.engine.checkpoint import is_url
 
 __all__ = ['checkpoint_damage', 'checkpoint_steps', 'pick_resume_checkpoint']
 

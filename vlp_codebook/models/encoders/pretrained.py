@@ -59,10 +59,10 @@ def _load_file(path: str, arg_name: str = 'pretrained') -> Dict[str, torch.Tenso
         except Exception as error:  # safetensors raises its own SafetensorError / OSError
             raise ValueError(f'{arg_name}: {os.path.abspath(path)} is not a readable safetensors file '
                              f'({type(error).__name__}: {error}); download or copy it again') from error
-    # A checkpoint is data, never code to run: weights_only=True with the allow-list, unless
-    # VLP_CODEBOOK_TRUST_CHECKPOINTS=1 (see vlp_codebook.engine.checkpoint, docs/security.md).
-    from vlp_codebook.engine.checkpoint import load_checkpoint_file
-    obj = load_checkpoint_file(path, map_location='cpu', what=arg_name)
+    # A checkpoint is data, never code to run: read against the schema, unless
+    # VLP_CODEBOOK_TRUST_CHECKPOINTS=1 (see vlp_codebook.checkpoint_io, docs/security.md).
+    from vlp_codebook.checkpoint_io import read_checkpoint
+    obj = read_checkpoint(path, map_location='cpu', what=arg_name)
     for key in ('state_dict', 'model', 'module'):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
