@@ -10,7 +10,9 @@ Usage (every open_clip_train flag, plus the plugin's: ``--help`` lists both)::
 Nothing of open_clip_train is copied or forked. For the duration of the call, the names that
 ``open_clip_train.main`` looks up below are replaced by thin wrappers around the originals:
 
-* ``create_model_and_transforms``: the model it returns is wrapped in
+* ``create_model_and_transforms``: a ``--pretrained`` file is first read by the schema reader
+  (:func:`vlp_codebook.checkpoint_io.read_checkpoint`: refused, naming the file, unless it holds
+  tensors and plain containers only), then open_clip loads it; the model it returns is wrapped in
   :class:`~vlp_codebook_openclip.model.CodebookCLIP` (so open_clip's optimizer, grad scaler,
   DDP, checkpoints and ``--lock-*`` flags see the codebook, teacher and queues);
 * ``create_loss``: open_clip's loss, wrapped in :class:`~vlp_codebook_openclip.loss.CodebookClipLoss`;
@@ -137,6 +139,10 @@ def _replacements(options, originals) -> dict:
             print(f'vlp_codebook_openclip: progress here, everything in {log_file} (--verbose: all here)', flush=True)
 
     def create_model_and_transforms(*args, **kwargs):
+        pretrained = kwargs.get('pretrained', args[1] if len(args) > 1 else None)
+        if isinstance(pretrained, str) and osp.isfile(pretrained) and pretrained.endswith(('.pt', '.pth', '.bin')):
+            # --pretrained FILE passes the schema reader before open_clip's own torch.load sees it
+            load_checkpoint_data(pretrained, map_location='cpu')
         model, preprocess_train, preprocess_val = originals['create_model_and_transforms'](*args, **kwargs)
         if options.no_codebook or wrapped_models:      # the baseline, or a --distill-model
             return model, preprocess_train, preprocess_val

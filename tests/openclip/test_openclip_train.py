@@ -169,6 +169,21 @@ def test_checkpoint_reader_refuses_code(openclip_plugin, tmp_path):
     assert marker.exists()
 
 
+def test_pretrained_file_passes_the_schema_reader_first(openclip_plugin, tmp_path):
+    """--pretrained FILE: a zero-stride tensor (a memory bomb when expanded) is refused by our
+    reader, naming the file, before open_clip's torch.load sees it."""
+    import open_clip_train.main as oc_main
+
+    from vlp_codebook_openclip.options import parse_codebook_args
+    from vlp_codebook_openclip.train import injected
+    path = tmp_path / 'bomb.pt'
+    torch.save({'state_dict': {'visual.proj': torch.zeros(1).expand(1000, 1000)}}, path)
+    options, _ = parse_codebook_args(['--codebook-size', '16'])
+    with injected(options), pytest.raises(Exception) as error:
+        oc_main.create_model_and_transforms('codis-tiny-vit', str(path), output_dict=True)
+    assert 'bomb.pt' in str(error.value) and 'stride' in str(error.value)
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--codebook-size', '0'], '--codebook-size must be a positive integer, got 0'),
     (['--codebook-weight', 'nan'], '--codebook-weight must be a finite number >= 0'),
