@@ -79,30 +79,22 @@ class CODIS(HostCounters, BaseModel):
     """CODIS vision-language pretraining model.
 
     Args:
-        image_encoder: config of the image encoder (e.g. ``ViTImageEncoder``); must expose ``width``.
-        text_encoder: config of the text encoder (e.g. ``BertTextEncoder``).
-        fusion_encoder: config of the fusion encoder (``BertFusionEncoder``); needed by ITM/MLM.
+        image_encoder, text_encoder, fusion_encoder: encoder configs (``ViTImageEncoder``,
+            ``BertTextEncoder``, ``BertFusionEncoder``; the fusion encoder is needed by ITM/MLM).
         embed_dim: dimension of the shared embedding space (paper: 256).
-        data_preprocessor: config of the preprocessor that tokenises captions and normalises
-            images (``VLPDataPreprocessor``).
-        teacher: ``MomentumTeacher`` config (without ``student``), e.g.
-            ``dict(type='MomentumTeacher', momentum=0.995)``.
-        queue_size: number of past teacher embeddings kept per modality (paper: 65536). 0: no queue.
-        distillation_loss: ``MultiDirectionalDistillationLoss`` config, or None.
-        codebook_loss: ``CodebookOTLoss`` config (``embed_dim`` is filled in), or None.
-        codebook_plan_features: ``'teacher'`` (paper's best) or ``'student'``: which embeddings
-            the codebook's transport plans are computed from.
-        itm_loss: ``ImageTextMatchingLoss`` config, or None.
-        itm_head: ``ImageTextMatchingHead`` config (``hidden_size`` filled in).
-        mlm_loss: ``MaskedLanguageModelingLoss`` config, or None.
-        mlm_head: ``MaskedLanguageModelingHead`` config (sizes filled in, decoder tied to the
-            text encoder's word embeddings).
+        data_preprocessor: ``VLPDataPreprocessor`` config (tokeniser, image normalisation).
+        teacher: ``MomentumTeacher`` config without ``student``.
+        queue_size: past teacher embeddings kept per modality (paper: 65536); 0: no queue.
+        distillation_loss, codebook_loss, itm_loss, mlm_loss: loss configs, or None.
+        codebook_plan_features: ``'teacher'`` (paper's best) or ``'student'``: the embeddings the
+            codebook's transport plans are computed from.
+        itm_head, mlm_head: head configs (sizes filled in; the MLM decoder is tied to the text
+            encoder's word embeddings).
         mask_prob: MLM masking probability (15 %, of which 80/10/10 mask/random/keep).
-        alpha: momentum-distillation weight α (ALBEF 0.4).
-        alpha_warmup_iters: α ramps linearly from 0 over this many training steps (ALBEF: one
-            epoch); 0 disables the ramp.
-        itm_temperature: temperature of the similarities ITM hard negatives are drawn from when
-            there is no distillation loss (else the distillation loss's learnable γ is used).
+        alpha, alpha_warmup_iters: momentum-distillation weight α (ALBEF 0.4), ramped linearly
+            from 0 over this many steps (ALBEF: one epoch; 0: no ramp).
+        itm_temperature: temperature of the similarities ITM negatives are drawn from when there
+            is no distillation loss (else its learnable γ).
         itm_negatives: ``'in_rank'`` (ALBEF: hard negatives from this rank's batch, default) or
             ``'all_ranks'`` (BLIP's ``negative_all_rank``: from the joint batch, gathered with
             gradient; the same in one process).
