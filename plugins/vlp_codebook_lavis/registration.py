@@ -1,10 +1,8 @@
 """Idempotent registration in LAVIS's registry (``lavis.common.registry.registry``).
 
-LAVIS's ``registry.register_model(name)`` raises ``KeyError`` when ``name`` is taken, so a
-module that registers with the decorator cannot be imported twice (``importlib.reload``, or the
-same file imported under two module names). :func:`register_once` accepts a name that is
-already bound to *our own* class (same module and qualified name: a re-import) and rebinds it
-to the new class object; a name bound to anybody else's class is an error that names both.
+LAVIS's ``register_model(name)`` raises ``KeyError`` when ``name`` is taken, so a re-import
+(``importlib.reload``) would fail. :func:`register_once` rebinds a name bound to *our own* class
+(same module and qualified name); a name bound to anybody else's class is an error naming both.
 
 Example::
 

@@ -1,10 +1,7 @@
 """``codis_retrieval``: LAVIS's ALBEF retrieval model plus the CODIS codebook terms.
 
-Same architecture, same ``forward`` inputs and LAVIS losses (``loss_itc``, ``loss_itm``) as
-``albef_retrieval``, plus the terms of :class:`~vlp_codebook_lavis.codis_mixin.CodisLossMixin`.
-An ``albef_retrieval`` YAML becomes a CODIS one by changing ``arch`` (the
-``codebook_loss`` / ``intra_modal_loss`` blocks are optional); ALBEF checkpoints load, the
-codebook starts fresh.
+``albef_retrieval`` plus the terms of :class:`~vlp_codebook_lavis.codis_mixin.CodisLossMixin`:
+an ``albef_retrieval`` YAML becomes a CODIS one by changing ``arch``; ALBEF checkpoints load.
 
 Usage::
 
