@@ -66,15 +66,11 @@ def itm_rerank(score_i2t: torch.Tensor, pair_scorer: PairScorer, k: int = 128, a
 
     Args:
         score_i2t: (N_img, N_txt) similarity scores.
-        pair_scorer: ``pair_scorer(image_index (P,), text_index (P,)) -> (P,)`` ITM scores of the
-            pairs (e.g. the ITM head's positive logit or probability); called in chunks of
-            ``batch_size`` pairs.
-        k: candidates re-scored per query (ALBEF: 256 on COCO, 128 on Flickr30K); capped at the
-            number of candidates.
+        pair_scorer: ``pair_scorer(image_index (P,), text_index (P,)) -> (P,)`` ITM scores,
+            called with ``batch_size`` pairs at most.
+        k: candidates re-scored per query (ALBEF: 256 on COCO, 128 on Flickr30K).
         add_similarity: final score = ITM + similarity (BLIP) instead of ITM alone (ALBEF).
-        batch_size: pairs per ``pair_scorer`` call.
-        process_group: under torch.distributed (default group when None), each rank scores a
-            share of the pairs; every rank must pass the same ``score_i2t`` and ``k``.
+        process_group: the ranks that share the pairs (default group when None).
 
     Returns:
         ``(score_i2t (N_img, N_txt), score_t2i (N_txt, N_img))``, re-ranked.

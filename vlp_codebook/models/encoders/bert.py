@@ -190,19 +190,14 @@ class BertTextEncoder(nn.Module):
     """BERT embeddings + ``num_layers`` self-attention layers (no pooler).
 
     Args:
-        vocab_size: vocabulary size (default 30522, bert-base-uncased).
-        hidden_size: D (default 768).
-        num_layers: number of BERT layers (default 6: ALBEF's text half of BERT-base).
-        num_heads: attention heads (default 12).
-        intermediate_size: FFN width (default 4 D).
-        max_position_embeddings: longest sequence (default 512).
-        pretrained: LOCAL BERT checkpoint (directory or file). Sizes left ``None`` come from its
-            config.json; an explicit size that contradicts it raises ``ValueError``. Layers
-            ``0..num_layers-1`` and the embeddings are loaded.
+        vocab_size, hidden_size, num_heads, intermediate_size, max_position_embeddings: BERT-base
+            by default (30522, 768, 12, 4 D, 512); sizes left ``None`` come from ``pretrained``,
+            an explicit size that contradicts it raises ``ValueError``.
+        num_layers: BERT layers (default 6: ALBEF's text half of BERT-base).
+        pretrained: LOCAL BERT checkpoint; its embeddings and layers ``0..num_layers-1`` load.
         dropout: hidden and attention dropout (default 0.1, BERT's).
 
-    Shapes:
-        forward: input_ids (N, L) long, attention_mask (N, L) {0, 1} -> (N, L, D).
+    Shapes: forward: input_ids (N, L) long, attention_mask (N, L) {0, 1} -> (N, L, D).
 
     Attributes: ``width`` D, ``vocab_size`` V, ``word_embeddings`` (tied by the MLM decoder).
     """
@@ -268,22 +263,15 @@ class BertFusionEncoder(nn.Module):
     """BERT layers with cross-attention from text tokens to image tokens (ALBEF's fusion half).
 
     Args:
-        hidden_size: D, the text width (default 768).
-        num_layers: fusion layers (default 6).
-        num_heads: attention heads (default 12).
+        hidden_size, num_layers, num_heads, intermediate_size: D (768), 6, 12, 4 D.
         encoder_width: D_v, the image-token width (default: D).
-        intermediate_size: FFN width (default 4 D).
-        pretrained: LOCAL BERT checkpoint: self-attention and FFN of each fusion layer ``i`` come
-            from checkpoint layer ``pretrained_layer_offset + i``; cross-attention starts fresh
-            unless ``load_cross_attention`` (checkpoints that have it, e.g. ALBEF's).
-        pretrained_layer_offset: first checkpoint layer used (default: checkpoint layers -
-            num_layers, i.e. its last layers; 6 for BERT-base with 6 fusion layers).
-        load_cross_attention: also load ``crossattention.*`` from the checkpoint.
+        pretrained: LOCAL BERT checkpoint; fusion layer ``i`` takes checkpoint layer
+            ``pretrained_layer_offset + i`` (default offset: its last ``num_layers`` layers).
+        load_cross_attention: also load ``crossattention.*`` (ALBEF checkpoints have it).
         dropout: hidden and attention dropout (default 0.1).
 
-    Shapes:
-        forward: text_hidden (N, L, D), attention_mask (N, L), image_tokens (N, P, D_v),
-        image_mask (N, P) or None (all tokens) -> (N, L, D).
+    Shapes: forward: text_hidden (N, L, D), attention_mask (N, L), image_tokens (N, P, D_v),
+    image_mask (N, P) or None (all tokens) -> (N, L, D).
     """
 
     def __init__(self, hidden_size: Optional[int] = None, num_layers: int = 6, num_heads: Optional[int] = None,

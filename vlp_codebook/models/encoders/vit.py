@@ -49,24 +49,15 @@ class ViTImageEncoder(nn.Module):
     """Vision Transformer returning all tokens.
 
     Args:
-        image_size: input side length in pixels (default 224; ALBEF pretrains at 256).
-        patch_size: p (default 16).
-        hidden_size: D, the token width (default 768).
-        num_layers: transformer layers (default 12).
-        num_heads: attention heads (default 12).
-        mlp_ratio: MLP hidden size / D (default 4).
-        pretrained: LOCAL directory or file with weights (see module docstring); ``None`` for a
-            random initialisation. Sizes left ``None`` are taken from the checkpoint (its
-            config.json, else its tensors' shapes), else the ViT-B/16 defaults above.
+        image_size, patch_size, hidden_size, num_layers, num_heads, mlp_ratio: ViT-B/16 by default
+            (224, 16, 768, 12, 12, 4; ALBEF pretrains at 256); sizes left ``None`` come from
+            ``pretrained`` (its config.json, else its tensors' shapes).
+        pretrained: LOCAL directory or file with weights (see module docstring), or None.
         drop_rate: dropout on hidden states (default 0).
         layer_norm_eps: LayerNorm epsilon (default 1e-6, as timm/ALBEF; a checkpoint's config wins).
 
-    Shapes:
-        forward: images (N, 3, H, W) float -> (N, 1 + (H/p)(W/p), D).
-
-    Attributes:
-        width: D.
-        num_patches: P at ``image_size``.
+    Shapes: forward: images (N, 3, H, W) float -> (N, 1 + (H/p)(W/p), D).
+    Attributes: ``width`` D, ``num_patches`` P at ``image_size``.
     """
 
     def __init__(self, image_size: Optional[int] = None, patch_size: Optional[int] = None,
