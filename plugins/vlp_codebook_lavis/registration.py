@@ -33,20 +33,9 @@ def _same_class(a: type, b: type) -> bool:
 
 
 def register_once(kind: str, name: str, cls: type) -> type:
-    """Register ``cls`` under ``name`` in LAVIS's ``kind`` mapping, tolerating re-imports.
-
-    Args:
-        kind: one of ``'model', 'task', 'builder', 'processor'``.
-        name: the LAVIS name (``arch`` for models, ``run.task`` for tasks).
-        cls: the class (LAVIS's own checks apply: a model must subclass ``BaseModel`` ...).
-
-    Returns:
-        ``cls``.
-
-    Raises:
-        ValueError: unknown ``kind``.
-        KeyError: ``name`` is registered to a class that is not ``cls`` (nor a re-import of it).
-    """
+    """Register ``cls`` under ``name`` (``arch``, ``run.task``...) in LAVIS's ``kind`` mapping
+    (``'model', 'task', 'builder', 'processor'``), tolerating re-imports; returns ``cls``.
+    ``KeyError`` when ``name`` is bound to a class that is neither ``cls`` nor a re-import of it."""
     if kind not in KINDS:
         raise ValueError(f'kind must be one of {sorted(KINDS)}, got {kind!r}')
     decorator_name, mapping_name = KINDS[kind]

@@ -30,16 +30,9 @@ LAUNCHERS = ('none', 'pytorch')
 
 
 def init_cpu_process_group(backend: str = 'gloo', timeout_s: Optional[float] = 1800.0) -> None:
-    """Initialise the default process group from torchrun's environment (no-op if one exists).
-
-    Args:
-        backend: the torch.distributed backend; ``'gloo'`` is the one that runs on CPU.
-        timeout_s: collective timeout in seconds (``None``: torch's default).
-
-    Raises:
-        RuntimeError: a torchrun variable is missing or not an integer where it must be;
-            the message lists them and shows the torchrun command.
-    """
+    """Initialise the default process group from torchrun's environment (no-op if one exists);
+    ``timeout_s=None``: torch's default. A missing or non-integer torchrun variable raises
+    ``RuntimeError`` listing them and showing the torchrun command."""
     if torch_dist.is_initialized():
         return
     missing = [name for name in TORCHRUN_ENV_VARS if not os.environ.get(name)]
@@ -83,16 +76,8 @@ def cpu_model_wrapper_cfg(model_wrapper_cfg: Optional[MutableMapping] = None) ->
 
 
 def setup_launcher(cfg: MutableMapping, launcher: str) -> None:
-    """Prepare ``cfg`` (an mmengine ``Config``) and the process group for ``launcher``.
-
-    Args:
-        cfg: the config the Runner will be built from; ``launcher``, ``env_cfg.dist_cfg`` and
-            ``model_wrapper_cfg`` are updated in place.
-        launcher: ``'none'`` (one process) or ``'pytorch'`` (started by torchrun).
-
-    Raises:
-        ValueError: an unknown launcher.
-    """
+    """Prepare ``cfg`` (its ``launcher``, ``env_cfg.dist_cfg`` and ``model_wrapper_cfg``, in place)
+    and the process group for ``launcher``: ``'none'`` (one process) or ``'pytorch'`` (torchrun)."""
     if launcher not in LAUNCHERS:
         raise ValueError(f'launcher={launcher!r} is not supported; use one of {LAUNCHERS}')
     cfg['launcher'] = launcher

@@ -166,22 +166,10 @@ def _get(sample: Any, key: str, default: Any = None) -> Any:
 class RetrievalMetric(BaseMetric):
     """TR/IR R@k over a retrieval set, from the model's predictions (mmengine ``BaseMetric``).
 
-    Each data sample passed to :meth:`process` is one of
-
-    * per image (the model's ``predict`` output): ``dict(image_embed=(d,), text_embeds=(n_caps, d),
-      image_id=int)``; the score of an image-text pair is the dot product of the embeddings
-      (cosine similarity when ``normalize``);
-    * one whole precomputed matrix, e.g. after ITM re-ranking: ``dict(score_i2t=(N_img, N_txt),
-      img2txt=list[list[int]], score_t2i=(N_txt, N_img) optional)``. Under DDP every rank must
-      hold the same matrix; the first is used.
-
-    Args:
-        k: the recall cut-offs.
-        normalize: L2-normalise embeddings before the dot product.
-        collect_device, prefix, collect_dir: as :class:`mmengine.evaluator.BaseMetric`.
-
-    ``compute_metrics`` returns ``txt_r{k}``, ``img_r{k}``, ``txt_r_mean``, ``img_r_mean``, ``r_mean``
-    (percent); mmengine prefixes them with ``retrieval/`` (``prefix`` changes that).
+    A data sample is per image, ``dict(image_embed=(d,), text_embeds=(n_caps, d), image_id=int)``
+    (pairs scored by dot product, cosine with ``normalize``), or one whole matrix (after ITM
+    re-ranking) ``dict(score_i2t=(N_img, N_txt), img2txt=list[list[int]], score_t2i=optional)``,
+    the same on every rank. ``k``: the cut-offs. The metrics (percent) are prefixed ``retrieval/``.
 
     Example (mmengine config)::
 

@@ -226,14 +226,10 @@ class CODIS(HostCounters, BaseModel):
                 data_samples: Optional[list] = None, mode: str = 'tensor', **kwargs):
         """mmengine entry point; the data preprocessor's output dict is passed as keywords.
 
-        Args:
-            images: (N, 3, H, W) normalised images.
-            input_ids, attention_mask: (M, L) tokenised captions (M = N in training).
-            image_ids: (N,) instance ids >= 0; captions of one image share it (multi-positive).
-                Without ids every pair is its own instance.
-            mode: ``'loss'`` | ``'predict'`` | ``'tensor'``.
-            kwargs: ``text_to_image`` (M,) -- for predict mode, the image (row of ``images``)
-                each caption belongs to.
+        Args: images (N, 3, H, W); input_ids, attention_mask (M, L) (M = N in training);
+        image_ids (N,) >= 0, shared by captions of one image (without: every pair its own
+        instance); mode ``'loss'`` | ``'predict'`` | ``'tensor'``; kwargs: ``text_to_image`` (M,)
+        for predict mode, each caption's row of ``images``.
         """
         if mode == 'loss':
             return self.loss(images, input_ids, attention_mask, image_ids)

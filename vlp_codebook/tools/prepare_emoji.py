@@ -119,19 +119,9 @@ def _read_json(path: str, what: str):
 
 def convert(google_dir: str, openmoji_dir: Optional[str], out_dir: str, size: int = 64,
             test_fraction: float = 0.1) -> Dict[str, int]:
-    """Write ``out_dir/{images/, train.json, test.json}``; returns the counts.
-
-    Args:
-        google_dir: unpacked ``emoji-datasource-google`` package (has ``emoji.json`` and
-            ``img/google/64/``).
-        openmoji_dir: unpacked ``openmoji`` package (has ``data/openmoji.json``), or None.
-        out_dir: output directory.
-        size: output image side in pixels.
-        test_fraction: share of emoji in the test split.
-
-    Returns:
-        ``dict(emoji, missing_images, train_images, train_captions, test_images, test_captions)``.
-    """
+    """Write ``out_dir/{images/, train.json, test.json}`` from the unpacked
+    ``emoji-datasource-google`` and (optional) ``openmoji`` packages; returns
+    ``dict(emoji, missing_images, train_images, train_captions, test_images, test_captions)``."""
     if size < 1:
         raise ValueError(f'size must be positive, got {size}')
     if not 0.0 <= test_fraction < 1.0:

@@ -31,9 +31,7 @@ class CodisRetrieval(CodisLossMixin, AlbefRetrieval):
         codebook_loss: the ``codebook_loss`` block (dict), see :mod:`vlp_codebook_lavis.codis_mixin`.
         intra_modal_loss: the ``intra_modal_loss`` block, or None (off).
 
-    ``forward(samples)`` takes LAVIS's retrieval samples (``image`` (B, 3, H, W), ``text_input``
-    list of B str, ``image_id`` (B,), ``epoch``, ``iters``, ``num_iters_per_epoch``) and returns a
-    :class:`~vlp_codebook_lavis.outputs.CodisAlbefOutput`.
+    ``forward(samples)``: LAVIS's retrieval samples -> :class:`~vlp_codebook_lavis.outputs.CodisAlbefOutput`.
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = model_configs('codis_retrieval', 'coco', 'flickr', 'tiny')

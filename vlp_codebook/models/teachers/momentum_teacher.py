@@ -186,16 +186,9 @@ class MomentumTeacher(HostCounters, nn.Module):
 
     @torch.no_grad()
     def update(self, student: Optional[StudentType] = None, momentum: Optional[float] = None) -> float:
-        """One EMA step towards ``student`` (default: the module given at construction).
-
-        Args:
-            student: a module with the same parameter names and shapes (e.g. the DDP-wrapped
-                student; it is unwrapped).
-            momentum: overrides the scheduled momentum for this update.
-
-        Returns:
-            The momentum that was used.
-        """
+        """One EMA step towards ``student`` (default: the module given at construction; another
+        must have the same parameter names and shapes); ``momentum`` overrides the schedule.
+        Returns the momentum used."""
         m = self.current_momentum() if momentum is None else float(momentum)
         _check_momentum('momentum', m)
         params, buffers = self._pairs(student)
