@@ -1,24 +1,20 @@
 """CODIS for Salesforce LAVIS: ``import vlp_codebook_lavis`` registers in LAVIS's registry
 
-* models (``arch``): ``codis_retrieval`` (ALBEF retrieval + CODIS; types ``coco, flickr, tiny``),
-  ``codis_pretrain`` (ALBEF pretraining + CODIS; ``base, tiny``), ``codis_blip_retrieval``
-  (BLIP retrieval + CODIS; ``coco, flickr, tiny``);
-* tasks (``run.task``): ``codis_retrieval`` and ``codis_image_text_pretrain``: LAVIS's
-  ``retrieval`` / ``image_text_pretrain`` that also log every loss term by name.
+* models (``arch``): ``codis_retrieval`` (ALBEF retrieval; types ``coco, flickr, tiny``),
+  ``codis_pretrain`` (ALBEF pretraining; ``base, tiny``), ``codis_blip_retrieval`` (BLIP
+  retrieval; ``coco, flickr, tiny``), each plus the CODIS terms;
+* tasks (``run.task``): ``codis_retrieval`` and ``codis_image_text_pretrain`` (LAVIS's, logging
+  every loss term by name).
 
-The CODIS terms come from the ``vlp_codebook`` registry (``CodebookOTLoss``,
-``MultiDirectionalDistillationLoss``, ``FeatureQueue``); nothing of the method is
-re-implemented here. Registration is idempotent (a re-import or ``importlib.reload`` is fine).
+The CODIS terms come from the ``vlp_codebook`` registry; nothing of the method is
+re-implemented here. Registration is idempotent. Train with
+``python -m vlp_codebook_lavis.train --cfg-path my_codis.yaml``; see ``docs/lavis.md``.
 
 Example::
 
     >>> import vlp_codebook_lavis
     >>> from lavis.models import load_model
     >>> model = load_model('codis_retrieval', 'tiny')
-
-Train with LAVIS's runner: ``python -m vlp_codebook_lavis.train --cfg-path my_codis.yaml``.
-
-See ``docs/lavis.md``; install LAVIS with ``plugins/install_lavis.sh``.
 """
 from __future__ import annotations
 

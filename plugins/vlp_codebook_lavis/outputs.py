@@ -1,18 +1,10 @@
 """LAVIS output classes with the CODIS terms as named fields.
 
-LAVIS's ``AlbefOutput`` / ``BlipOutput`` are ``transformers`` ``ModelOutput`` dataclasses with a
-fixed set of fields (``loss, loss_itc, loss_itm, loss_mlm, sims, intermediate_output``). The
-CODIS models return subclasses that add:
-
-* ``loss_code``: :math:`L_{code}` = the sum of the four codebook terms below;
-* ``loss_code_i2p, loss_code_t2p, loss_code_ot_v, loss_code_ot_t``: the terms of
-  :class:`vlp_codebook.models.losses.CodebookOTLoss` (its ``loss_i2p`` ... renamed);
-* ``loss_i2i, loss_t2t``: the intra-modal distillation terms, when enabled;
-
-and ``loss`` is LAVIS's total plus all of them, so LAVIS's task/runner (which back-propagate
-``output["loss"]``) train them without change. Being subclasses, the outputs pass every
-``isinstance(out, AlbefOutput)`` check. Disabled terms are ``None`` and, as in any
-``ModelOutput``, absent from ``.keys()``.
+Subclasses of LAVIS's ``AlbefOutput`` / ``BlipOutput`` (so every ``isinstance`` check passes) that
+add ``loss_code`` (the sum of the four codebook terms), ``loss_code_i2p, loss_code_t2p,
+loss_code_ot_v, loss_code_ot_t`` (:class:`vlp_codebook.models.losses.CodebookOTLoss`'s terms)
+and, when enabled, ``loss_i2i, loss_t2t``. ``loss`` is LAVIS's total plus all of them, so LAVIS's
+runner trains them unchanged. Disabled terms are ``None``, absent from ``.keys()``.
 """
 from __future__ import annotations
 

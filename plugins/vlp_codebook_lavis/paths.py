@@ -1,13 +1,8 @@
 """File lookup for the adapters: shipped configs, ``med_config_path`` and the offline tokenizer.
 
-LAVIS resolves every relative path in a model config (``med_config_path``, the
-``PRETRAINED_MODEL_CONFIG_DICT`` entries) against its own package directory (registry path
-``library_root``); ``os.path.join`` keeps absolute paths as they are. The adapters therefore
-hand LAVIS absolute paths, and resolve a relative path by trying, in order:
-
-1. LAVIS's package directory (so LAVIS's own ``configs/models/med_config_albef.json`` works),
-2. this plugin's package directory (``configs/models/med_config_tiny_albef.json`` ...),
-3. the current working directory.
+LAVIS joins every relative path in a model config to its own package directory, so the adapters
+hand it absolute paths, resolving a relative one against LAVIS's package directory, then this
+plugin's, then the current directory.
 
 Example::
 

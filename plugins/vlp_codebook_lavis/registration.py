@@ -1,10 +1,8 @@
 """Idempotent registration in LAVIS's registry (``lavis.common.registry.registry``).
 
-LAVIS's ``registry.register_model(name)`` raises ``KeyError`` when ``name`` is taken, so a
-module that registers with the decorator cannot be imported twice (``importlib.reload``, or the
-same file imported under two module names). :func:`register_once` accepts a name that is
-already bound to *our own* class (same module and qualified name: a re-import) and rebinds it
-to the new class object; a name bound to anybody else's class is an error that names both.
+LAVIS's ``register_model(name)`` raises ``KeyError`` when ``name`` is taken, so a re-import
+(``importlib.reload``) would fail. :func:`register_once` rebinds a name bound to *our own* class
+(same module and qualified name); a name bound to anybody else's class is an error naming both.
 
 Example::
 
@@ -35,20 +33,9 @@ def _same_class(a: type, b: type) -> bool:
 
 
 def register_once(kind: str, name: str, cls: type) -> type:
-    """Register ``cls`` under ``name`` in LAVIS's ``kind`` mapping, tolerating re-imports.
-
-    Args:
-        kind: one of ``'model', 'task', 'builder', 'processor'``.
-        name: the LAVIS name (``arch`` for models, ``run.task`` for tasks).
-        cls: the class (LAVIS's own checks apply: a model must subclass ``BaseModel`` ...).
-
-    Returns:
-        ``cls``.
-
-    Raises:
-        ValueError: unknown ``kind``.
-        KeyError: ``name`` is registered to a class that is not ``cls`` (nor a re-import of it).
-    """
+    """Register ``cls`` under ``name`` (``arch``, ``run.task``...) in LAVIS's ``kind`` mapping
+    (``'model', 'task', 'builder', 'processor'``), tolerating re-imports; returns ``cls``.
+    ``KeyError`` when ``name`` is bound to a class that is neither ``cls`` nor a re-import of it."""
     if kind not in KINDS:
         raise ValueError(f'kind must be one of {sorted(KINDS)}, got {kind!r}')
     decorator_name, mapping_name = KINDS[kind]

@@ -1,19 +1,10 @@
 """LAVIS tasks that log every loss term by name (``codis_retrieval``, ``codis_image_text_pretrain``).
 
-LAVIS's ``BaseTask.train_step`` keeps only ``output["loss"]`` and its training loop logs
-``loss`` and ``lr``. With LAVIS's own ``retrieval`` / ``image_text_pretrain`` tasks the CODIS
-models train correctly (``loss`` includes the CODIS terms), but the terms are not logged. The
-tasks here are LAVIS's, plus:
-
-* every ``loss_*`` field of the model output (``loss_itc``, ``loss_itm``, ``loss_mlm``,
-  ``loss_code``, ``loss_code_i2p``, ..., ``loss_i2i``, ``loss_t2t``) is averaged over the epoch
-  (over all ranks) and returned with LAVIS's epoch stats, so the runner writes them to
-  ``log.txt`` as ``train_loss_code_i2p`` ...;
-* every ``log_freq`` iterations (LAVIS's ``run.log_freq``, default 50) one log line lists the
-  current values, next to LAVIS's own ``loss`` line.
-
-Use them with ``run.task: codis_retrieval`` (instead of ``retrieval``) or
-``run.task: codis_image_text_pretrain`` (instead of ``image_text_pretrain``).
+LAVIS's ``BaseTask.train_step`` logs only ``loss`` and ``lr``. These are LAVIS's ``retrieval`` /
+``image_text_pretrain`` tasks, plus: every ``loss_*`` field of the model output is averaged over
+the epoch and all ranks and returned with LAVIS's epoch stats (``train_loss_code_i2p`` ... in
+``log.txt``), and every ``run.log_freq`` iterations one line lists the current values.
+Use ``run.task: codis_retrieval`` or ``run.task: codis_image_text_pretrain``.
 """
 from __future__ import annotations
 

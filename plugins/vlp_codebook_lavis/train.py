@@ -1,30 +1,22 @@
 """Train or evaluate with LAVIS's own runner, with the CODIS models registered.
 
-LAVIS's ``train.py`` lives in its source repository, not in its wheel. This launcher does the
-same steps with LAVIS's own pieces (``Config``, ``tasks.setup_task``, ``task.build_datasets``,
-``task.build_model``, the runner named by ``run.runner``, default ``runner_base``), after
-``import vlp_codebook_lavis``::
+LAVIS's ``train.py`` is not in its wheel; this launcher runs the same steps with LAVIS's pieces::
 
     python -m vlp_codebook_lavis.train --cfg-path my_codis.yaml [--options run.max_epoch=1 ...]
 
-Differences from LAVIS's script, each because LAVIS's would fail or surprise here:
+Differences from LAVIS's script: a relative ``run.output_dir`` is relative to the current
+directory (not site-packages); on CPU the launcher hands the runner its model (LAVIS's
+``RunnerBase.model`` returns None there); a ``codebook_loss`` / ``intra_modal_loss`` block under
+a non-CODIS ``arch`` is an error rather than ignored.
 
-* ``run.output_dir``, when relative, is taken relative to the current directory (LAVIS's
-  runner puts it under LAVIS's package directory, i.e. inside site-packages).
-* On CPU (``run.device: cpu``), LAVIS's ``RunnerBase.model`` returns None (it sets its model
-  only when moving it to another device); the launcher hands the runner its model.
-* A ``codebook_loss`` / ``intra_modal_loss`` block under a model whose ``arch`` is not a CODIS
-  one is an error (LAVIS would silently ignore it).
-
-Runtime patches of LAVIS (LAVIS's runner has no hook for either), made by
-:func:`adapted_runner_module` for the duration of :func:`main` and restored when it returns
-or raises:
+Runtime patches of LAVIS (its runner has no hook for either), made by
+:func:`adapted_runner_module` for the duration of :func:`main` and restored when it returns or
+raises:
 
 * ``lavis.runners.runner_base.dist`` -> a ``torch.distributed`` whose ``barrier()`` is a no-op
-  without a process group, for a non-distributed run (the runner calls ``dist.barrier()``
-  unguarded after every epoch, which fails without one);
-* ``lavis.runners.runner_base.PrefetchLoader`` -> :class:`CpuLoader` (same interface, no CUDA
-  stream), for ``run.device: cpu`` (LAVIS's wrapper creates a CUDA stream).
+  without a process group (the runner calls it unguarded after every epoch);
+* ``lavis.runners.runner_base.PrefetchLoader`` -> :class:`CpuLoader` for ``run.device: cpu``
+  (LAVIS's wrapper creates a CUDA stream).
 """
 from __future__ import annotations
 

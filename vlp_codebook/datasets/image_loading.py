@@ -1,14 +1,10 @@
 """Image files to float tensors with PIL + numpy + torch only (no torchvision in the core).
 
-``load_image(path, image_size)`` opens any format PIL reads, composites transparency onto
-white (emoji PNGs are RGBA), scales 16-bit and [0, 1] float grayscale to 8 bits, converts to RGB, resizes to ``image_size`` x ``image_size``
-(bicubic) and returns a ``(3, H, W)`` float32 tensor with values in [0, 1]. Normalisation
-(mean/std) belongs to the model's data preprocessor, not to the dataset.
-
-``load_image(path, image_size, crop_scale=(lo, hi))`` is the "random resized crop" of ALBEF's
-training transforms (Szegedy et al. 2015; ALBEF pretrains with scale (0.2, 1), fine-tunes with
-(0.5, 1)): a box covering a random fraction in ``[lo, hi]`` of the image area, with an aspect
-ratio drawn log-uniformly from ``[3/4, 4/3]``, is cut out and resized to ``image_size`` squared.
+:func:`load_image` opens any format PIL reads, composites transparency onto white (emoji PNGs
+are RGBA), scales 16-bit and float grayscale to 8 bits, converts to RGB, resizes (bicubic) to
+``image_size`` squared and returns ``(3, H, W)`` float32 in [0, 1]; normalisation belongs to the
+data preprocessor. ``crop_scale=(lo, hi)`` first cuts ALBEF's random resized crop: a box of a
+random area fraction in ``[lo, hi]`` with an aspect ratio log-uniform in ``[3/4, 4/3]``.
 
 Example::
 

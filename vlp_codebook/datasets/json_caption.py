@@ -1,25 +1,12 @@
 """Image-caption datasets for the ALBEF / LAVIS JSON annotation format.
 
-Pretraining / training files are a JSON list of entries ::
-
-    [{"image": "coco/train2014/1.jpg", "caption": "A man riding a horse.", "image_id": 12}, ...]
-
-``caption`` may be a string or a list of strings (ALBEF's pretraining files use both); ``image_id``
-is optional. Retrieval evaluation files (ALBEF ``coco_test.json``, ``flickr30k_test.json``, LAVIS
-``*_test.json``) are a JSON list of ``{"image": ..., "caption": [str, ...]}``, one entry per image.
-Image paths are joined to ``image_root`` (absolute paths are used as they are).
-
-* :class:`CaptionPretrainDataset` yields one item per (image, caption) pair:
-  ``dict(image=FloatTensor (3, H, W) in [0, 1], text=str, image_id=int)``.
-* :class:`CaptionRetrievalDataset` yields one item per image:
-  ``dict(image=FloatTensor (3, H, W), texts=list[str], image_id=int)`` and exposes ALBEF's
-  ``txt2img`` (caption index -> image index) and ``img2txt`` (image index -> caption indices),
-  captions numbered in file order.
-
-Captions are cleaned by :func:`~vlp_codebook.datasets.caption_text.clean_caption` when the
-dataset is built, so a caption that cleans to nothing is reported at once with its entry index.
-Batch them with ``collate_fn=dict(type='vlp_codebook.vlp_collate')`` (the scoped name: the Runner
-looks collate functions up in mmengine's root registry).
+Training files are a JSON list of ``{"image": path, "caption": str | [str, ...], "image_id"?: any}``;
+retrieval evaluation files (ALBEF ``coco_test.json``, LAVIS ``*_test.json``) one entry per image
+with a list of captions. Image paths are joined to ``image_root``. Captions are cleaned
+(:func:`~vlp_codebook.datasets.caption_text.clean_caption`) when the dataset is built, so a
+caption that cleans to nothing is reported at once with its entry index. Batch with
+``collate_fn=dict(type='vlp_codebook.vlp_collate')`` (scoped: the Runner looks collate functions
+up in mmengine's root registry).
 
 Example (an mmengine dataloader config)::
 
@@ -51,13 +38,8 @@ AnnFiles = Union[str, Sequence[str]]
 
 
 def load_annotations(ann_file: AnnFiles) -> List[Tuple[str, int, dict]]:
-    """Entries of one or several JSON annotation files as ``(file, index in file, entry)``.
-
-    Raises:
-        FileNotFoundError: an annotation file is missing (absolute path in the message).
-        ValueError: a file is not UTF-8 or not valid JSON.
-        TypeError: a file's top level is not a list, or an entry is not an object.
-    """
+    """Entries of one or several JSON annotation files as ``(file, index in file, entry)``; a
+    missing, non-UTF-8 or non-JSON file, or one that is not a list of objects, raises naming it."""
     files = [ann_file] if isinstance(ann_file, (str, os.PathLike)) else list(ann_file)
     if not files:
         raise ValueError('ann_file is an empty list; give at least one JSON annotation file')
@@ -161,28 +143,21 @@ class CaptionPretrainDataset(_CaptionImages):
     """One sample per (image, caption) pair of ALBEF/LAVIS JSON annotation files.
 
     Args:
-        ann_file: a JSON file, or a list of them, each a list of
-            ``{"image": path, "caption": str | list[str], "image_id"?: any}``.
-        image_root: directory that relative ``image`` paths are joined to.
-        image_size: output side length; images are resized to ``image_size`` squared.
+        ann_file: a JSON file or a list of them; image_root: where relative ``image`` paths are.
+        image_size: output side length (square).
         max_words: captions are cut to this many words after cleaning (ALBEF: 30).
-        horizontal_flip_prob: probability of a random horizontal flip, which also swaps the words
-            "left" and "right" in the caption. 0 (default): items are deterministic.
-        crop_scale: ``(min, max)`` area fraction of a random resized crop (ALBEF: (0.2, 1) in
-            pretraining, (0.5, 1) in retrieval fine-tuning); None (default): the whole image.
-        rand_augment: arguments of :class:`~vlp_codebook.datasets.rand_augment.RandAugment`
-            (ALBEF: ``dict(num_ops=2, magnitude=7)``), applied after the crop; None (default): off.
-        check_images: check at construction that every image file exists (one ``stat`` per image;
-            off by default for large corpora, where a missing file is reported when read).
+        horizontal_flip_prob: random horizontal flip, which also swaps "left" and "right" in the
+            caption (0, default: deterministic items).
+        crop_scale: ``(min, max)`` area fraction of a random resized crop (ALBEF: (0.2, 1)
+            pretraining, (0.5, 1) fine-tuning); None: the whole image.
+        rand_augment: :class:`~vlp_codebook.datasets.rand_augment.RandAugment` arguments (ALBEF:
+            ``dict(num_ops=2, magnitude=7)``), applied after the crop; None: off.
+        check_images: ``stat`` every image file at construction (off: reported when read).
 
     Item: ``dict(image=(3, image_size, image_size) float32 in [0, 1], text=str, image_id=int)``.
     ``image_id`` is the annotation's ``image_id`` when every entry has an ``int`` one; otherwise
     (string ids, or none) the images are numbered 0, 1, ... in order of first appearance, by
     ``image_id`` where given, else by image path — so all captions of one image share one id.
-
-    Raises:
-        FileNotFoundError, KeyError, TypeError, ValueError: see :func:`load_annotations`; a missing
-            ``image``/``caption`` field (``KeyError`` naming the field, the entry index and file).
     """
 
     def __init__(self, ann_file: AnnFiles, image_root: str = '', image_size: int = 224,

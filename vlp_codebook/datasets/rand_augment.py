@@ -82,9 +82,8 @@ class RandAugment:
         ops: names from the module table (default: ALBEF's ten).
         prob: probability that a drawn operation is applied (ALBEF: 0.5).
 
-    Call: ``augment(image: PIL RGB, rng=None) -> PIL RGB`` of the same size; ``rng`` is a
-    ``random.Random`` (default: Python's global generator, seeded per dataloader worker by
-    mmengine).
+    Call: ``augment(image: PIL RGB, rng=None) -> PIL RGB`` of the same size; ``rng``: a
+    ``random.Random`` (default: the global one, which mmengine seeds per worker).
     """
 
     def __init__(self, num_ops: int = 2, magnitude: float = 7, ops: Sequence[str] = ALBEF_OPS, prob: float = 0.5):

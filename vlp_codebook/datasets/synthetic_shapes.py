@@ -1,29 +1,15 @@
 """An embedded image-caption dataset: rendered two-object scenes with compositional captions.
 
-Nothing is downloaded. Each scene has two objects on a dark background, side by side (relations
-"left of" / "right of") or one over the other ("above" / "below"). An object has a size (small,
-large), a color (red, green, blue, yellow; the two objects' colors differ) and a shape (circle,
-square, triangle). Captions are true paraphrases of the scene, for example ::
+Nothing is downloaded. Two objects (size, color, shape; the colors differ) sit side by side or
+one over the other, and every caption is a true paraphrase of the scene, e.g.
+``there is a large blue square to the right of a small red circle``.
 
-    a small red circle left of a large blue square
-    there is a large blue square to the right of a small red circle
-    a red circle left of a blue square
-
-Everything is a pure function of ``(seed, split, index)``: scene ``i`` is drawn with
-``numpy.random.default_rng([seed, split, i])`` and rendered with PIL without anti-aliasing (so
-every object pixel has exactly its color in :data:`COLORS`). A scene belongs to the split given by
-a stable hash of its full description (attributes and pixel positions, 1 in 5 to ``test``); the
-generator redraws until it gets a scene of its own split, so no train image can occur in the test
-split, whatever the seeds.
-
-* ``split='train'``: one item per (image, caption), like :class:`CaptionPretrainDataset`:
-  ``dict(image=(3, S, S) float32 in [0, 1], text=str, image_id=int)``.
-* ``split='test'``: one item per image, like :class:`CaptionRetrievalDataset`:
-  ``dict(image, texts=list[str], image_id=int)``, with ``text``, ``img2txt`` and ``txt2img``.
-
-:meth:`SyntheticShapesDataset.vocabulary` lists every word a caption can contain after the BERT
-special tokens, so a word-level BERT tokenizer can be built offline
-(:meth:`SyntheticShapesDataset.write_vocabulary` writes it as a ``vocab.txt``).
+Scene ``i`` is a pure function of ``(seed, split, i)`` (``numpy.random.default_rng``, PIL without
+anti-aliasing). Its split is a stable hash of its full description (1 in 5 to ``test``), and the
+generator redraws until the scene is of its own split, so no train image can be a test image.
+``split='train'`` items are as :class:`CaptionPretrainDataset`'s, ``split='test'`` as
+:class:`CaptionRetrievalDataset`'s (with ``text``, ``img2txt``, ``txt2img``).
+:meth:`SyntheticShapesDataset.write_vocabulary` writes the words for an offline BERT tokenizer.
 
 Example::
 

@@ -1,26 +1,15 @@
 """Crash-safe checkpoints: a file is either the old one or the complete new one, never half of each.
 
-mmengine writes a checkpoint by opening the final path for writing (truncating whatever good
-file was there) and ``last_checkpoint`` the same way; a run killed in between leaves a 0-byte or
-truncated ``.pth`` and a pointer to it. Here every write goes to a temporary file in the same
-directory (``.NAME.XXXX.tmp``), is flushed and ``fsync``-ed, then renamed over the final name with
-``os.replace`` (atomic on POSIX and Windows), and the directory is synced:
-
-* :func:`atomic_write` -- that, for bytes or text;
-* :class:`AtomicLocalBackend` -- mmengine's local file backend whose ``put``/``put_text`` do it
-  (registered with mmengine's file backends as :data:`ATOMIC_BACKEND`);
-* :class:`AtomicCheckpointHook` -- mmengine's ``CheckpointHook`` that saves through that backend
-  (when no other storage backend is configured), updates ``last_checkpoint`` the same way and
-  only after the checkpoint is complete, and deletes checkpoints beyond ``max_keep_ckpts`` only
-  after the new one is in place (mmengine deletes first). It writes the message hub's logged
-  scalars as plain lists (what :mod:`vlp_codebook.checkpoint_io` reads) and never deletes a path
-  or step found in a checkpoint: the checkpoints to prune and the previous best one are found in
-  the output directory's own listing. Temporary files of a killed save are removed at the start.
-
-The shipped runtime config uses the hook; the train tool swaps a config's plain
-``CheckpointHook`` for it (:func:`use_atomic_checkpoint_hook`). A leftover ``.tmp`` file after a
-crash is an incomplete write; ``--resume`` ignores it (see
-:mod:`vlp_codebook.engine.resume`) and the next training run removes it.
+mmengine truncates the final path before writing, so a run killed meanwhile leaves a broken
+``.pth`` and a ``last_checkpoint`` pointing at it. Here every write goes to ``.NAME.XXXX.tmp`` in
+the same directory, is ``fsync``-ed and ``os.replace``-d over the final name (:func:`atomic_write`,
+:class:`AtomicLocalBackend`). :class:`AtomicCheckpointHook` saves through that backend, updates
+``last_checkpoint`` only after the checkpoint is complete and deletes checkpoints beyond
+``max_keep_ckpts`` only after the new one is in place (mmengine deletes first). It writes the
+message hub's logged scalars as plain lists (what :mod:`vlp_codebook.checkpoint_io` reads) and
+never deletes a path or step found in a checkpoint: what to prune, and the previous best, come
+from the output directory's own listing; temporary files of a killed save are removed at the
+start. The train tool swaps a config's plain ``CheckpointHook`` for it (:func:`use_atomic_checkpoint_hook`).
 
 Usage in a config::
 

@@ -1,23 +1,12 @@
 """Distributed set-up for the tools: gloo on CPU, mmengine's own path on GPU.
 
-Why: with ``launcher='pytorch'`` mmengine's ``Runner.setup_env`` calls
-``mmengine.dist.init_dist``, which runs ``torch.cuda.set_device(LOCAL_RANK)`` before
-``init_process_group`` -- an error on a machine without a GPU. And ``Runner.wrap_model`` gives
-``MMDistributedDataParallel`` ``device_ids=[LOCAL_RANK]``, which torch rejects for a CPU
-module (CPU modules need ``device_ids=None``).
-
-What :func:`setup_launcher` does for ``launcher='pytorch'`` without CUDA:
-
-1. initialises the default process group itself (gloo, ``init_method='env://'``) from the
-   variables ``torchrun`` exports (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-   ``MASTER_PORT``). ``Runner.setup_env`` skips ``init_dist`` when a group already exists,
-   so no CUDA call happens;
-2. keeps ``cfg.launcher = 'pytorch'`` (the Runner then knows it is distributed: distributed
-   samplers, rank-0-only logging and checkpoints, result collection for the metrics);
-3. sets ``cfg.model_wrapper_cfg`` to ``MMDistributedDataParallel`` with ``device_ids=None``
-   (keeping the config's other wrapper options such as ``find_unused_parameters``).
-
-With CUDA available nothing is changed: mmengine initialises nccl as usual.
+Why: with ``launcher='pytorch'`` mmengine's ``init_dist`` calls ``torch.cuda.set_device`` before
+``init_process_group``, and ``Runner.wrap_model`` passes ``device_ids=[LOCAL_RANK]``, which torch
+rejects for a CPU module. So :func:`setup_launcher`, for ``launcher='pytorch'`` without CUDA,
+initialises the gloo process group itself from torchrun's variables (``Runner.setup_env`` then
+skips ``init_dist``), keeps ``cfg.launcher`` (distributed samplers, rank-0 logging) and sets
+``cfg.model_wrapper_cfg`` to ``MMDistributedDataParallel`` with ``device_ids=None``, keeping the
+config's other wrapper options. With CUDA nothing is changed.
 
 Usage (2 CPU processes)::
 
@@ -41,16 +30,9 @@ LAUNCHERS = ('none', 'pytorch')
 
 
 def init_cpu_process_group(backend: str = 'gloo', timeout_s: Optional[float] = 1800.0) -> None:
-    """Initialise the default process group from torchrun's environment (no-op if one exists).
-
-    Args:
-        backend: the torch.distributed backend; ``'gloo'`` is the one that runs on CPU.
-        timeout_s: collective timeout in seconds (``None``: torch's default).
-
-    Raises:
-        RuntimeError: a torchrun variable is missing or not an integer where it must be;
-            the message lists them and shows the torchrun command.
-    """
+    """Initialise the default process group from torchrun's environment (no-op if one exists);
+    ``timeout_s=None``: torch's default. A missing or non-integer torchrun variable raises
+    ``RuntimeError`` listing them and showing the torchrun command."""
     if torch_dist.is_initialized():
         return
     missing = [name for name in TORCHRUN_ENV_VARS if not os.environ.get(name)]
@@ -94,16 +76,8 @@ def cpu_model_wrapper_cfg(model_wrapper_cfg: Optional[MutableMapping] = None) ->
 
 
 def setup_launcher(cfg: MutableMapping, launcher: str) -> None:
-    """Prepare ``cfg`` (an mmengine ``Config``) and the process group for ``launcher``.
-
-    Args:
-        cfg: the config the Runner will be built from; ``launcher``, ``env_cfg.dist_cfg`` and
-            ``model_wrapper_cfg`` are updated in place.
-        launcher: ``'none'`` (one process) or ``'pytorch'`` (started by torchrun).
-
-    Raises:
-        ValueError: an unknown launcher.
-    """
+    """Prepare ``cfg`` (its ``launcher``, ``env_cfg.dist_cfg`` and ``model_wrapper_cfg``, in place)
+    and the process group for ``launcher``: ``'none'`` (one process) or ``'pytorch'`` (torchrun)."""
     if launcher not in LAUNCHERS:
         raise ValueError(f'launcher={launcher!r} is not supported; use one of {LAUNCHERS}')
     cfg['launcher'] = launcher

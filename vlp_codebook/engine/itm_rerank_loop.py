@@ -1,25 +1,16 @@
 """Retrieval evaluation with ITM re-ranking of the top-k candidates, as ALBEF evaluates.
 
-The plain ``ValLoop``/``TestLoop`` score every image-text pair by embedding similarity (the
-model's ``predict`` output). These loops collect, over the whole evaluation set, the student
-embeddings *and* the token states the fusion encoder needs, then re-score the ``k`` most similar
-candidates of every query with the image-text matching head
-(:func:`vlp_codebook.evaluation.itm_rerank.itm_rerank`) and hand the re-ranked score matrices
-to the evaluator (``RetrievalMetric`` accepts whole matrices).
+These loops collect the whole set's embeddings and the token states the fusion encoder needs,
+re-score the ``k`` most similar candidates of every query with the ITM head
+(:func:`vlp_codebook.evaluation.itm_rerank.itm_rerank`) and hand the score matrices to the
+evaluator. The model needs ``data_preprocessor``, ``extract_feats`` and ``fusion_encoder`` +
+``itm_head``, as :class:`CODIS`. Under torch.distributed every rank embeds the whole set in
+dataset order (as ALBEF), scores its share of the pairs, and the scores are gathered.
 
 Config::
 
     val_cfg = dict(type='ITMRerankValLoop', k=128)      # ALBEF: 128 on Flickr30K, 256 on COCO
     test_cfg = dict(type='ITMRerankTestLoop', k=256)
-
-The model must provide ``data_preprocessor``, ``extract_feats(images, input_ids,
-attention_mask)`` and an ITM head (``fusion_encoder`` + ``itm_head``), as :class:`CODIS` does.
-Token states of the whole set are kept in memory (ALBEF does the same with image features).
-
-Under torch.distributed (e.g. validation during a torchrun training) every rank embeds the whole
-set in dataset order, as ALBEF does (the configured loader's distributed sampler would hand each
-rank a strided share), then each rank scores ``1 / world_size`` of the re-ranked pairs and the
-scores are gathered: all ranks report the single-process metrics.
 """
 from __future__ import annotations
 

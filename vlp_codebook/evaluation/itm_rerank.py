@@ -1,26 +1,14 @@
-r"""ITM re-ranking of the top-k retrieval candidates, as ALBEF evaluates retrieval.
+"""ITM re-ranking of the top-k retrieval candidates, as ALBEF evaluates retrieval
+(``Retrieval.py::evaluation``).
 
-Contrastive similarities ``S`` (images x texts) are cheap for all pairs; the image-text matching
-head (fusion encoder + ITM classifier) is accurate but costs one fusion pass per pair. ALBEF
-scores with ITM only the ``k`` most similar candidates of every query:
+Contrastive similarities ``S`` (images x texts) are cheap for all pairs; the ITM head costs one
+fusion pass per pair, so only the ``k`` most similar candidates of every query are scored with
+``itm(i, j)`` (+ ``S[i, j]`` when ``add_similarity``, as BLIP). Every other candidate gets a
+finite floor just below the smallest re-ranked score (ALBEF: -100), so recall at cut-offs above
+``k`` only counts the top k, ties at the floor counting against the query.
 
-* image query ``i``: its top-k texts by ``S[i]`` get ``itm(i, j)`` (+ ``S[i, j]`` when
-  ``add_similarity``, as BLIP does);
-* text query ``j``: its top-k images by ``S[:, j]`` likewise;
-* every other candidate gets a floor score below all re-ranked ones, so it ranks after them
-  (ALBEF fills with -100; we use a finite floor just below the smallest re-ranked score).
-
-The result feeds :func:`~vlp_codebook.evaluation.retrieval.retrieval_recalls` or
-:class:`~vlp_codebook.evaluation.RetrievalMetric` (``score_i2t``/``score_t2i`` samples). Recall at
-cut-offs above ``k`` then only counts candidates among the top k, ties at the floor counting
-against the query.
-
-Under torch.distributed every rank passes the same ``score_i2t`` (e.g. embeddings of the whole
-set, as ALBEF computes them on every rank); each rank then scores a contiguous share of the
-pairs and the shares are gathered, so all ranks return the same matrices, ``world_size`` times
-faster than one process.
-
-Reference: Li et al., "Align before Fuse" (ALBEF), NeurIPS 2021, ``Retrieval.py::evaluation``.
+Under torch.distributed every rank passes the same ``score_i2t``; each scores a contiguous share
+of the pairs and the shares are gathered, so all ranks return the same matrices.
 
 Example::
 
@@ -78,15 +66,11 @@ def itm_rerank(score_i2t: torch.Tensor, pair_scorer: PairScorer, k: int = 128, a
 
     Args:
         score_i2t: (N_img, N_txt) similarity scores.
-        pair_scorer: ``pair_scorer(image_index (P,), text_index (P,)) -> (P,)`` ITM scores of the
-            pairs (e.g. the ITM head's positive logit or probability); called in chunks of
-            ``batch_size`` pairs.
-        k: candidates re-scored per query (ALBEF: 256 on COCO, 128 on Flickr30K); capped at the
-            number of candidates.
+        pair_scorer: ``pair_scorer(image_index (P,), text_index (P,)) -> (P,)`` ITM scores,
+            called with ``batch_size`` pairs at most.
+        k: candidates re-scored per query (ALBEF: 256 on COCO, 128 on Flickr30K).
         add_similarity: final score = ITM + similarity (BLIP) instead of ITM alone (ALBEF).
-        batch_size: pairs per ``pair_scorer`` call.
-        process_group: under torch.distributed (default group when None), each rank scores a
-            share of the pairs; every rank must pass the same ``score_i2t`` and ``k``.
+        process_group: the ranks that share the pairs (default group when None).
 
     Returns:
         ``(score_i2t (N_img, N_txt), score_t2i (N_txt, N_img))``, re-ranked.

@@ -1,32 +1,18 @@
-r"""Image-text retrieval recall (TR/IR R@k) for images with several captions.
+r"""Image-text retrieval recall (TR/IR R@k) for images with several captions, as ALBEF's ``itm_eval``.
 
-Given similarity scores ``S`` (images x texts) and the ground-truth pairing (every text describes
-exactly one image, an image may have several texts), as ALBEF's ``itm_eval``:
+With scores ``S`` (images x texts) and every text describing exactly one image:
 
-* **text retrieval** (image -> texts), one query per image ``i`` with captions ``G_i``: the rank is
-  the position of the *best placed* correct caption,
-  :math:`r_i = |\{j \notin G_i : S_{ij} \ge \max_{g \in G_i} S_{ig}\}|`; a hit at k if ANY caption
-  of the image is among the top k.
-* **image retrieval** (text -> images), one query per caption ``j`` of image ``t_j``:
-  :math:`r_j = |\{i \ne t_j : S^{t2i}_{ji} \ge S^{t2i}_{j t_j}\}|`.
-* :math:`R@k = 100 \cdot \text{mean}(r < k)` (percent); ``txt_r_mean``/``img_r_mean`` average
-  R@k over the ks, ``r_mean`` averages those two.
+* **text retrieval**, one query per image ``i`` with captions ``G_i``, ranked by its best placed
+  caption: :math:`r_i = |\{j \notin G_i : S_{ij} \ge \max_{g \in G_i} S_{ig}\}|`;
+* **image retrieval**, one query per caption ``j`` of image ``t_j``:
+  :math:`r_j = |\{i \ne t_j : S^{t2i}_{ji} \ge S^{t2i}_{j t_j}\}|` (``S^{t2i}`` defaults to
+  ``S^T``; ITM re-ranking gives two different matrices);
+* :math:`R@k = 100 \cdot \text{mean}(r < k)`; ``txt_r_mean``/``img_r_mean`` average over the ks,
+  ``r_mean`` those two.
 
-**Ties** count against the query (a wrong candidate scoring *equal* to the correct one is ranked
-before it). ALBEF's ``argsort`` leaves ties to the sort algorithm; we make them pessimistic so
-that a collapsed model (all scores equal) gets chance-level or lower recall, never 100 %.
-
-``S^{t2i}`` defaults to ``S^T``; pass it separately when the two directions use different scores
-(ALBEF's ITM re-ranking of the top k candidates gives two different matrices).
-
-:class:`RetrievalMetric` is the mmengine metric: it collects per-image embeddings (or a whole
-precomputed score matrix) from the model's predictions, gathers them across ranks with mmengine's
-``collect_results`` and prints the table in the paper's layout::
-
-    Retrieval: 100 images, 500 texts (r_mean 71.03)
-    |      Text Retrieval      |     Image Retrieval      |
-    |  TR@1  |  TR@5  | TR@10  |  IR@1  |  IR@5  | IR@10  |
-    |  55.70 |  81.92 |  88.78 |  41.08 |  69.01 |  78.86 |
+Ties count against the query (ALBEF leaves them to ``argsort``), so a collapsed model with all
+scores equal gets chance-level recall or lower, never 100 %. :class:`RetrievalMetric` is the
+mmengine metric; it prints the paper's table (TR@1/5/10 | IR@1/5/10).
 
 Example::
 
@@ -180,22 +166,10 @@ def _get(sample: Any, key: str, default: Any = None) -> Any:
 class RetrievalMetric(BaseMetric):
     """TR/IR R@k over a retrieval set, from the model's predictions (mmengine ``BaseMetric``).
 
-    Each data sample passed to :meth:`process` is one of
-
-    * per image (the model's ``predict`` output): ``dict(image_embed=(d,), text_embeds=(n_caps, d),
-      image_id=int)``; the score of an image-text pair is the dot product of the embeddings
-      (cosine similarity when ``normalize``);
-    * one whole precomputed matrix, e.g. after ITM re-ranking: ``dict(score_i2t=(N_img, N_txt),
-      img2txt=list[list[int]], score_t2i=(N_txt, N_img) optional)``. Under DDP every rank must
-      hold the same matrix; the first is used.
-
-    Args:
-        k: the recall cut-offs.
-        normalize: L2-normalise embeddings before the dot product.
-        collect_device, prefix, collect_dir: as :class:`mmengine.evaluator.BaseMetric`.
-
-    ``compute_metrics`` returns ``txt_r{k}``, ``img_r{k}``, ``txt_r_mean``, ``img_r_mean``, ``r_mean``
-    (percent); mmengine prefixes them with ``retrieval/`` (``prefix`` changes that).
+    A data sample is per image, ``dict(image_embed=(d,), text_embeds=(n_caps, d), image_id=int)``
+    (pairs scored by dot product, cosine with ``normalize``), or one whole matrix (after ITM
+    re-ranking) ``dict(score_i2t=(N_img, N_txt), img2txt=list[list[int]], score_t2i=optional)``,
+    the same on every rank. ``k``: the cut-offs. The metrics (percent) are prefixed ``retrieval/``.
 
     Example (mmengine config)::
 

@@ -21,29 +21,15 @@ b + codebook (student feature)         b, plus ``codebook_loss``, ``codebook_pla
 b + codebook (teacher feature)         the default (full CODIS)
 =====================================  ===========================================================
 
-``forward(mode='loss')`` returns every term by name (``loss_code_i2p``, ``loss_code_t2p``,
-``loss_code_ot_v``, ``loss_code_ot_t``, ``loss_t2i``, ``loss_i2t``, ``loss_i2i``, ``loss_t2t``,
-``loss_itm``, ``loss_mlm``) plus logged statistics whose names contain no "loss"
-(``temperature``, ``alpha``, ``code_perplexity``, ``code_plan_perplexity``), which mmengine logs
-but does not sum.
-``mode='predict'`` returns, per image, its embedding and those of its captions (for
-:class:`~vlp_codebook.evaluation.RetrievalMetric`); ``mode='tensor'`` the raw embeddings.
+``forward(mode='loss')`` returns every term by name (``loss_code_*``, ``loss_t2i``...,
+``loss_itm``, ``loss_mlm``) plus logged statistics without "loss" in their names (``temperature``,
+``alpha``, ``code_perplexity``, ``code_plan_perplexity``), which mmengine logs but does not sum.
+``mode='predict'`` returns per-image embeddings for
+:class:`~vlp_codebook.evaluation.RetrievalMetric`; ``mode='tensor'`` the raw embeddings.
 
-The momentum teachers are updated inside every training forward, before the teacher pass
-(as ALBEF does), and the queues are filled after the losses are computed.
-
-**Host reads.** A training forward reads the device only where it must: once for all value
-checks of the step (NaN/inf features, token ids, temperature..., collected by
-:func:`vlp_codebook.checks.deferred_checks` around the whole loss and read together at its end)
-and once per block of Sinkhorn iterations (:func:`vlp_codebook.ot.sinkhorn`'s ``check_every``).
-Step counters are Python ints mirrored into buffers
-(:class:`~vlp_codebook.models.host_counters.HostCounters`). ``tests/test_host_reads.py`` bounds
-the count.
-
-**ITM negatives** (``itm_negatives``): ALBEF draws each hard negative from this rank's batch
-(``'in_rank'``, the default); BLIP's ``negative_all_rank`` draws from the joint batch of all
-ranks (``'all_ranks'``: the negatives' text states and image tokens are gathered with gradient).
-Both are the same in one process.
+The momentum teachers are updated inside every training forward, before the teacher pass (as
+ALBEF), and the queues are filled after the losses. All value checks of a step are read from the
+device once, at its end (:func:`vlp_codebook.checks.deferred_checks`; ``tests/test_host_reads.py``).
 """
 from __future__ import annotations
 
@@ -67,16 +53,13 @@ __all__ = ['CODIS']
 ConfigType = Union[None, Mapping, nn.Module]
 
 
-def _check_options(codebook_plan_features, queue_size, alpha, alpha_warmup_iters, itm_negatives) -> None:
+def _check_options(codebook_plan_features, queue_size, itm_negatives) -> None:
+    # alpha and alpha_warmup_iters are checked where they are used (the distillation loss, ramped_alpha).
     if codebook_plan_features not in ('teacher', 'student'):
         raise ValueError("codebook_plan_features must be 'teacher' or 'student', got "
                          f'{codebook_plan_features!r}')
     if queue_size < 0:
         raise ValueError(f'queue_size must be >= 0, got {queue_size}')
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f'alpha must be in [0, 1], got {alpha}')
-    if alpha_warmup_iters < 0:
-        raise ValueError(f'alpha_warmup_iters must be >= 0, got {alpha_warmup_iters}')
     if itm_negatives not in ('in_rank', 'all_ranks'):
         raise ValueError(f"itm_negatives must be 'in_rank' (ALBEF) or 'all_ranks' (BLIP), got "
                          f'{itm_negatives!r}')
@@ -96,36 +79,28 @@ class CODIS(HostCounters, BaseModel):
     """CODIS vision-language pretraining model.
 
     Args:
-        image_encoder: config of the image encoder (e.g. ``ViTImageEncoder``); must expose ``width``.
-        text_encoder: config of the text encoder (e.g. ``BertTextEncoder``).
-        fusion_encoder: config of the fusion encoder (``BertFusionEncoder``); needed by ITM/MLM.
+        image_encoder, text_encoder, fusion_encoder: encoder configs (``ViTImageEncoder``,
+            ``BertTextEncoder``, ``BertFusionEncoder``; the fusion encoder is needed by ITM/MLM).
         embed_dim: dimension of the shared embedding space (paper: 256).
-        data_preprocessor: config of the preprocessor that tokenises captions and normalises
-            images (``VLPDataPreprocessor``).
-        teacher: ``MomentumTeacher`` config (without ``student``), e.g.
-            ``dict(type='MomentumTeacher', momentum=0.995)``.
-        queue_size: number of past teacher embeddings kept per modality (paper: 65536). 0: no queue.
-        distillation_loss: ``MultiDirectionalDistillationLoss`` config, or None.
-        codebook_loss: ``CodebookOTLoss`` config (``embed_dim`` is filled in), or None.
-        codebook_plan_features: ``'teacher'`` (paper's best) or ``'student'``: which embeddings
-            the codebook's transport plans are computed from.
-        itm_loss: ``ImageTextMatchingLoss`` config, or None.
-        itm_head: ``ImageTextMatchingHead`` config (``hidden_size`` filled in).
-        mlm_loss: ``MaskedLanguageModelingLoss`` config, or None.
-        mlm_head: ``MaskedLanguageModelingHead`` config (sizes filled in, decoder tied to the
-            text encoder's word embeddings).
+        data_preprocessor: ``VLPDataPreprocessor`` config (tokeniser, image normalisation).
+        teacher: ``MomentumTeacher`` config without ``student``.
+        queue_size: past teacher embeddings kept per modality (paper: 65536); 0: no queue.
+        distillation_loss, codebook_loss, itm_loss, mlm_loss: loss configs, or None.
+        codebook_plan_features: ``'teacher'`` (paper's best) or ``'student'``: the embeddings the
+            codebook's transport plans are computed from.
+        itm_head, mlm_head: head configs (sizes filled in; the MLM decoder is tied to the text
+            encoder's word embeddings).
         mask_prob: MLM masking probability (15 %, of which 80/10/10 mask/random/keep).
-        alpha: momentum-distillation weight α (ALBEF 0.4).
-        alpha_warmup_iters: α ramps linearly from 0 over this many training steps (ALBEF: one
-            epoch); 0 disables the ramp.
-        itm_temperature: temperature of the similarities ITM hard negatives are drawn from when
-            there is no distillation loss (else the distillation loss's learnable γ is used).
+        alpha, alpha_warmup_iters: momentum-distillation weight α (ALBEF 0.4), ramped linearly
+            from 0 over this many steps (ALBEF: one epoch; 0: no ramp).
+        itm_temperature: temperature of the similarities ITM negatives are drawn from when there
+            is no distillation loss (else its learnable γ).
         itm_negatives: ``'in_rank'`` (ALBEF: hard negatives from this rank's batch, default) or
-            ``'all_ranks'`` (BLIP's ``negative_all_rank``: from the joint batch of all ranks).
-        log_joint_batch_means: under torch.distributed, log every loss term as its value on the
-            joint batch (one all-reduce per step: the plain mean over ranks of the losses, each
-            of which is weighted by ``dist.batch_weight``) rather than rank 0's local value
-            (mmengine's default). The loss that is back-propagated stays this rank's share.
+            ``'all_ranks'`` (BLIP's ``negative_all_rank``: from the joint batch, gathered with
+            gradient; the same in one process).
+        log_joint_batch_means: under torch.distributed, log every loss term's joint-batch value
+            (one all-reduce per step) rather than rank 0's (mmengine's default); the
+            back-propagated loss stays this rank's share.
         init_cfg: mmengine init config.
     """
 
@@ -154,7 +129,7 @@ class CODIS(HostCounters, BaseModel):
         if isinstance(data_preprocessor, Mapping):
             data_preprocessor = MODELS.build(dict(data_preprocessor))
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        _check_options(codebook_plan_features, queue_size, alpha, alpha_warmup_iters, itm_negatives)
+        _check_options(codebook_plan_features, queue_size, itm_negatives)
         self.embed_dim = embed_dim
         self.log_joint_batch_means = log_joint_batch_means
         self._local_batch_size = 0  # of the last loss-mode forward, for parse_losses
@@ -251,14 +226,10 @@ class CODIS(HostCounters, BaseModel):
                 data_samples: Optional[list] = None, mode: str = 'tensor', **kwargs):
         """mmengine entry point; the data preprocessor's output dict is passed as keywords.
 
-        Args:
-            images: (N, 3, H, W) normalised images.
-            input_ids, attention_mask: (M, L) tokenised captions (M = N in training).
-            image_ids: (N,) instance ids >= 0; captions of one image share it (multi-positive).
-                Without ids every pair is its own instance.
-            mode: ``'loss'`` | ``'predict'`` | ``'tensor'``.
-            kwargs: ``text_to_image`` (M,) -- for predict mode, the image (row of ``images``)
-                each caption belongs to.
+        Args: images (N, 3, H, W); input_ids, attention_mask (M, L) (M = N in training);
+        image_ids (N,) >= 0, shared by captions of one image (without: every pair its own
+        instance); mode ``'loss'`` | ``'predict'`` | ``'tensor'``; kwargs: ``text_to_image`` (M,)
+        for predict mode, each caption's row of ``images``.
         """
         if mode == 'loss':
             return self.loss(images, input_ids, attention_mask, image_ids)

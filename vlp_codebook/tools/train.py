@@ -7,15 +7,10 @@ Usage::
     mim run vlp_codebook train CONFIG ...          # from a regular (non-editable) install
     torchrun --nproc_per_node 2 -m vlp_codebook.tools.train CONFIG --launcher pytorch   # 2 CPU procs
 
-``CONFIG`` is a path or the name of a shipped config (``codis_demo``, ``configs/codis_demo.py``;
-see :func:`vlp_codebook.engine.config.resolve_config`). ``--resume`` alone (or ``auto``)
-continues from the checkpoint ``last_checkpoint`` names if it is intact, else from the newest
-intact one in the work dir, saying so (:mod:`vlp_codebook.engine.resume`); ``--resume PATH`` from
-that file. Checkpoints are written crash-safe (:mod:`vlp_codebook.engine.checkpoint_saving`).
-``--amp``: fp16 ``AmpOptimWrapper`` with CUDA, bfloat16 autocast on CPU.
-``--verbose``: mmengine's full console output (environment, config dump, hook table, every loss
-term) and tracebacks; by default they go to the log file only (:mod:`vlp_codebook.tools.tool_runner`).
-``env_cfg.cpu_threads`` of the config sets torch's threads when no GPU is used.
+``CONFIG`` is a path or a shipped config's name (:func:`vlp_codebook.engine.config.resolve_config`).
+``--resume`` alone continues from the newest intact checkpoint (:mod:`vlp_codebook.engine.resume`);
+``--amp``: fp16 with CUDA, bfloat16 autocast on CPU; ``--verbose``: mmengine's full console output
+and tracebacks (:mod:`vlp_codebook.tools.tool_runner`).
 """
 from __future__ import annotations
 

@@ -4,10 +4,8 @@ This is the paper's pretraining objective on LAVIS's ALBEF: :math:`L = L_{code} 
 L_{itm} + L_{mlm}`, where LAVIS's ``loss_itc`` is the cross-modal part of :math:`L_{align}` and
 ``intra_modal_loss`` adds the i2i/t2t part (paper ablation row b).
 
-Unlike LAVIS's ``albef_pretrain``, ``from_config`` downloads nothing: the ViT and BERT start
-random unless the config gives local weights (``vit_pretrained``: a DeiT checkpoint file,
-``bert_pretrained``: a BERT directory; see :mod:`vlp_codebook_lavis.encoders`) or an ALBEF
-checkpoint (``load_pretrained: true`` + ``pretrained``).
+Unlike LAVIS's ``albef_pretrain``, ``from_config`` downloads nothing (local weights:
+:mod:`vlp_codebook_lavis.encoders`, or ``load_pretrained: true`` + ``pretrained``).
 
 Usage::
 

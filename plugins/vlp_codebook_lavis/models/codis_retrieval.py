@@ -1,10 +1,7 @@
 """``codis_retrieval``: LAVIS's ALBEF retrieval model plus the CODIS codebook terms.
 
-Same architecture, same ``forward`` inputs and LAVIS losses (``loss_itc``, ``loss_itm``) as
-``albef_retrieval``, plus the terms of :class:`~vlp_codebook_lavis.codis_mixin.CodisLossMixin`.
-An ``albef_retrieval`` YAML becomes a CODIS one by changing ``arch`` (the
-``codebook_loss`` / ``intra_modal_loss`` blocks are optional); ALBEF checkpoints load, the
-codebook starts fresh.
+``albef_retrieval`` plus the terms of :class:`~vlp_codebook_lavis.codis_mixin.CodisLossMixin`:
+an ``albef_retrieval`` YAML becomes a CODIS one by changing ``arch``; ALBEF checkpoints load.
 
 Usage::
 
@@ -34,9 +31,7 @@ class CodisRetrieval(CodisLossMixin, AlbefRetrieval):
         codebook_loss: the ``codebook_loss`` block (dict), see :mod:`vlp_codebook_lavis.codis_mixin`.
         intra_modal_loss: the ``intra_modal_loss`` block, or None (off).
 
-    ``forward(samples)`` takes LAVIS's retrieval samples (``image`` (B, 3, H, W), ``text_input``
-    list of B str, ``image_id`` (B,), ``epoch``, ``iters``, ``num_iters_per_epoch``) and returns a
-    :class:`~vlp_codebook_lavis.outputs.CodisAlbefOutput`.
+    ``forward(samples)``: LAVIS's retrieval samples -> :class:`~vlp_codebook_lavis.outputs.CodisAlbefOutput`.
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = model_configs('codis_retrieval', 'coco', 'flickr', 'tiny')

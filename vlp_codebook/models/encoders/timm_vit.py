@@ -1,10 +1,7 @@
 """ViT weights in timm's layout (DeiT, ALBEF's ``visual_encoder``) renamed for transformers' ``ViTModel``.
 
-ALBEF and CODIS initialise the image encoder from DeiT-B/16 (ImageNet-1k), and ALBEF's
-checkpoints store the image encoder as timm's ``VisionTransformer``; both are timm state dicts.
-The two layouts hold the same pre-norm transformer, so the weights map one to one, except that
-timm fuses the query, key and value projections into one ``qkv`` matrix whose rows are
-``[W_q; W_k; W_v]``:
+The two layouts hold the same pre-norm transformer; only timm fuses query, key and value into one
+``qkv`` matrix whose rows are ``[W_q; W_k; W_v]``:
 
 ==================================  ==========================================================
 timm                                transformers ``ViTModel``
@@ -18,16 +15,8 @@ timm                                transformers ``ViTModel``
 ``norm``                            ``layernorm``
 ==================================  ==========================================================
 
-The classifier (``head``, ``pre_logits``) is dropped. Anything else -- a distillation token
-(DeiT-distilled), LayerScale, q/k norms -- belongs to another architecture and raises, rather
-than being dropped silently.
-
-Example (the path is a placeholder)::
-
-    >>> from vlp_codebook.models.encoders.pretrained import read_state_dict
-    >>> state = timm_vit_to_transformers(read_state_dict('/ckpt/deit_base_patch16_224.pth'))
-    >>> state['encoder.layer.0.attention.attention.query.weight'].shape
-    torch.Size([768, 768])
+The classifier (``head``, ``pre_logits``) is dropped. Anything else (a distillation token,
+LayerScale, q/k norms) belongs to another architecture and raises rather than being dropped.
 """
 from __future__ import annotations
 

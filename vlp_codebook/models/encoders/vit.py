@@ -1,23 +1,14 @@
 r"""ViT image encoder: images (N, 3, H, W) -> tokens (N, 1 + P, D), [CLS] first.
 
-The Vision Transformer of Dosovitskiy et al. (ICLR 2021), as used by ALBEF/CODIS (ViT-B/16:
-D = 768, 12 layers, 12 heads): the image is cut into :math:`P = (H/p)(W/p)` patches of
-:math:`p \times p` pixels, each linearly embedded, a [CLS] token is prepended, learned position
-embeddings are added and pre-norm transformer layers follow, then a final LayerNorm. The
-[CLS] token (row 0) feeds the image projection; all tokens feed the fusion encoder's
-cross-attention.
+Dosovitskiy et al.'s ViT as ALBEF/CODIS use it (ViT-B/16: D = 768, 12 layers, 12 heads):
+:math:`P = (H/p)(W/p)` patch embeddings after a [CLS] token, learned position embeddings,
+pre-norm layers, final LayerNorm. Built on transformers' ``ViTModel`` (no pooler).
 
-Built on transformers' ``ViTModel`` (no pooling layer); no torchvision/timm.
-
-Pretrained weights come from a LOCAL path only (``pretrained=``): a transformers ViT
-directory (``config.json`` + weights; its sizes are used) or a state-dict file, either of a
-``ViTModel`` or in timm's layout (DeiT-B/16 as ALBEF/CODIS initialise from it, or an ALBEF
-checkpoint's ``visual_encoder``; see :mod:`.timm_vit`). A file's sizes are read from its
-tensors (all but ``num_heads``, which the weights do not record). When ``image_size`` differs from the checkpoint's,
-the position embeddings are resized bicubically (as ALBEF's ``interpolate_pos_embed``), at
-construction and in ``load_state_dict`` (so mmengine's ``load_from`` of a checkpoint trained at
-another size works too); inputs of another size than ``image_size`` are handled the same way
-on the fly.
+``pretrained=``: a LOCAL transformers ViT directory or a state-dict file, of a ``ViTModel`` or in
+timm's layout (DeiT, ALBEF's ``visual_encoder``; :mod:`.timm_vit`); a file's sizes are read off
+its tensors (all but ``num_heads``). Position embeddings of another grid are resized bicubically
+(ALBEF's ``interpolate_pos_embed``) at construction, in ``load_state_dict`` (so mmengine's
+``load_from`` works across sizes) and on the fly for inputs of another size.
 
 Example::
 
@@ -58,24 +49,15 @@ class ViTImageEncoder(nn.Module):
     """Vision Transformer returning all tokens.
 
     Args:
-        image_size: input side length in pixels (default 224; ALBEF pretrains at 256).
-        patch_size: p (default 16).
-        hidden_size: D, the token width (default 768).
-        num_layers: transformer layers (default 12).
-        num_heads: attention heads (default 12).
-        mlp_ratio: MLP hidden size / D (default 4).
-        pretrained: LOCAL directory or file with weights (see module docstring); ``None`` for a
-            random initialisation. Sizes left ``None`` are taken from the checkpoint (its
-            config.json, else its tensors' shapes), else the ViT-B/16 defaults above.
+        image_size, patch_size, hidden_size, num_layers, num_heads, mlp_ratio: ViT-B/16 by default
+            (224, 16, 768, 12, 12, 4; ALBEF pretrains at 256); sizes left ``None`` come from
+            ``pretrained`` (its config.json, else its tensors' shapes).
+        pretrained: LOCAL directory or file with weights (see module docstring), or None.
         drop_rate: dropout on hidden states (default 0).
         layer_norm_eps: LayerNorm epsilon (default 1e-6, as timm/ALBEF; a checkpoint's config wins).
 
-    Shapes:
-        forward: images (N, 3, H, W) float -> (N, 1 + (H/p)(W/p), D).
-
-    Attributes:
-        width: D.
-        num_patches: P at ``image_size``.
+    Shapes: forward: images (N, 3, H, W) float -> (N, 1 + (H/p)(W/p), D).
+    Attributes: ``width`` D, ``num_patches`` P at ``image_size``.
     """
 
     def __init__(self, image_size: Optional[int] = None, patch_size: Optional[int] = None,

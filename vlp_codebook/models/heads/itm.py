@@ -1,32 +1,20 @@
 r"""Image-text matching (ITM) with hard negatives sampled from in-batch similarities (ALBEF).
 
-The fusion encoder reads a text together with an image; a linear head on its [CLS] state
-classifies the pair as matched (class 1) or not (class 0). ALBEF (Li et al., NeurIPS 2021,
-Sec. 3.2) makes the task hard by choosing, for every image, a negative text with probability
+A linear head on the fusion encoder's [CLS] state classifies a (text, image) pair as matched
+(class 1) or not. Each image gets one negative text drawn with probability
 
 .. math::
     P(j \mid i) = \frac{\exp(s^{i2t}_{ij})}{\sum_{j' \notin \mathcal{E}_i} \exp(s^{i2t}_{ij'})},
     \quad j \notin \mathcal{E}_i,
 
-where :math:`s^{i2t} = z_v z_t^\top / \gamma` are the contrastive logits and
-:math:`\mathcal{E}_i` holds the positive and every candidate with the same instance id (another
-caption of the same image is not a negative); symmetrically one negative image per text from
-:math:`s^{t2i}`. The loss is the cross-entropy over the 3B pairs
-(B positives, B image+negative text, B negative image+text):
+with :math:`s^{i2t} = z_v z_t^\top / \gamma` and :math:`\mathcal{E}_i` the positive and every
+candidate with the same instance id; symmetrically one negative image per text. The loss is the
+fp32 cross-entropy over the 3B pairs (B positives, B + B negatives). A row without any allowed
+candidate drops its negative pair rather than invent one.
 
-.. math::
-    L_{itm} = \tfrac{1}{3B} \textstyle\sum_{pairs} -\log p(y \mid \text{pair}).
-
-Distributed: the similarity rows are this rank's queries, the columns either this rank's batch
-(B columns, ALBEF pretraining) or the joint batch of all ranks (as
-:func:`vlp_codebook.dist.gather_with_grad` orders it, rank 0 first). In the latter case the loss
-gathers the text states, masks, image tokens and ids itself -- with gradient, so a negative
-drawn from another rank trains that rank's encoders -- padding texts to the longest length
-over ranks. Softmax and cross-entropy are fp32 whatever the autocast dtype; sampling is
-deterministic given a ``torch.Generator``.
-
-A row whose every candidate is excluded (batch of one, or all candidates share its id) has no
-negative: its negative pair is dropped from the loss rather than invented.
+Distributed: the similarity columns are this rank's batch (ALBEF) or the joint batch; in the
+latter case the negatives' text states and image tokens are gathered with gradient (texts padded
+to the longest length over ranks), so a negative from another rank trains that rank's encoders.
 
 Example::
 

@@ -1,18 +1,11 @@
 r"""Masked language modelling (MLM) conditioned on the image, as BERT / ALBEF.
 
-Masking (:func:`mask_tokens`, Devlin et al. 2019): every real, non-special token is selected
-with probability ``mask_prob`` (15 %); a selected token becomes ``[MASK]`` with probability 0.8,
-a random non-special vocabulary token with 0.1, and stays unchanged with 0.1. Labels are the
-original ids at selected positions and -100 (ignored) everywhere else. Padding
-(``attention_mask == 0``) and special tokens ([CLS], [SEP], [PAD]...) are never selected.
-
-Prediction (:class:`MaskedLanguageModelingHead`): BERT's transform (dense, GELU, LayerNorm)
-and a decoder to the vocabulary, whose weight may be tied to the text encoder's word
-embeddings (``tie_to``). In ALBEF the masked text goes through the text encoder and the fusion
-encoder (with the image), and the head reads the fused states.
-
-Loss (:class:`MaskedLanguageModelingLoss`): mean over selected positions of
-:math:`-\log \mathrm{softmax}(\text{logits})_{y}`, log-softmax in fp32.
+:func:`mask_tokens` (Devlin et al. 2019) selects every real, non-special token with probability
+``mask_prob`` (15 %) and makes it ``[MASK]`` (80 %), a random non-special token (10 %) or leaves
+it (10 %); labels are the original ids there and -100 elsewhere. The head is BERT's transform and
+a vocabulary decoder, tied to the word embeddings by ``tie_to``; it reads the fused states of the
+masked text. The loss is the mean of :math:`-\log \mathrm{softmax}(\text{logits})_{y}` over the
+selected positions, log-softmax in fp32.
 
 Example::
 

@@ -1,44 +1,22 @@
 r"""A momentum (EMA) teacher: a slowly moving copy of one or more student modules.
 
-After every training step the teacher's parameters move towards the student's,
+After every training step (ALBEF, MoCo; mmengine's ``ExponentialMovingAverage`` calls ``1 - m``
+its momentum):
 
 .. math::
-    \theta^{m} \leftarrow m\,\theta^{m} + (1 - m)\,\theta ,
+    \theta^{m} \leftarrow m\,\theta^{m} + (1 - m)\,\theta .
 
-with momentum :math:`m` close to 1 (ALBEF convention, default 0.995; Li et al., "Align before
-Fuse", NeurIPS 2021; MoCo, He et al., CVPR 2020). After :math:`N` updates with a constant
-:math:`m` and student parameters :math:`\theta_1, \dots, \theta_N`,
+``momentum_schedule='cosine'`` (BYOL) raises :math:`m` to ``final_momentum`` over ``total_steps``
+updates: :math:`m_k = m_{final} - (m_{final} - m_0)\,(\cos(\pi k / K) + 1) / 2`.
 
-.. math::
-    \theta^{m}_N = m^N \theta^{m}_0 + (1 - m) \sum_{k=1}^{N} m^{N-k} \theta_k .
-
-Note that mmengine's ``ExponentialMovingAverage`` calls ``1 - m`` its ``momentum``.
-
-Optional schedule (BYOL, Grill et al., NeurIPS 2020): ``momentum_schedule='cosine'`` raises
-:math:`m` from ``momentum`` to ``final_momentum`` over ``total_steps`` updates,
-:math:`m_k = m_{final} - (m_{final} - m_0)\,(\cos(\pi k / K) + 1) / 2` for the ``k``-th update
-(counted from 0), and :math:`m_{final}` afterwards.
-
-Design choices:
-
-* The teacher's parameters have ``requires_grad=False``: the optimizer never trains them and
-  DDP ignores them. They and the update counter ``num_updates`` live in this module, so they
-  are saved and restored with the model's ``state_dict``.
-* The student is *not* a submodule of the teacher (its parameters would be counted twice); a
-  plain reference is kept for :meth:`update`. A DDP/DataParallel-wrapped student is unwrapped
-  (:func:`unwrap_model`, the project's one unwrapping helper; mmengine's wrappers included).
-* One update is one ``torch._foreach_lerp_`` over all parameters (a few fused kernels, not one
-  per tensor); the parameter pairs are matched by name once and kept. ``num_updates`` is
-  mirrored as a Python int, so the schedule never reads the device.
-* Mode: with ``teacher_mode='eval'`` (default) the EMA copy is always in eval mode, so dropout
-  never perturbs the targets and batch-norm statistics are never updated by teacher passes
-  (deterministic targets). ``teacher_mode='follow'`` makes the copy follow ``.train()`` /
-  ``.eval()`` like ALBEF's momentum encoders (which are plain submodules of the model).
-* Buffers (e.g. batch-norm running statistics) are copied from the student on every update
-  (``ema_buffers=False``, as mmengine's default) or averaged like parameters (``ema_buffers=True``;
-  integer buffers are always copied).
-* The teacher starts as an exact copy of the student. If pretrained weights are loaded into the
-  student *after* the teacher was built, call :meth:`reset` (ALBEF's ``copy_params``).
+* The copy's parameters have ``requires_grad=False`` and live in this module's ``state_dict``
+  with the counter ``num_updates``; the student is a plain reference, not a submodule (its
+  parameters would be counted twice), unwrapped from DDP by :func:`unwrap_model`.
+* One update is one ``torch._foreach_lerp_`` over all parameters, pairs matched by name once.
+* ``teacher_mode='eval'`` keeps the copy in eval mode (no dropout in the targets, BN statistics
+  never updated by teacher passes); ``'follow'`` follows ``train()``/``eval()`` as ALBEF's.
+* Buffers are copied (``ema_buffers=False``) or averaged (floating ones, ``ema_buffers=True``).
+* Call :meth:`reset` after loading weights into the student (ALBEF's ``copy_params``).
 
 Example::
 
@@ -49,7 +27,6 @@ Example::
     >>> teacher = MODELS.build(dict(type='MomentumTeacher', momentum=0.995),
     ...                        default_args=dict(student=[encoder, projection]))
     >>> z_m = teacher(torch.randn(4, 16))   # projection(encoder(x)) of the EMA copy, no grad
-    >>> # ... optimizer.step() on the student ...
     >>> m = teacher.update()                # once per training step; returns the momentum used
 """
 from __future__ import annotations
@@ -103,18 +80,12 @@ class MomentumTeacher(HostCounters, nn.Module):
     """EMA copy of student module(s), updated once per step, run without gradient.
 
     Args:
-        student: the module to follow; a list/tuple of modules (e.g. ``[encoder, projection]``,
-            called in sequence by :meth:`forward`) or a dict of modules (called by name through
-            :meth:`run`). DDP-wrapped modules are unwrapped.
-        momentum: m of :math:`\\theta^m \\leftarrow m\\theta^m + (1-m)\\theta`, in [0, 1].
-            Default 0.995 (ALBEF).
-        momentum_schedule: ``None``/``'constant'`` or ``'cosine'`` (m rises to ``final_momentum``
-            over ``total_steps`` updates).
-        final_momentum: the end value of the cosine schedule. Default 1.0.
-        total_steps: number of updates of the cosine schedule (required for it).
-        teacher_mode: ``'eval'`` (the copy always in eval mode, default) or ``'follow'`` (follows
-            ``train()``/``eval()`` of this module).
-        ema_buffers: average floating buffers like parameters instead of copying them.
+        student: the module to follow; a list/tuple of modules (called in sequence by
+            :meth:`forward`) or a dict of modules (called by name through :meth:`run`).
+        momentum: m in [0, 1] (ALBEF: 0.995).
+        momentum_schedule, final_momentum, total_steps: ``None``/``'constant'`` or ``'cosine'``
+            (m rises to ``final_momentum`` over ``total_steps`` updates).
+        teacher_mode: ``'eval'`` (default) or ``'follow'``; ema_buffers: see the module docstring.
 
     Attributes:
         module: the EMA copy (``nn.Module``, ``nn.ModuleList`` or ``nn.ModuleDict``).
@@ -215,16 +186,9 @@ class MomentumTeacher(HostCounters, nn.Module):
 
     @torch.no_grad()
     def update(self, student: Optional[StudentType] = None, momentum: Optional[float] = None) -> float:
-        """One EMA step towards ``student`` (default: the module given at construction).
-
-        Args:
-            student: a module with the same parameter names and shapes (e.g. the DDP-wrapped
-                student; it is unwrapped).
-            momentum: overrides the scheduled momentum for this update.
-
-        Returns:
-            The momentum that was used.
-        """
+        """One EMA step towards ``student`` (default: the module given at construction; another
+        must have the same parameter names and shapes); ``momentum`` overrides the schedule.
+        Returns the momentum used."""
         m = self.current_momentum() if momentum is None else float(momentum)
         _check_momentum('momentum', m)
         params, buffers = self._pairs(student)
