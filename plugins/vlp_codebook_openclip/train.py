@@ -124,20 +124,6 @@ def _replacements(options, originals) -> dict:
         check_compatible(options, parsed)
         return parsed
 
-    def setup_logging(log_file, level, include_host=False):
-        originals['setup_logging'](log_file, level, include_host)
-        # open_clip's setup_logging sets every logger to its level: torch would then print its
-        # compile statistics at exit
-        for name in list(logging.root.manager.loggerDict):
-            if name == 'torch' or name.startswith('torch.'):
-                logging.getLogger(name).setLevel(logging.WARNING)
-        if not options.verbose:      # the model printout and the arguments go to the log file only
-            for handler in logging.root.handlers:
-                if type(handler) is logging.StreamHandler:
-                    handler.addFilter(_console_record)
-        if log_file and not options.verbose:
-            print(f'vlp_codebook_openclip: progress here, everything in {log_file} (--verbose: all here)', flush=True)
-
     def create_model_and_transforms(*args, **kwargs):
         pretrained = kwargs.get('pretrained', args[1] if len(args) > 1 else None)
         if isinstance(pretrained, str) and osp.isfile(pretrained) and pretrained.endswith(('.pt', '.pth', '.bin')):
@@ -175,7 +161,27 @@ def _replacements(options, originals) -> dict:
     codewords = lambda: [m.codebook.weight for m in wrapped_models if m.codebook is not None]  # noqa: E731
     return dict(create_model_and_transforms=create_model_and_transforms, create_loss=create_loss,
                 train_one_epoch=train_one_epoch, pt_load=load_checkpoint_data, parse_args=parse_args,
-                optim=CodewordDecayOptim(codewords, options.codebook_wd), setup_logging=setup_logging)
+                optim=CodewordDecayOptim(codewords, options.codebook_wd),
+                setup_logging=_quiet_setup_logging(originals['setup_logging'], options.verbose))
+
+
+def _quiet_setup_logging(original, verbose: bool):
+    """open_clip's ``setup_logging``, then: torch's loggers back at WARNING (open_clip sets every
+    logger to its level, so torch would print compile statistics at exit) and, unless
+    ``verbose``, a console that shows only progress and numbers (the log file keeps everything)."""
+    def setup_logging(log_file, level, include_host=False):
+        original(log_file, level, include_host)
+        for name in list(logging.root.manager.loggerDict):
+            if name == 'torch' or name.startswith('torch.'):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        if not verbose:
+            for handler in logging.root.handlers:
+                if type(handler) is logging.StreamHandler:
+                    handler.addFilter(_console_record)
+            if log_file:
+                print(f'vlp_codebook_openclip: progress here, everything in {log_file} (--verbose: all here)',
+                      flush=True)
+    return setup_logging
 
 
 class CodewordDecayOptim:
