@@ -1,38 +1,21 @@
 r"""``CodebookCLIP``: any open_clip model plus the CODIS codebook (and, optionally, intra-modal
 distillation from momentum teachers), as one ``nn.Module``.
 
-open_clip builds its optimizer from ``model.named_parameters()``, checkpoints
-``model.state_dict()`` and locks towers through ``model.lock_image_tower`` /
-``model.lock_text_tower``. So everything CODIS adds lives *in the model*:
+open_clip builds its optimizer from ``model.named_parameters()``, checkpoints ``model.state_dict()``
+and locks towers through ``model.lock_image_tower`` / ``lock_text_tower``, so everything CODIS adds
+lives *in the model*: ``codebook_loss`` (:class:`~vlp_codebook.models.losses.CodebookOTLoss` and
+its codebook), ``teacher`` (a :class:`~vlp_codebook.models.teachers.MomentumTeacher` of the whole
+CLIP model, built at the first training forward -- after open_clip_train's tower locks -- or when
+a checkpoint with one is loaded), ``image_queue`` / ``text_queue`` and ``intra_loss`` (the
+distillation loss restricted to i2i and t2t: open_clip's contrastive loss is the cross pair; it
+uses open_clip's temperature ``1 / logit_scale``). Other attributes are the wrapped model's.
 
-* ``codebook_loss`` -- :class:`~vlp_codebook.models.losses.CodebookOTLoss` with its codebook
-  (``codebook_loss.codebook.weight``: trained by open_clip's optimizer, saved in its checkpoints);
-* ``teacher`` -- a :class:`~vlp_codebook.models.teachers.MomentumTeacher` (EMA copy of the whole
-  CLIP model), when the plans come from the teacher or the intra directions are on. It is built
-  at the first training forward (or when a checkpoint with a teacher is loaded), so it copies the
-  model as open_clip_train left it after ``--lock-image-freeze-bn-stats`` and the like;
-* ``image_queue`` / ``text_queue`` -- :class:`~vlp_codebook.models.teachers.FeatureQueue` of past
-  teacher features, and ``intra_loss`` -- :class:`~vlp_codebook.models.losses.MultiDirectionalDistillationLoss`
-  restricted to the intra-modal directions i2i and t2t (open_clip's contrastive loss already is
-  the cross-modal pair t2i/i2t).
-
-Attributes the wrapper does not have are looked up on the wrapped model, so open_clip's code
-(``lock_image_tower``, ``encode_image``, ``logit_scale``, ``visual`` ...) works unchanged.
-
-Forward (training mode): open_clip's output dict (``image_features``, ``text_features``,
-``logit_scale`` ...) plus ``codis_losses`` -- ``{'codebook_i2p', 'codebook_t2p',
-'codebook_ot_v', 'codebook_ot_t'[, 'intra_i2i', 'intra_t2t']}``, fp32 scalars, already weighted
--- and ``codis_stats`` (a :class:`CodisStats`: logging scalars, read only when logged). In eval mode (open_clip's ``evaluate``)
-it is open_clip's dict unchanged and no state moves. The terms are computed here, inside the
-(DDP-wrapped) forward, because here are the parameters and buffers they need;
-:class:`~vlp_codebook_openclip.loss.CodebookClipLoss` adds them to open_clip's own loss.
-
-Order within a training step (ALBEF's): EMA update of the teacher, teacher features, the
-codebook and intra terms against the queues *before* this batch, then this batch's teacher
-features are enqueued.
-
-Intra-modal temperature: the intra directions use open_clip's own temperature
-(``1 / logit_scale``), as CODIS uses one learnable temperature for all four directions.
+Forward in training mode: open_clip's output dict plus ``codis_losses`` (``codebook_i2p``,
+``codebook_t2p``, ``codebook_ot_v``, ``codebook_ot_t``[, ``intra_i2i``, ``intra_t2t``]: fp32
+scalars, already weighted) and ``codis_stats`` (logging scalars, read only when logged); the
+order within a step is ALBEF's (EMA update, teacher features, terms against the queues before
+this batch, enqueue). In eval mode: open_clip's dict unchanged, no state moves.
+:class:`~vlp_codebook_openclip.loss.CodebookClipLoss` adds the terms to open_clip's own loss.
 
 Example::
 

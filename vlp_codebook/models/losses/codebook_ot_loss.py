@@ -14,32 +14,19 @@ are assignment distributions over codewords. With the student predictions
     L_{ot,t} = \langle T_{t2p}, 1 - \tilde Z_t C^\top \rangle \\
     L_{code} &= L_{t2p} + L_{i2p} + L_{ot,t} + L_{ot,v}
 
-**Which features the OT cost term sees** (:math:`\tilde Z`, ``ot_cost_features``; the paper does
-not say). ``'plan'`` (default): the features the plan was computed from (the momentum teacher's
-when given), detached, so :math:`L_{ot}` moves only the codebook towards the data. ``'student'``:
-the student features, so :math:`L_{ot}` also pulls the students towards codewords. ``'off'``: no
-:math:`L_{ot}` terms. On real data (``benchmarks/real_data_ablation.py``, 10 paired seeds)
-the choice made no difference; on a held-out real set the student form hurt retrieval and
-collapsed the contrastive temperature while the plan form helped, hence the default
-(docs/ot_and_codebook.md).
-
 The swapped prediction is SwAV's (Caron et al., NeurIPS 2020) across modalities. The plans
-come from ``*_plan_feats`` when given (the paper's best: momentum-teacher features) and from
-the student features otherwise -- the "teacher feature" / "student feature" ablation. The
-gradient reaches the student features (through the swapped predictions, and through
-:math:`L_{ot}` with ``ot_cost_features='student'``) and the codebook, never the plans. Everything is fp32
-whatever the autocast dtype.
+come from ``*_plan_feats`` when given (the paper's best: momentum-teacher features), else from
+the students -- the "teacher feature" / "student feature" ablation. :math:`\tilde Z`
+(``ot_cost_features``, which the paper leaves open) is the plans' own detached features
+(``'plan'``, default: :math:`L_{ot}` moves only the codebook), the students' (``'student'``) or
+nothing (``'off'``); docs/ot_and_codebook.md gives the evidence. The gradient never reaches the
+plans. Everything is fp32 whatever the autocast dtype.
 
 Under DDP each rank passes its own rows: the plans are those of the joint batch (the solver
-all-reduces its column sums), and each term is a mean over this rank's rows times
-``dist.batch_weight`` (``B_r * world / B``), so DDP's gradient averaging gives the joint-batch
-gradient also when the ranks' batch sizes differ.
-
-The hot path is lean (``docs/ot_and_codebook.md``, "Kernel launches"): both modalities in one
-``(2B, K)`` pass, row-normalised plans straight from the solver, one fused finiteness flag for
-every input; about ``125 + 10 x`` Sinkhorn iterations dispatched operators, forward and
-backward, at B 64, K 128 (``tests/test_op_budgets.py``). Inside ``torch.compile`` the solve is
-one opaque operator, so the loss compiles with ``fullgraph=True``.
+all-reduces its column sums), and each term is this rank's mean times ``dist.batch_weight``
+(``B_r * world / B``), so DDP's gradient average is the joint batch's. Both modalities share one
+``(2B, K)`` pass and one fused finiteness flag (op budget: ``tests/test_op_budgets.py``); inside
+``torch.compile`` the solve is one opaque operator (``fullgraph=True`` compiles).
 
 Example::
 
