@@ -214,7 +214,9 @@ def test_memory_and_time_bombs_are_bounded(bomb, toy, tmp_path):
     else:
         assert words in result.outcome and str(path) in result.outcome and '--trust-checkpoint' in result.outcome
     assert result.rss_mb < 60, f'{bomb}: {result.rss_mb:.0f} MB'
-    assert result.seconds < 3.0, f'{bomb}: {result.seconds:.1f} s'
+    # a ceiling that holds on a loaded 2-core machine; the outcome and the memory above are what
+    # tell a bounded read from an expanded one (unbounded, these files took 20-50 s and GBs)
+    assert result.seconds < 15.0, f'{bomb}: {result.seconds:.1f} s'
 
 
 def test_compressed_archive_member_is_refused_unexpanded(tmp_path):
