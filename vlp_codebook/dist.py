@@ -82,9 +82,7 @@ def joint_batch_mean(values: Mapping[str, torch.Tensor], local_batch_size: int,
     logging: detached 0-d fp32 tensors (the input itself when not distributed). All names travel in
     one ``all_reduce``; every rank must pass the same names in the same order.
 
-    Example::
-
-        >>> log_vars = joint_batch_mean({'loss': loss.detach()}, local_batch_size=images.shape[0])
+    Usage: ``joint_batch_mean({'loss': loss.detach()}, local_batch_size=images.shape[0])``.
     """
     if local_batch_size <= 0:
         raise ValueError(f'local_batch_size must be > 0, got {local_batch_size}')
