@@ -57,12 +57,8 @@ def list_shipped_configs() -> List[str]:
 
 
 def resolve_config(config: str) -> Path:
-    """The config file that ``config`` (a path or a shipped config's name) refers to.
-
-    Raises:
-        FileNotFoundError: nothing found; the message lists every place that was tried and the
-            names of the shipped configs.
-    """
+    """The config file that ``config`` (a path or a shipped config's name) refers to; else
+    ``FileNotFoundError`` listing every place tried and the shipped configs' names."""
     config = os.fspath(config)
     tried: List[str] = []
     direct = Path(config).expanduser()
@@ -88,16 +84,9 @@ def resolve_config(config: str) -> Path:
 
 
 def load_config(config: str, cfg_options: Optional[Dict] = None) -> Config:
-    """Load ``config`` (see :func:`resolve_config`), merge ``cfg_options``, default the scope.
-
-    ``default_scope`` is set to ``'vlp_codebook'`` when the config has none, so the Runner
-    builds ``type='CODIS'`` & co. from our registries (and still finds mmengine's own types).
-
-    Raises:
-        FileNotFoundError: see :func:`resolve_config`.
-        KeyError: a misspelled top-level key (:func:`check_top_level_keys`) or an unknown
-            optimizer type (:func:`check_optimizer_types`); the message lists the close matches.
-    """
+    """Load ``config`` (see :func:`resolve_config`), merge ``cfg_options``, check the top-level keys
+    and optimizer types (``KeyError`` naming close matches), and default ``default_scope`` to
+    ``'vlp_codebook'`` so the Runner builds ``type='CODIS'`` & co. from our registries."""
     path = resolve_config(config)
     try:
         cfg = Config.fromfile(str(path))
