@@ -597,8 +597,6 @@ def test_plot_tool_never_runs_a_py_file_of_the_work_dir(toy_checkpoint, tmp_path
     from vlp_codebook.tools import plot as plot_tool
     work = tmp_path / 'w'
     shutil.copytree(Path(toy_checkpoint).parent, work)
-    for dumped in work.glob('*.config.json'):
-        dumped.unlink()
     marker = tmp_path / 'code_ran'
     (work / 'zz_newest.py').write_text(f'open({str(marker)!r}, "w").close()\n')
     written = plot_tool.main([str(work), '--out', str(tmp_path / 'plots')])
@@ -606,13 +604,6 @@ def test_plot_tool_never_runs_a_py_file_of_the_work_dir(toy_checkpoint, tmp_path
     assert 'losses.png' in [osp.basename(p) for p in written]
     assert f'no gallery: pass --config CONFIG (the config of the run: Python, executed; nothing in {work} ' \
         'is built)' in capsys.readouterr().out
-
-
-def test_training_writes_the_config_as_data(toy_checkpoint):
-    from vlp_codebook.engine.config import config_from_json
-    dumped = Path(toy_checkpoint).parent / 'toy_config.config.json'
-    cfg = config_from_json(str(dumped))
-    assert cfg.model.type == 'ToyRegressor' and cfg.train_cfg.max_iters == 4   # with the --cfg-options
 
 
 def test_config_using_an_imported_name_gets_a_real_message(tmp_path, toy_checkpoint):

@@ -69,10 +69,9 @@ def test_plot_tool_builds_nothing_from_the_work_dir(toy, tmp_path, capsys):
     work = tmp_path / 'w'
     shutil.copytree(toy.parent, work)
     marker = tmp_path / 'MARK'
-    for dumped in work.glob('*.config.json'):
-        cfg = json.loads(dumped.read_text())
-        cfg['model'] = {'type': 'subprocess.run', 'args': f'touch {marker}', 'shell': True}
-        dumped.write_text(json.dumps(cfg))
+    # a config planted in the work dir, as data, naming a dotted type
+    cfg = {'model': {'type': 'subprocess.run', 'args': f'touch {marker}', 'shell': True}}
+    (work / 'toy_config.config.json').write_text(json.dumps(cfg))
     written = plot_tool.main([str(work), '--out', str(tmp_path / 'plots')])
     assert not marker.exists(), 'a type string from the work dir reached a registry'
     assert 'losses.png' in [os.path.basename(p) for p in written]

@@ -1,22 +1,7 @@
 """Every cross-rank communication of vlp_codebook goes through this module.
 
-The functions work without a process group (single process: they return their input), so
-components call them unconditionally. With ``torch.distributed`` initialised (gloo on CPU,
-nccl on GPU) they implement the three patterns the method needs:
-
-* :func:`all_reduce_sum` / :func:`all_reduce_max` -- sums (maxima) over instances sharded
-  across ranks (the Sinkhorn solver's column sums, codeword usage); no gradient.
-* :func:`gather_no_grad` -- the joint batch of detached tensors, e.g. teacher features before
-  they are enqueued, targets, instance ids. Ranks may hold different batch sizes.
-* :func:`joint_batch_mean` -- per-rank means of logged scalars turned into joint-batch means
-  (weighted by local batch size), all names in one collective.
-* :func:`even_shard` -- this rank's contiguous share of work every rank knows in full (e.g.
-  the image-text pairs an ITM re-ranking scores), to be joined again with :func:`gather_no_grad`.
-* :func:`gather_with_grad` -- the joint batch of a tensor that a loss differentiates through;
-  the backward pass sums, over ranks, the gradient each rank's loss sends to every slice and
-  hands each rank the gradient of its own slice (as ``torch.distributed.nn.all_gather``).
-
-Convention: each rank's loss is the mean over its *local* queries times
+Without a process group the functions return their input, so components call them
+unconditionally. Convention: each rank's loss is the mean over its *local* queries times
 :func:`batch_weight` (``B_r * world / B``, exactly 1 when the local batches are equal), so the
 gradients that DDP averages over ranks equal the gradients of the loss on the joint batch, and
 the plain mean over ranks of the per-rank losses equals the joint-batch loss, whatever the
@@ -31,8 +16,7 @@ import torch
 import torch.distributed as torch_dist
 
 __all__ = ['is_distributed', 'get_world_size', 'get_rank', 'all_reduce_sum', 'all_reduce_max', 'gather_no_grad',
-           'batch_weight',
-           'gather_with_grad', 'batch_sizes', 'local_slice', 'joint_batch_mean', 'even_shard',
+           'batch_weight', 'gather_with_grad', 'batch_sizes', 'local_slice', 'joint_batch_mean', 'even_shard',
            'communication_device']
 
 
@@ -74,15 +58,9 @@ def batch_weight(local_batch_size, device=None, group: Optional[object] = None):
     r"""The factor :math:`B_r W / B` by which a loss scales its mean over this rank's ``B_r``
     rows (or tokens), so that DDP's *average* of the ranks' gradients is the gradient of the
     joint batch's mean, :math:`\sum_r (B_r / B)\,\nabla L_r`, also when the ranks' batch sizes
-    differ (the last batch of an epoch, samplers that do not pad).
-
-    Args:
-        local_batch_size: ``B_r``, a Python int or a device scalar (e.g. a count of masked
-            tokens; not read on the host).
-
-    Returns:
-        ``1.0`` (a Python number) without a process group; otherwise a 0-d fp32 tensor after
-        one ``all_reduce`` of the batch size (no host read). With equal batches it is 1.
+    differ (the last batch of an epoch, samplers that do not pad). ``local_batch_size`` may be a
+    device scalar (a count of masked tokens), never read on the host. ``1.0`` without a process
+    group, else a 0-d fp32 tensor after one ``all_reduce``.
     """
     if not is_distributed(group):
         return 1.0
@@ -100,23 +78,11 @@ def batch_weight(local_batch_size, device=None, group: Optional[object] = None):
 @torch.no_grad()
 def joint_batch_mean(values: Mapping[str, torch.Tensor], local_batch_size: int,
                      group: Optional[object] = None) -> 'OrderedDict[str, torch.Tensor]':
-    r"""Joint-batch means of per-rank scalar means, for logging.
+    r"""Joint-batch means :math:`\sum_r B_r\,x_r / \sum_r B_r` of per-rank scalar means, for
+    logging: detached 0-d fp32 tensors (the input itself when not distributed). All names travel in
+    one ``all_reduce``; every rank must pass the same names in the same order.
 
-    Each rank holds the mean of a quantity over its ``B_r`` local samples; the joint-batch mean
-    is :math:`\sum_r B_r\,x_r / \sum_r B_r`. All names travel in one ``all_reduce`` (a
-    vector of their weighted values plus the weight), so this costs one collective per call.
-    Every rank must pass the same names in the same order (one model, one forward).
-
-    Args:
-        values: name -> scalar (0-d or one-element) tensor, this rank's mean.
-        local_batch_size: ``B_r`` (> 0).
-
-    Returns:
-        name -> 0-d fp32 tensor, detached (the input itself when not distributed).
-
-    Example::
-
-        >>> log_vars = joint_batch_mean({'loss': loss.detach()}, local_batch_size=images.shape[0])
+    Usage: ``joint_batch_mean({'loss': loss.detach()}, local_batch_size=images.shape[0])``.
     """
     if local_batch_size <= 0:
         raise ValueError(f'local_batch_size must be > 0, got {local_batch_size}')
@@ -160,10 +126,7 @@ def _gather_padded(tensor: torch.Tensor, sizes: List[int], group: Optional[objec
 
 @torch.no_grad()
 def gather_no_grad(tensor: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
-    """Concatenate ``tensor`` (N_r, ...) from every rank along dim 0, detached.
-
-    Shape: (sum_r N_r, ...), rank 0's rows first.
-    """
+    """``tensor`` (N_r, ...) of every rank, detached, concatenated: (sum_r N_r, ...), rank 0 first."""
     tensor = tensor.detach()
     if not is_distributed(group):
         return tensor
@@ -190,11 +153,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_with_grad(tensor: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
-    """Concatenate ``tensor`` (N_r, ...) from every rank along dim 0, keeping the gradient.
-
-    The gradient reaching rank r's input is the sum over ranks of the gradients of their
-    losses with respect to rank r's rows. Shape: (sum_r N_r, ...).
-    """
+    """:func:`gather_no_grad` keeping the gradient: rank r's input gets the sum over ranks of the
+    gradients of their losses with respect to its rows (as ``torch.distributed.nn.all_gather``)."""
     if not is_distributed(group):
         return tensor
     return _GatherWithGrad.apply(tensor, group)
@@ -210,11 +170,8 @@ def local_slice(num_local: int, group: Optional[object] = None, device=None) -> 
 
 
 def even_shard(total: int, group: Optional[object] = None) -> slice:
-    """Rank r's contiguous share ``[r * total // W, (r + 1) * total // W)`` of ``total`` items.
-
-    Shares differ in size by at most one and may be empty (``total < W``); concatenated in rank
-    order (:func:`gather_no_grad`) they are the ``total`` items in order.
-    """
+    """Rank r's contiguous share ``[r * total // W, (r + 1) * total // W)`` of ``total`` items
+    (possibly empty); concatenated in rank order (:func:`gather_no_grad`) they are all in order."""
     if total < 0:
         raise ValueError(f'total must be >= 0, got {total}')
     world, rank = get_world_size(group), get_rank(group)

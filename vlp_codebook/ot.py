@@ -13,30 +13,14 @@ whose form is :math:`T^\star = \operatorname{diag}(u)\, e^{-M/\varepsilon}\, \op
 computes with uniform ``a, b``; CODIS (Duan et al., CVPR 2022) and SwAV (Caron et al., NeurIPS
 2020) use it to assign instances to codewords with equal codeword usage.
 
-How it is computed, and why:
-
-* **Converged, not truncated.** Iterations run until the L1 marginal error
-  :math:`\max(\|T\mathbf{1}-a\|_1, \|T^\top\mathbf{1}-b\|_1)` is below ``tol`` (default 1e-4); SwAV's fixed 3 iterations
-  leave errors of order 1e-1 (``docs/ot_and_codebook.md``). Every iteration ends on an exact
-  row update, so rows are met to float precision, even by a plan stopped by ``max_iters``.
-* **Few host reads.** Iterations run in blocks of ``check_every`` with no data-dependent Python
-  branch; after each block *one* host read fetches the errors and the range of the scalings
-  (the first one also the cost's range). The default is 1 on the CPU and 4 on accelerators.
-* **Stable in fp32.** Scalings ``u, v`` that leave [1e-15, 1e15] are folded into log-domain
-  potentials ``f, g`` at a check and the kernel ``exp((f_i + g_j - M_ij)/ε)`` is rebuilt
-  (Schmitzer, SISC 2019); a block in which a scaling over- or underflowed is replaced by an exact
-  log-domain update. Costs spanning more than 1e5 ε are refused (fp32 cannot resolve their kernel).
-* **Fast.** The kernel starts as the row softmax of ``-M/ε`` (one max-subtracted pass that is
-  also the first row update); an iteration is two fp32 matrix-vector products
-  (:func:`plain_iteration`). After ``_PLAIN_ITERS`` iterations without convergence the column
-  update of ``log v`` is Anderson-mixed over the last ``anderson`` iterates (Walker & Ni, SINUM
-  2011): in the loss's range (ε 0.02-0.1, cosine costs) plain iterations stall when the batch is
-  as large as the codebook or larger and the features cluster (``docs/ot_and_codebook.md``).
-* **fp32, no gradient, any device.** Inputs of any floating dtype are upcast; autocast is off.
-* **Sharded instances.** With ``torch.distributed`` initialised each rank passes its own rows
-  of the cost; the column sums are all-reduced through :mod:`vlp_codebook.dist`, so every rank
-  gets its rows of the plan of the joint batch (SwAV's ``distributed_sinkhorn``, run to
-  convergence), and every rank takes each decision on the same all-reduced numbers.
+The solve runs to an L1 marginal error below ``tol`` (not SwAV's fixed 3 iterations), in
+fp32 with autocast off, with one host read per ``check_every`` iterations; scalings that leave
+[1e-15, 1e15] are folded into log-domain potentials (Schmitzer, SISC 2019); after
+``_PLAIN_ITERS`` plain iterations the column update is Anderson-mixed (Walker & Ni, SINUM 2011),
+since plain iterations stall when the batch is as large as the codebook and features cluster.
+Under ``torch.distributed`` each rank passes its rows and the column sums are all-reduced, so
+every rank gets its rows of the joint batch's plan (SwAV's ``distributed_sinkhorn``, converged).
+The why and the measurements of each choice: docs/ot_and_codebook.md.
 
 Example::
 
@@ -86,17 +70,9 @@ def default_check_every(device: torch.device) -> int:
 
 @dataclass
 class SinkhornInfo:
-    """Diagnostics of one :func:`sinkhorn` call.
-
-    Attributes:
-        iterations: Sinkhorn iterations run (one column and one row update each).
-        marginal_error: ``max(row_error, col_error)``.
-        row_error: ``||T 1 - a||_1`` over the joint batch.
-        col_error: ``||T^T 1 - b||_1``.
-        converged: ``marginal_error <= tol``.
-        absorptions: how often the scalings were folded into the log-domain potentials.
-        host_reads: how often the solver read numbers back from the device.
-    """
+    """Diagnostics of one :func:`sinkhorn` call: errors ``||T 1 - a||_1`` (joint batch) and
+    ``||T^T 1 - b||_1``, their max, ``converged = marginal_error <= tol``, and counts of
+    iterations, of foldings into the log-domain potentials and of host reads."""
     iterations: int
     marginal_error: float
     row_error: float
@@ -121,32 +97,19 @@ def sinkhorn(cost: torch.Tensor,
              ) -> Union[torch.Tensor, Tuple[torch.Tensor, SinkhornInfo]]:
     r"""Entropic OT plan between instances (rows) and codewords (columns), uniform marginals.
 
-    Args:
-        cost: (B, K) cost matrix, any floating dtype; under ``torch.distributed`` the rows of
-            this rank (B may differ across ranks, K may not).
-        epsilon: entropic regularisation ε > 0, in the units of ``cost``.
-        max_iters: upper bound on iterations; a plan that has not met ``tol`` by then is
-            returned with a ``RuntimeWarning`` (and ``info.converged = False``).
-        tol: target L1 marginal error.
-        anderson: how many past iterates Anderson mixing combines once the first
-            ``_PLAIN_ITERS`` plain iterations have not converged (0: plain Sinkhorn-Knopp).
-        check_every: iterations between convergence checks, each one host read (default:
-            :func:`default_check_every` of the cost's device); up to ``check_every - 1``
-            iterations may run past the one that met ``tol``.
-        process_group: the group the rows are sharded over (default: the world, if any).
-        return_info: also return a :class:`SinkhornInfo`.
-        warn_not_converged: warn when ``max_iters`` is reached before ``tol``.
-        row_normalized: return every row divided by its sum (``B_joint · T``: each row an
-            assignment distribution over the columns), computed as ``K_ij v_j / (K v)_i``.
+    ``cost``: (B, K), any floating dtype; under ``torch.distributed`` this rank's rows (B may
+    differ across ranks, K may not; ``process_group`` defaults to the world). ``epsilon`` > 0 in the
+    units of ``cost``. A plan that has not met ``tol`` in ``max_iters`` iterations is returned with
+    a ``RuntimeWarning`` (unless ``warn_not_converged=False``). ``anderson``: past iterates mixed
+    after ``_PLAIN_ITERS`` plain ones (0: plain Sinkhorn-Knopp). ``check_every`` (default
+    :func:`default_check_every`): iterations per host read, up to ``check_every - 1`` run past
+    the one that met ``tol``.
 
-    Returns:
-        plan: (B, K) fp32 tensor ``T``, rows summing to ``1 / B_joint`` and columns (over the
-        joint batch) to ``1 / K``; ``(plan, info)`` when ``return_info``.
-
-    Raises:
-        ValueError: ``cost`` not 2-D, empty, not finite, or spanning more than
-            ``MAX_COST_RANGE_OVER_EPSILON`` times ε; ε, ``tol`` or a count out of range.
-            The values of ``cost`` are checked at the first host read.
+    Returns the (B, K) fp32 plan ``T``, rows summing to ``1 / B_joint`` and columns (joint batch)
+    to ``1 / K`` -- with ``row_normalized``, ``B_joint · T`` computed as ``K_ij v_j / (K v)_i`` --
+    and a :class:`SinkhornInfo` when ``return_info``. ``ValueError`` for a ``cost`` not 2-D, empty,
+    not finite (read at the first check) or spanning more than ``MAX_COST_RANGE_OVER_EPSILON`` ε,
+    and for arguments out of range.
     """
     check_every = default_check_every(getattr(cost, 'device', 'cpu')) if check_every is None else check_every
     _check_arguments(cost, epsilon, anderson, max_iters, tol, check_every)

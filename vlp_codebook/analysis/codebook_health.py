@@ -31,12 +31,7 @@ DEAD_FRACTION = 0.01
 
 def codebook_health(usage: torch.Tensor, dead_fraction: float = DEAD_FRACTION) -> Dict[str, float]:
     """``codebook/dead_codewords``, ``codebook/usage_perplexity`` and ``codebook/num_codewords``
-    of a (K,) non-negative usage vector (any scale).
-
-    Raises:
-        ValueError: ``usage`` is not a 1-D non-negative finite vector with positive sum, or
-            ``dead_fraction`` is not in (0, 1].
-    """
+    of a (K,) non-negative finite usage vector (any scale, positive sum)."""
     if not 0.0 < dead_fraction <= 1.0:
         raise ValueError(f'dead_fraction must be in (0, 1], got {dead_fraction}')
     usage = torch.as_tensor(usage).detach().float().cpu()

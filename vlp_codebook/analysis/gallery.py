@@ -25,16 +25,10 @@ __all__ = ['retrieval_gallery']
 @torch.no_grad()
 def retrieval_gallery(model, dataset, num_images: int = 100, num_queries: int = 4, top_k: int = 5,
                       batch_size: int = 50) -> List[dict]:
-    """Top-``top_k`` images of each query caption among the dataset's first ``num_images``.
-
-    Returns:
-        one dict per query: ``text``, ``images`` (top_k (3, H, W) tensors in [0, 1]), ``correct``
-        (bools), ``scores`` (cosine similarities), ``rank`` (0-based rank of the query's own image
-        among the candidates; ties counted against it, as ``retrieval_recalls`` does).
-
-    Raises:
-        ValueError: non-positive sizes, or dataset items without ``image`` and ``texts``.
-    """
+    """Top-``top_k`` images of each query caption among the dataset's first ``num_images``: one dict
+    per query with ``text``, ``images`` (top_k (3, H, W) tensors in [0, 1]), ``correct`` (bools),
+    ``scores`` (cosine similarities) and ``rank`` (0-based rank of the query's own image; ties
+    counted against it, as ``retrieval_recalls`` does)."""
     if min(num_images, num_queries, top_k, batch_size) < 1:
         raise ValueError(f'num_images, num_queries, top_k and batch_size must be positive, got '
                          f'{num_images}, {num_queries}, {top_k}, {batch_size}')

@@ -41,18 +41,11 @@ def itm_gradcam(model, images: torch.Tensor, input_ids: torch.Tensor, attention_
                 layer: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token Grad-CAM maps of the ITM positive logit for N (image, caption) pairs.
 
-    Args:
-        model: a :class:`~vlp_codebook.models.CODIS` (or any model with ``image_tower``,
-            ``text_tower``, ``fusion_encoder`` and ``itm_head``).
-        images: (N, 3, H, W) normalised images (the data preprocessor's output).
-        input_ids, attention_mask: (N, L) tokenised captions.
-        layer: fusion layer whose cross-attention is explained; default the third (ALBEF's
-            choice with six fusion layers), else the last but one (the first with two or fewer).
-
-    Returns:
-        ``(cams, itm_logit)``: (N, L, H/p, W/p) non-negative maps (padding tokens' rows are
-        zero) and the (N,) positive-class ITM logits. Nothing in the model is changed: no
-        parameter gradients are accumulated, and its train/eval mode is restored.
+    ``model``: a CODIS (or any model with ``image_tower``, ``text_tower``, ``fusion_encoder`` and
+    ``itm_head``); ``images`` (N, 3, H, W) as the data preprocessor gives them; ``input_ids``,
+    ``attention_mask`` (N, L); ``layer`` default :func:`default_layer`. Returns ``(cams,
+    itm_logit)``: (N, L, H/p, W/p) non-negative maps (padding rows zero) and the (N,) logits. No
+    parameter gradient is accumulated, and the model's train/eval mode is restored.
     """
     for name in ('image_tower', 'text_tower', 'fusion_encoder', 'itm_head'):
         if getattr(model, name, None) is None:

@@ -62,11 +62,8 @@ def overlay(image: torch.Tensor, cam: torch.Tensor, scale: Optional[int] = None,
 
 def gradcam_grid(image: torch.Tensor, cams: torch.Tensor, tokens: Sequence[str], path: str, title: str = '',
                  columns: int = 6, scale: Optional[int] = None) -> List[str]:
-    """Write the labelled grid of ``image`` and each token's overlay; returns the panel labels.
-
-    Args:
-        image: (3, H, W) in [0, 1]. cams: (T, h, w), one map per token. tokens: T labels.
-    """
+    """Write the labelled grid of ``image`` (3, H, W) in [0, 1] and the overlay of each of the T
+    ``tokens``' maps ``cams`` (T, h, w); returns the panel labels."""
     from vlp_codebook.analysis.plots import new_figure, save_figure
     if len(tokens) != cams.shape[0]:
         raise ValueError(f'{len(tokens)} tokens but {cams.shape[0]} maps')

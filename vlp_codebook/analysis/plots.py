@@ -175,13 +175,8 @@ def _image_array(image) -> np.ndarray:
 
 
 def plot_gallery(queries: List[dict], path: str, title: str = '') -> Optional[str]:
-    """Rows of ``query text | top-k images``; the correct image framed green.
-
-    Args:
-        queries: dicts with ``text`` (str), ``images`` (k images, (3, H, W) in [0, 1]),
-            ``correct`` (k bools), ``scores`` (k floats) and ``rank`` (0-based rank of the correct
-            image among all candidates).
-    """
+    """Rows of ``query text | top-k images`` of :func:`~vlp_codebook.analysis.gallery.retrieval_gallery`'s
+    ``queries``; the correct image framed green."""
     if not queries:
         return None
     k = max(len(query['images']) for query in queries)

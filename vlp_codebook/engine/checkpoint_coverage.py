@@ -1,38 +1,22 @@
 """No number from the wrong weights: how much of a model a checkpoint fills, checked before use.
 
 mmengine loads ``load_from`` with ``strict=False`` and reports missing keys in one log line, so a
-checkpoint of another model (or an empty one) evaluates a *randomly initialised* model and the
-test tool prints its metrics with exit code 0. Here:
+checkpoint of another model would evaluate a *randomly initialised* model with exit code 0. Here
+:func:`state_dict_coverage` sorts a model's keys into ``loaded``, ``missing``, ``mismatched``
+(same name, other shape, unless a module on the key's path says with ``can_load_shape(name,
+shape)`` that it resizes it, as the ViT does with its position grid) and ``unexpected``, and
+:func:`check_coverage` refuses (``RuntimeError`` listing the keys) by mode:
 
-* :func:`state_dict_coverage` compares a checkpoint with a model: ``loaded``, ``missing``,
-  ``mismatched`` (same name, other shape: mmengine skips those too, unless a module on the key's
-  path says with ``can_load_shape(name, shape)`` that it resizes it, as the ViT does with its
-  position grid) and ``unexpected`` keys.
-* :class:`CheckpointCoverageHook` runs the check when the Runner loads a checkpoint
-  (``after_load_checkpoint``, before the weights are copied), in one of three modes:
+* ``'evaluate'`` (test tool, :func:`load_model_weights` for the Grad-CAM and plot tools) and
+  ``'resume'``: any parameter left unloaded; ``--allow-missing-weights`` only warns;
+* ``'finetune'`` (``load_from`` in training): any key beyond ``expected_missing`` (fnmatch
+  patterns: the config's ``load_from_expected_missing``, else the model attribute of that name,
+  else :data:`EXPECTED_MISSING_FROM_ALBEF`, what a converted ALBEF checkpoint lacks).
 
-  ====================  =====================================================================
-  ``mode``              refuses (``RuntimeError`` listing the keys, counted) when
-  ====================  =====================================================================
-  ``'evaluate'``        any parameter stays unloaded (test tool); ``allow_missing=True`` only warns
-  ``'finetune'``        any key beyond ``expected_missing`` stays unloaded (``load_from`` in
-                        training); prints a loaded/missing/unexpected summary either way
-  ``'resume'``          any parameter stays unloaded (resuming another model's run)
-  ====================  =====================================================================
-
-* In ``'evaluate'`` mode (test tool) and :func:`load_model_weights` (Grad-CAM tool), a checkpoint
-  with NaN or inf in any floating tensor of its state dict is refused too (:func:`check_finite`,
-  naming the keys; ``allow_nonfinite=True`` / ``--allow-nonfinite`` only warns): a diverged run's
-  weights give metrics and maps that look like numbers and mean nothing.
-* :func:`load_model_weights` does the same outside a Runner (the Grad-CAM tool).
-
-``expected_missing`` defaults to :data:`EXPECTED_MISSING_FROM_ALBEF`: what an ALBEF checkpoint
-converted by ``tools.convert_albef`` does not have (the codebook, the queues, step counters), so
-starting CODIS from ALBEF is accepted and a checkpoint of some other model is not. A model can
-declare its own list as an attribute ``load_from_expected_missing``; a config can set
-``load_from_expected_missing = [...]`` (fnmatch patterns), which the train tool passes on.
-
-Usage (what the tools add to ``custom_hooks``)::
+NaN or inf in a floating tensor of the state dict is refused too (:func:`check_finite`;
+``--allow-nonfinite`` only warns): a diverged run's weights give numbers that mean nothing.
+:class:`CheckpointCoverageHook` runs both checks when the Runner loads a checkpoint, before
+the weights are copied::
 
     custom_hooks = [dict(type='CheckpointCoverageHook', mode='finetune')]
 """
@@ -52,7 +36,7 @@ from vlp_codebook.models.teachers.momentum_teacher import unwrap_model
 from vlp_codebook.registry import HOOKS
 
 __all__ = ['EXPECTED_MISSING_FROM_ALBEF', 'Coverage', 'state_dict_coverage', 'checkpoint_state_dict',
-           'check_coverage', 'nonfinite_keys', 'check_finite', 'NONFINITE_FLAG', 'load_model_weights', 'CheckpointCoverageHook', 'MODES']
+           'check_coverage', 'nonfinite_keys', 'check_finite', 'load_model_weights', 'CheckpointCoverageHook']
 
 #: fnmatch patterns of CODIS state-dict keys that an ALBEF checkpoint (converted) does not hold
 EXPECTED_MISSING_FROM_ALBEF: Tuple[str, ...] = (
@@ -61,11 +45,7 @@ EXPECTED_MISSING_FROM_ALBEF: Tuple[str, ...] = (
     'num_steps', 'num_anonymous_ids', '*.num_updates',  # counters
 )
 MODES = ('evaluate', 'finetune', 'resume')
-#: mmengine's default ``revise_keys`` of ``Runner.load_checkpoint``
-DEFAULT_REVISE_KEYS = ((r'^module\.', ''),)
 _SHOWN = 20
-#: the tools' opt-out of :func:`check_finite`
-NONFINITE_FLAG = '--allow-nonfinite'
 
 
 @dataclass
@@ -93,18 +73,14 @@ class Coverage:
                 f'shape mismatch {len(self.mismatched)}; unexpected {len(self.unexpected)}')
 
 
-def checkpoint_state_dict(checkpoint: Any, revise_keys: Iterable[Tuple[str, str]] = DEFAULT_REVISE_KEYS
-                          ) -> Mapping[str, Any]:
+def checkpoint_state_dict(checkpoint: Any) -> Mapping[str, Any]:
     """The state dict inside ``checkpoint`` as mmengine reads it (``['state_dict']`` if there,
-    ``_metadata`` dropped, each ``(pattern, replacement)`` of ``revise_keys`` applied)."""
+    ``_metadata`` dropped, mmengine's default ``revise_keys``: a leading ``module.`` removed)."""
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get('state_dict'), Mapping):
         checkpoint = checkpoint['state_dict']
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f'the checkpoint holds a {type(checkpoint).__name__}, not a state dict')
-    state = {k: v for k, v in checkpoint.items() if k != '_metadata'}
-    for pattern, replacement in revise_keys:
-        state = {re.sub(pattern, replacement, k): v for k, v in state.items()}
-    return state
+    return {re.sub(r'^module\.', '', k): v for k, v in checkpoint.items() if k != '_metadata'}
 
 
 def state_dict_coverage(model: nn.Module, state: Mapping[str, Any]) -> Coverage:
@@ -150,19 +126,10 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
 
 
 def check_coverage(coverage: Coverage, source: str, mode: str = 'evaluate', allow_missing: bool = False,
-                   expected_missing: Optional[Iterable[str]] = None, flag: str = '--allow-missing-weights') -> None:
-    """Raise ``RuntimeError`` if ``coverage`` is not enough for ``mode`` (see the module docstring).
-
-    Args:
-        coverage: from :func:`state_dict_coverage`.
-        source: the checkpoint path, for the message.
-        mode: ``'evaluate'``, ``'finetune'`` or ``'resume'``.
-        allow_missing: only warn (the user's explicit ``flag``).
-        expected_missing: fnmatch patterns of keys ``'finetune'`` accepts as missing.
-        flag: how the user allows it, named in the message.
-    """
-    if mode not in MODES:
-        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+                   expected_missing: Optional[Iterable[str]] = None) -> None:
+    """Raise ``RuntimeError`` if ``coverage`` is not enough for ``mode`` (see the module docstring);
+    ``allow_missing`` (``--allow-missing-weights``) only warns."""
+    flag = '--allow-missing-weights'
     if mode == 'finetune':
         patterns = tuple(EXPECTED_MISSING_FROM_ALBEF if expected_missing is None else expected_missing)
         bad = [key for key in coverage.unloaded if not _matches(key, patterns)]
@@ -203,7 +170,7 @@ def nonfinite_keys(state: Mapping[str, Any]) -> List[Tuple[str, int, int]]:
     return bad
 
 
-def check_finite(state: Mapping[str, Any], source: str, allow: bool = False, flag: str = NONFINITE_FLAG) -> None:
+def check_finite(state: Mapping[str, Any], source: str, allow: bool = False, flag: str = '--allow-nonfinite') -> None:
     """Raise ``ValueError`` naming the keys (the first few and the count) if a floating tensor of
     ``state`` holds NaN or inf; with ``allow`` only warn."""
     bad = nonfinite_keys(state)
@@ -220,20 +187,16 @@ def check_finite(state: Mapping[str, Any], source: str, allow: bool = False, fla
 
 
 def load_model_weights(model: nn.Module, filename: str, trust: Optional[bool] = None,
-                       allow_missing: bool = False, flag: str = '--allow-missing-weights',
-                       allow_nonfinite: bool = False) -> Coverage:
-    """Load a local checkpoint into ``model`` safely, refusing one that leaves parameters unloaded
-    or holds NaN/inf (:func:`check_finite`; ``allow_nonfinite`` only warns).
-
-    ``trust``: see :func:`vlp_codebook.checkpoint_io.read_checkpoint`. Returns the coverage.
-    """
+                       allow_missing: bool = False, allow_nonfinite: bool = False) -> Coverage:
+    """Load a local checkpoint into ``model`` read as data (``trust``: see
+    :func:`~vlp_codebook.checkpoint_io.read_checkpoint`), checked as in ``'evaluate'`` mode."""
     from vlp_codebook.checkpoint_io import read_checkpoint
 
     checkpoint = read_checkpoint(filename, map_location='cpu', trust=trust)
     state = checkpoint_state_dict(checkpoint)
     check_finite(state, str(filename), allow=allow_nonfinite)
     coverage = state_dict_coverage(model, state)
-    check_coverage(coverage, str(filename), 'evaluate', allow_missing=allow_missing, flag=flag)
+    check_coverage(coverage, str(filename), 'evaluate', allow_missing=allow_missing)
     loadable = {k: v for k, v in state.items() if k in set(coverage.loaded)}
     unwrap_model(model).load_state_dict(loadable, strict=False)
     print_log(f'checkpoint {filename}: {coverage.summary()}', logger='current')
@@ -242,16 +205,7 @@ def load_model_weights(model: nn.Module, filename: str, trust: Optional[bool] = 
 
 @HOOKS.register_module()
 class CheckpointCoverageHook(Hook):
-    """Checks every checkpoint the Runner loads against the model (see the module docstring).
-
-    Args:
-        mode: ``'evaluate'`` (test), ``'finetune'`` (``load_from`` in training), ``'resume'``.
-        allow_missing: warn instead of raising (``--allow-missing-weights``).
-        expected_missing: fnmatch patterns for ``'finetune'``; None: the model's
-            ``load_from_expected_missing`` attribute, else :data:`EXPECTED_MISSING_FROM_ALBEF`.
-        allow_nonfinite: ``'evaluate'`` only: warn instead of raising on NaN/inf weights
-            (``--allow-nonfinite``).
-    """
+    """Checks every checkpoint the Runner loads against the model (see the module docstring)."""
 
     priority = 'VERY_HIGH'
 
@@ -270,11 +224,9 @@ class CheckpointCoverageHook(Hook):
         coverage = state_dict_coverage(model, state)
         source = getattr(runner, '_load_from', None) or '(path not known)'
         runner.message_hub.update_info('loaded_checkpoint', str(source), resumed=False)  # named by score errors
-        if self.mode == 'evaluate':
-            check_finite(state, str(source), allow=self.allow_nonfinite)
-        else:   # training from NaN weights fails at the first forward, without naming the checkpoint
-            check_finite(state, str(source), allow=self.allow_nonfinite,
-                         flag='--resume / load_from an earlier checkpoint (training from these weights gives NaN)')
+        # training from NaN weights would fail at the first forward, without naming the checkpoint
+        check_finite(state, str(source), allow=self.allow_nonfinite, flag='--allow-nonfinite' if self.mode == 'evaluate'
+                     else '--resume / load_from an earlier checkpoint (training from these weights gives NaN)')
         expected = self.expected_missing
         if expected is None:
             expected = getattr(model, 'load_from_expected_missing', None)

@@ -28,12 +28,7 @@ from mmengine.config import Config
 from vlp_codebook.registry import SCOPE
 
 __all__ = ['shipped_configs_dir', 'list_shipped_configs', 'resolve_config', 'load_config', 'RUNNER_KEYS',
-           'check_top_level_keys', 'check_optimizer_types', 'CONFIG_JSON_SUFFIX', 'dump_config_json',
-           'config_from_json']
-
-#: the config a run used, as data: ``WORK_DIR/<config name>.config.json`` (the tools' Runner writes it
-#: beside mmengine's ``<config name>.py`` dump; the plot tool reads it without running any Python)
-CONFIG_JSON_SUFFIX = '.config.json'
+           'check_top_level_keys', 'check_optimizer_types']
 
 #: top-level keys the mmengine Runner (``Runner.from_cfg``) and our tools read
 RUNNER_KEYS = (
@@ -62,12 +57,8 @@ def list_shipped_configs() -> List[str]:
 
 
 def resolve_config(config: str) -> Path:
-    """The config file that ``config`` (a path or a shipped config's name) refers to.
-
-    Raises:
-        FileNotFoundError: nothing found; the message lists every place that was tried and the
-            names of the shipped configs.
-    """
+    """The config file that ``config`` (a path or a shipped config's name) refers to; else
+    ``FileNotFoundError`` listing every place tried and the shipped configs' names."""
     config = os.fspath(config)
     tried: List[str] = []
     direct = Path(config).expanduser()
@@ -93,16 +84,9 @@ def resolve_config(config: str) -> Path:
 
 
 def load_config(config: str, cfg_options: Optional[Dict] = None) -> Config:
-    """Load ``config`` (see :func:`resolve_config`), merge ``cfg_options``, default the scope.
-
-    ``default_scope`` is set to ``'vlp_codebook'`` when the config has none, so the Runner
-    builds ``type='CODIS'`` & co. from our registries (and still finds mmengine's own types).
-
-    Raises:
-        FileNotFoundError: see :func:`resolve_config`.
-        KeyError: a misspelled top-level key (:func:`check_top_level_keys`) or an unknown
-            optimizer type (:func:`check_optimizer_types`); the message lists the close matches.
-    """
+    """Load ``config`` (see :func:`resolve_config`), merge ``cfg_options``, check the top-level keys
+    and optimizer types (``KeyError`` naming close matches), and default ``default_scope`` to
+    ``'vlp_codebook'`` so the Runner builds ``type='CODIS'`` & co. from our registries."""
     path = resolve_config(config)
     try:
         cfg = Config.fromfile(str(path))
@@ -134,48 +118,6 @@ def _explain_empty_error(error: BaseException, path: Path) -> RuntimeError:
         'with import lines in its "lazy import" mode, where imported modules and functions are only '
         'placeholders for building objects later. Write the value itself instead (e.g. 2.0 for math.sqrt(4)), '
         'or remove the import line.')
-
-
-def dump_config_json(cfg: Config, path: str) -> bool:
-    """Write ``cfg`` as JSON to ``path`` (atomically); False, writing nothing, when a value is not JSON
-    (a class or function given as an object rather than by name)."""
-    import json
-
-    from vlp_codebook.engine.checkpoint_saving import atomic_write
-
-    def refuse(value):
-        raise TypeError(f'{type(value).__name__} is not JSON')
-
-    try:
-        text = json.dumps(cfg.to_dict(), default=refuse, indent=1, allow_nan=True)
-    except (TypeError, ValueError):
-        return False
-    atomic_write(path, text + '\n')
-    return True
-
-
-def config_from_json(path: str, cfg_options: Optional[Dict] = None) -> Config:
-    """The config a run wrote with :func:`dump_config_json`: data only, no Python runs and nothing is
-    imported (``custom_imports`` is not applied; the types must be registered already).
-
-    Raises:
-        ValueError: the file is not a JSON object (the message names it).
-    """
-    import json
-
-    try:
-        with open(path, encoding='utf-8') as handle:
-            data = json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f'config {path} is not valid JSON: {error}') from None
-    if not isinstance(data, dict):
-        raise ValueError(f'config {path} holds a JSON {type(data).__name__}, not an object of config keys')
-    cfg = Config(data, filename=path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    if not cfg.get('default_scope'):
-        cfg.default_scope = SCOPE
-    return cfg
 
 
 def check_top_level_keys(cfg: Config, source: str = 'the config') -> None:

@@ -34,13 +34,9 @@ __all__ = ['ModelScalarsLoggerHook', 'unwrap_model']
 
 @HOOKS.register_module()
 class ModelScalarsLoggerHook(Hook):
-    """Log ``model.extra_log_scalars()`` as ``train/<name>`` in the runner's message hub.
-
-    Raises:
-        TypeError: ``extra_log_scalars()`` did not return a dict of str -> number (a Python
-            number or a one-element tensor).
-        ValueError: a value is NaN or infinite (the message names the scalar).
-    """
+    """Log ``model.extra_log_scalars()`` (str -> Python number or one-element tensor) as
+    ``train/<name>`` in the runner's message hub; ``TypeError`` for another type, ``ValueError``
+    naming a NaN or infinite scalar."""
 
     priority = 'NORMAL'
 

@@ -111,11 +111,8 @@ class _ITMRerankMixin:
 
 @LOOPS.register_module()
 class ITMRerankValLoop(_ITMRerankMixin, ValLoop):
-    """``ValLoop`` whose retrieval scores are ITM re-ranked (see the module docstring).
-
-    Args:
-        k: candidates re-scored per query. batch_size: image-text pairs per fusion pass.
-    """
+    """``ValLoop`` whose retrieval scores are ITM re-ranked (see the module docstring): ``k``
+    candidates re-scored per query, ``batch_size`` image-text pairs per fusion pass."""
 
     _stage = 'val'
 

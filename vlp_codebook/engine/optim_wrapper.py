@@ -26,14 +26,8 @@ __all__ = ['BF16AutocastOptimWrapper']
 
 @OPTIM_WRAPPERS.register_module()
 class BF16AutocastOptimWrapper(OptimWrapper):
-    """:class:`~mmengine.optim.OptimWrapper` that runs the forward pass under bfloat16 autocast.
-
-    Args:
-        device_type: the autocast device (``'cpu'``, ``'cuda'``); ``None`` = mmengine's current
-            device.
-        **kwargs: as :class:`~mmengine.optim.OptimWrapper` (``optimizer``, ``clip_grad``,
-            ``accumulative_counts``).
-    """
+    """:class:`~mmengine.optim.OptimWrapper` that runs the forward pass under bfloat16 autocast on
+    ``device_type`` (``None``: mmengine's current device)."""
 
     def __init__(self, device_type: str = None, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -45,16 +45,10 @@ USAGE_FILE = 'codebook_usage.json'
 
 @HOOKS.register_module()
 class TrainingPlotsHook(Hook):
-    """Draw the run's pictures at each validation and at the end of training.
-
-    Args:
-        out_dir: folder for the PNGs, relative to the work dir (default ``plots``).
-        gallery_images: candidate images of the retrieval gallery (the validation set's first
-            ones); 0 draws no gallery.
-        gallery_queries: query captions (rows) of the gallery.
-        gallery_top_k: images shown per query.
-        dead_fraction: a codeword is dead below this fraction of the uniform usage share.
-    """
+    """Draw the run's pictures at each validation and at the end of training, into ``out_dir``
+    (relative to the work dir). The gallery shows ``gallery_top_k`` of the validation set's first
+    ``gallery_images`` (0: no gallery) for ``gallery_queries`` captions; a codeword is dead below
+    ``dead_fraction`` of the uniform usage share."""
 
     priority = 'LOW'
 

@@ -94,11 +94,8 @@ def _pointer(work_dir: str) -> Tuple[Optional[str], Optional[str]]:
 
 
 def pick_resume_checkpoint(work_dir: str) -> Tuple[Optional[str], Optional[str]]:
-    """``(checkpoint to resume from or None for a fresh start, the line to log or None)``.
-
-    Raises:
-        CorruptCheckpointError: the work dir holds checkpoints but none of them is intact.
-    """
+    """``(checkpoint to resume from or None for a fresh start, the line to log or None)``;
+    ``CorruptCheckpointError`` when the work dir holds checkpoints but none is intact."""
     work_dir = osp.abspath(work_dir)
     path, why = _pointer(work_dir)
     if path is not None:

@@ -4,23 +4,13 @@ CODIS (Duan et al., CVPR 2022) aligns both modalities to one set of codewords
 :math:`C \in \mathbb{R}^{K \times d}`; rows are L2-normalised whenever they are used, so the
 cost of assigning a unit-norm feature ``z`` to codeword ``k`` is :math:`1 - z \cdot c_k`.
 
-Initial norm and step size: codewords are normalised when used, so only their direction
-matters, but the *parameter's* norm sets how fast that direction moves. Under Adam-type
-optimisers (AdamW over all parameters, the usual set-up) the update of every coordinate is about
-``lr`` per step whatever the gradient's scale, so a codeword of norm :math:`r` turns by at most
-about :math:`\mathrm{lr}\sqrt{d}/r` radians per step. The default initialisation draws every
-entry from N(0, 1), :math:`r \approx \sqrt{d}`, so a codeword turns by about ``lr`` radians per
-step, like the weights of the heads it is trained with; ``init_norm=1.0`` (unit-norm codewords)
-makes it turn :math:`\sqrt{d}` times faster (16x at d = 256). :class:`CodebookOTLoss` builds its
-codebook with ``codeword_init_norm=1.0`` by default: on real data (``benchmarks/real_data_ablation.py``,
-docs/ot_and_codebook.md) unit-norm codewords were ahead on the validation split on the short
-schedule and at a lower learning rate, and not measurably behind on a 4x longer one.
-
-Usage statistics: :meth:`Codebook.update_usage` takes an assignment matrix (rows = instances;
-``CodebookOTLoss`` passes the students' predicted codeword distributions -- a transport plan's
-column mass is uniform by construction) and keeps an exponential moving average of the mass each
-codeword receives; :meth:`Codebook.perplexity` is :math:`\exp(H(\text{mass}))`, between 1 (one
-codeword used) and K (all used equally).
+The parameter's norm sets how fast a codeword's direction moves under Adam-type optimisers: a
+codeword of norm :math:`r` turns by about :math:`\mathrm{lr}\sqrt{d}/r` radians per step, so
+N(0, 1) entries (the default, :math:`r \approx \sqrt{d}`) turn by about ``lr`` and unit-norm ones
+(``init_norm=1.0``, what :class:`CodebookOTLoss` uses) :math:`\sqrt{d}` times faster; the
+measurements behind the choice are in docs/ot_and_codebook.md. :meth:`Codebook.update_usage`
+keeps an EMA of the mass each codeword receives; :meth:`Codebook.perplexity` is
+:math:`\exp(H(\text{mass}))`, from 1 (one codeword used) to K (all used equally).
 
 Example::
 
@@ -68,18 +58,9 @@ def check_features(name: str, feats: torch.Tensor, embed_dim: int, values: bool 
 
 @MODELS.register_module()
 class Codebook(nn.Module):
-    r"""K learnable codewords of dimension d, L2-normalised when used.
-
-    Args:
-        num_codewords: K. The paper does not state its K; its ablation brackets it between 500
-            (worse) and 3000 codewords. Default 1024.
-        embed_dim: d, the dimension of the shared image-text embedding.
-        usage_momentum: EMA momentum of the per-codeword usage statistics.
-        init_norm: ``None`` (default): entries drawn from N(0, 1), norm about :math:`\sqrt{d}`, so
-            the angular step under Adam-type optimisers is about ``lr`` radians; a number: random
-            directions scaled to this norm (``1.0`` = unit-norm codewords, which turn
-            :math:`\sqrt{d}` times faster). See the module docstring.
-    """
+    r"""K learnable codewords of dimension d, L2-normalised when used. The paper does not state its
+    K; its ablation brackets it between 500 (worse) and 3000. ``init_norm``: None for N(0, 1)
+    entries, else random directions of that norm (see the module docstring)."""
 
     def __init__(self, num_codewords: int = 1024, embed_dim: int = 256, usage_momentum: float = 0.99,
                  init_norm: Optional[float] = None):

@@ -10,7 +10,6 @@
 * **Build errors** while building ``model``, hooks, loops, optimizer or schedulers get a
   ``config_key`` attribute (and a traceback note), narrowed to the argument when the message names
   it (``model.image_encoder.foo``); :func:`vlp_codebook.tools.cli.format_error` prints it.
-* **Config as data**: ``<config>.config.json`` beside mmengine's dump, for the plot tool.
 * **Resume**: ``--resume`` without a path takes
   :func:`vlp_codebook.engine.resume.pick_resume_checkpoint`'s choice (one line says which and why).
 
@@ -193,18 +192,6 @@ class ToolRunner(Runner):
         log_file = next((h.baseFilename for h in self.logger.handlers if isinstance(h, logging.FileHandler)), None)
         self.logger.info(f'{self._experiment_name}: device {device_description()}, work dir {self._work_dir}'
                          + (f', log (with the config) {log_file}' if log_file else ''))
-
-    def dump_config(self) -> None:
-        """mmengine's ``<config>.py`` dump, plus ``<config>.config.json`` (the same config as data)."""
-        import os.path as osp
-
-        from vlp_codebook.engine.config import CONFIG_JSON_SUFFIX, dump_config_json
-
-        super().dump_config()
-        stem = osp.splitext(osp.basename(self.cfg.filename))[0] if self.cfg.filename else self.timestamp
-        if not dump_config_json(self.cfg, osp.join(self.work_dir, stem + CONFIG_JSON_SUFFIX)):
-            self.logger.info('the config holds values that are not JSON (classes or functions as objects): '
-                             'no config.json in the work dir; the plot tool then needs --config')
 
     def load_or_resume(self) -> None:
         """As mmengine's, with the checkpoint of an automatic resume verified (see the module docstring)."""

@@ -12,49 +12,25 @@ are contrasted against momentum-teacher embeddings (keys): the current teacher b
     p_{i2i} &= \mathrm{softmax}(z_v\,[z_v^m; Q_v]^\top / \gamma), &
     p_{t2t} &= \mathrm{softmax}(z_t\,[z_t^m; Q_t]^\top / \gamma).
 
-(The slides' :math:`p_{t2t}` denominator shows :math:`z_v^{m'}`; it is the text queue.)
-The cross directions t2i/i2t are ALBEF's ITC (Li et al., NeurIPS 2021), the intra directions
-i2i/t2t TCL's (Yang et al., CVPR 2022).
-
-**Targets** (ALBEF momentum distillation). The positives of query :math:`i` are its paired
-teacher entry and, when instance ids are given, every key (batch or queue) with the same id
-(several captions of one image); :math:`\bar y` is the indicator of positives normalised to sum
-to 1. The teacher's own prediction uses the *teacher* embedding of the query's modality against
-the same keys and the same :math:`\gamma` (no gradient); for t2i it is
-:math:`\mathrm{softmax}(z_t^m [z_v^m; Q_v]^\top/\gamma)`. Then
+The cross directions t2i/i2t are ALBEF's ITC, the intra directions i2i/t2t TCL's. Targets
+(ALBEF momentum distillation), with :math:`\bar y` the positives' indicator normalised to sum to 1
+(the paired teacher entry and, given instance ids, every key with the query's id) and
+:math:`p^m` the teacher's own prediction (the teacher embedding of the query's modality, same
+keys and :math:`\gamma`, no gradient):
 
 .. math::
     y = \alpha\, p^{m} + (1 - \alpha)\, \bar y, \qquad
     L_{dir} = -\frac{1}{B}\sum_{i=1}^{B} \sum_j y_{ij} \log p_{ij}, \qquad
     L_{align} = \sum_{dir} w_{dir} L_{dir}.
 
-ALBEF ramps :math:`\alpha = 0.4` linearly over the first epoch:
-:func:`~vlp_codebook.models.losses.functional.ramped_alpha`.
-
-**Temperature.** :math:`\gamma` is an ``nn.Parameter`` of this loss (init 0.07) clamped in place
-to ``temperature_range`` (ALBEF: [0.001, 0.5]) before every forward; ``learnable_temperature=False``
-keeps it fixed (a buffer); ``forward(..., temperature=t)`` uses an external one (e.g. shared
-with another loss). A temperature that is not positive and finite (e.g. a fixed one of 0 loaded
-from a state dict) is an error, at loading and in ``forward``, never a NaN loss.
-
-**Value checks** (NaN/inf features and queues, the temperature, a tensor α) go through
-:mod:`vlp_codebook.checks`: read at once when the loss is called on its own, one read per step
-inside CODIS's ``deferred_checks`` block.
-
-**Numerics.** Everything runs in fp32 with autocast disabled; ``log_softmax`` and ``softmax``
-subtract the row maximum. Inputs are L2-normalised (``normalize=True``; idempotent for
-features that already are).
-
-**DDP.** Each rank passes its own batch. The batch part of the keys is the *joint* teacher
-batch (:func:`vlp_codebook.dist.gather_no_grad`, rank 0 first; local batch sizes may differ),
-the positive of local query ``i`` is key ``start + i`` where ``start`` is this rank's offset
-(:func:`vlp_codebook.dist.local_slice`), and the queue is the same on every rank
-(:class:`~vlp_codebook.models.teachers.FeatureQueue` gathers before enqueuing). Each rank's loss
-is the mean over its ``B_r`` local queries, so with local batch sizes ``B_r`` and joint size ``B``:
-the joint-batch loss is :math:`\sum_r (B_r/B) L_r` (the mean over ranks when the ``B_r`` are
-equal), and the gradient of :math:`L_r` on rank r's student features is ``B / B_r`` times (``world_size``
-times, for equal ``B_r``) the gradient of the joint loss on those rows -- which DDP's average over
-ranks turns back into the joint gradient for the parameters.
+:math:`\gamma` is an ``nn.Parameter`` (init 0.07) clamped to ``temperature_range`` before every
+forward (a buffer with ``learnable_temperature=False``; ``forward(temperature=t)`` uses an external
+one); one that is not positive and finite is an error, never a NaN loss. Value checks go through
+:mod:`vlp_codebook.checks` (one host read per step inside CODIS). Everything runs in fp32 with
+autocast off. Under DDP the keys' batch part is the joint teacher batch and each rank's loss is
+scaled by :func:`vlp_codebook.dist.batch_weight`, so DDP's gradient average is the joint batch's
+gradient. The defaults, the slide's :math:`p_{t2t}` typo and the DDP convention are in
+docs/teacher_and_distillation.md.
 
 Example::
 
@@ -94,19 +70,11 @@ DIRECTIONS = ('t2i', 'i2t', 'i2i', 't2t')
 class MultiDirectionalDistillationLoss(nn.Module):
     """Contrastive distillation from momentum teachers in the directions t2i, i2t, i2i, t2t.
 
-    Args:
-        directions: the enabled directions, a subset of ``('t2i', 'i2t', 'i2i', 't2t')``
-            (paper ablation: ``('t2i', 'i2t')`` = row a, all four = row b, the default).
-        direction_weights: per-direction weights (missing keys: 1.0).
-        loss_weight: multiplies every direction.
-        temperature: initial γ > 0. Default 0.07 (ALBEF, CODIS).
-        learnable_temperature: γ is an ``nn.Parameter`` (default) or a fixed buffer.
-        temperature_range: (min, max) γ is clamped to before each forward. Default (0.001, 0.5).
-        alpha: default α when ``forward`` gets none. Default 0.4 (ALBEF); ramp it with
-            :meth:`ramped_alpha`. A device tensor is taken without a host read (and is
-            checked with the other values).
-        normalize: L2-normalise every feature (queries, teacher features, queues).
-        embed_dim: if given, every feature must have this dimension.
+    ``directions``: a non-empty subset of ``('t2i', 'i2t', 'i2i', 't2t')`` (paper ablation row a:
+    ``('t2i', 'i2t')``; row b: all four, the default). ``direction_weights`` (missing keys 1.0) and
+    ``loss_weight`` multiply the directions. ``alpha`` is the default α of ``forward`` (a device
+    tensor is taken without a host read). ``normalize`` L2-normalises every feature;
+    ``embed_dim``, if given, is required of every feature.
     """
 
     def __init__(self,
@@ -177,34 +145,15 @@ class MultiDirectionalDistillationLoss(nn.Module):
                 text_queue_ids: Optional[torch.Tensor] = None,
                 alpha: Optional[float] = None,
                 temperature: Union[None, float, torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """The enabled directions' losses.
+        """The enabled directions' losses ``{'loss_t2i', ...}``: fp32 scalars, weighted, each the mean
+        over this rank's queries times :func:`vlp_codebook.dist.batch_weight`.
 
-        Args:
-            image_feats: (B, d) student image embeddings z_v (queries of i2t, i2i).
-            text_feats: (B, d) student text embeddings z_t of the paired captions (t2i, t2t).
-            image_teacher_feats: (B, d) momentum-teacher image embeddings z_v^m (keys of t2i,
-                i2i; the teacher query of i2t, i2i).
-            text_teacher_feats: (B, d) z_t^m.
-            image_queue: Q_v -- None (no queue), an (N_v, d) tensor of valid rows, or a
-                :class:`FeatureQueue` (its valid rows and, if kept, ids). Its content *before*
-                the current batch is enqueued.
-            text_queue: Q_t, likewise.
-            image_ids: (B,) integer instance id of each pair (e.g. the image id, shared by its
-                captions). Every key with the query's id is a positive. None: only the paired
-                entry is.
-            image_queue_ids: (N_v,) ids of a tensor ``image_queue`` (a FeatureQueue brings its
-                own). Without ids, queue entries are negatives.
-            text_queue_ids: (N_t,) likewise.
-            alpha: α in [0, 1], weight of the teacher's softmax in the targets (default: the
-                constructor's ``alpha``).
-            temperature: use this γ > 0 instead of the loss's own.
-
-        Returns:
-            ``{'loss_t2i', 'loss_i2t', 'loss_i2i', 'loss_t2t'}`` restricted to the enabled
-            directions: fp32 scalars, weighted, each the mean over this rank's queries times
-            ``B_rank * world / B_joint`` (:func:`vlp_codebook.dist.batch_weight`; 1 on one
-            process and with equal batches), so that DDP's average of the gradients is the
-            joint batch's gradient.
+        Features are (B, d): students ``z_v, z_t`` (queries), teachers ``z_v^m, z_t^m`` (keys, and
+        the teacher queries of the targets). A queue is None, an (N, d) tensor of valid rows or a
+        :class:`FeatureQueue` (its valid rows and ids), with its content *before* the current batch
+        is enqueued. ``image_ids`` (B,): every key with the query's id is a positive (None: only
+        the paired entry); queue rows without ids are negatives. ``alpha`` in [0, 1] and
+        ``temperature`` > 0 override the loss's own.
         """
         grid = self._compute(image_feats, text_feats, image_teacher_feats, text_teacher_feats, image_queue,
                              text_queue, image_ids, image_queue_ids, text_queue_ids, alpha, temperature)

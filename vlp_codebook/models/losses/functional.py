@@ -16,16 +16,9 @@ __all__ = ['soft_cross_entropy', 'ramped_alpha', 'l2_normalize']
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ``-sum_k target_k log softmax(logits)_k``.
-
-    Args:
-        logits: (N, C), any floating dtype; ``log_softmax`` subtracts the row maximum.
-        target: (N, C) rows of non-negative weights (distributions, usually), no gradient needed.
-
-    Returns:
-        A scalar: the mean over the N rows, and 0 (still attached to ``logits``) when N = 0, so
-        a rank with an empty batch contributes nothing rather than NaN.
-    """
+    """Mean over the N rows of ``-sum_k target_k log softmax(logits)_k`` for (N, C) ``logits`` and
+    non-negative ``target``; 0 (still attached to ``logits``) when N = 0, so a rank with an empty
+    batch contributes nothing rather than NaN."""
     if logits.shape != target.shape or logits.dim() != 2:
         raise ValueError(f'logits and target must both be (N, C), got {tuple(logits.shape)} and '
                          f'{tuple(target.shape)}')

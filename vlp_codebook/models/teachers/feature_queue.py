@@ -4,27 +4,12 @@ MoCo (He et al., CVPR 2020) and ALBEF (Li et al., NeurIPS 2021) contrast a query
 current batch of momentum-teacher features *and* a queue :math:`Q` of the teacher features of
 earlier batches; CODIS (Duan et al., CVPR 2022) keeps one queue per modality, :math:`Q_v, Q_t`.
 
-How this queue differs from the usual ``register_buffer('queue', randn)`` implementation:
-
-* **Any size.** No "queue size must be divisible by the batch size" assert: a batch that runs
-  past the end wraps around, and a batch larger than the queue keeps its newest ``size`` rows.
-* **Only real entries.** Rows that were never written do not exist for the caller:
-  :meth:`features` / :meth:`get_ids` return the ``num_valid`` filled rows only (no random
-  initial vectors acting as negatives).
-* **Order.** :meth:`features` returns the valid rows **oldest first, newest last**, i.e. in
-  enqueue order (the storage order rotated so that it starts at the oldest row).
-* **Instance ids** (optional, int64): several captions of one image share an id, so a loss can
-  count every queued entry with the query's id as a positive (LAVIS's retrieval ``idx_queue``).
-* **DDP.** :meth:`enqueue` gathers the batch of every rank (rank 0's rows first, through
-  :func:`vlp_codebook.dist.gather_no_grad`; local batch sizes may differ), so all ranks hold the
-  same queue -- the queue of one process that saw the joint batch.
-* **Checkpointed.** ``feats``, ``ids``, ``ptr`` and ``num_valid`` are buffers. A state dict
-  whose ``ptr``/``num_valid`` do not fit the queue (e.g. ``ptr=50, num_valid=99`` for a queue of
-  7) is refused with an error naming the key.
-* **No host reads.** ``ptr`` and ``num_valid`` are mirrored as Python ints
-  (:class:`~vlp_codebook.models.host_counters.HostCounters`), and the NaN/inf check of an
-  enqueued batch is a :func:`vlp_codebook.checks.check_finite` (one read per step inside
-  ``deferred_checks``).
+Unlike the usual ``register_buffer('queue', randn)``: any size (a batch wraps around; one larger
+than the queue keeps its newest ``size`` rows); only filled rows are returned, **oldest first**
+(no random initial vectors acting as negatives); optional int64 instance ids (LAVIS's
+``idx_queue``); :meth:`enqueue` gathers every rank's batch so all ranks hold the same queue; a
+state dict whose ``ptr``/``num_valid`` do not fit is refused; ``ptr`` and ``num_valid`` are
+mirrored on the host (:class:`~vlp_codebook.models.host_counters.HostCounters`), so no read waits.
 
 Use the queue's content *before* enqueuing the current batch (the current teacher batch is
 passed to the loss separately), then enqueue::
@@ -54,19 +39,12 @@ __all__ = ['FeatureQueue']
 
 @MODELS.register_module()
 class FeatureQueue(HostCounters, nn.Module):
-    """Fixed-capacity FIFO of (dim,) feature rows, with optional int64 instance ids.
+    """Fixed-capacity FIFO of ``size`` (ALBEF/CODIS: 65536) feature rows of ``dim``, stored in
+    ``dtype`` (whatever the autocast dtype); ``with_ids``: one int64 id per row, required by
+    :meth:`enqueue`; ``gather``: gather all ranks' batches before enqueuing.
 
-    Args:
-        size: capacity (number of rows), >= 1. ALBEF/CODIS: 65536.
-        dim: feature dimension.
-        with_ids: also keep one int64 instance id per row (required in :meth:`enqueue`).
-        dtype: storage dtype of the features (default fp32, whatever the autocast dtype).
-        gather: gather the batch from all ranks before enqueuing (default True; no effect
-            without a process group).
-
-    Buffers:
-        feats: (size, dim) storage. ids: (size,) int64, -1 where unset (or (0,) without ids).
-        ptr: int64 scalar, the row the next entry goes to. num_valid: int64 scalar, filled rows.
+    Buffers: ``feats`` (size, dim); ``ids`` (size,), -1 where unset ((0,) without ids); ``ptr``,
+    the row the next entry goes to; ``num_valid``, the filled rows.
     """
 
     def __init__(self, size: int, dim: int, with_ids: bool = False, dtype: torch.dtype = torch.float32,
@@ -116,12 +94,8 @@ class FeatureQueue(HostCounters, nn.Module):
 
     @torch.no_grad()
     def enqueue(self, feats: torch.Tensor, ids: Optional[torch.Tensor] = None) -> None:
-        """Append a batch (replacing the oldest rows once full).
-
-        Args:
-            feats: (N, dim) features of this rank (detached; gathered from all ranks first).
-            ids: (N,) integer instance ids, required iff ``with_ids``.
-        """
+        """Append this rank's (N, dim) ``feats`` and (N,) ``ids`` (iff ``with_ids``), detached,
+        replacing the oldest rows once full."""
         if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[1] != self.dim:
             raise ValueError(f'feats must be a (N, {self.dim}) tensor, got {type(feats).__name__} '
                              f'of shape {tuple(getattr(feats, "shape", ()))}')
