@@ -20,6 +20,7 @@ with the towers inside the model (no cached features):
   point); ``codebook`` -- + the codebook with the plugin's defaults; ``codebook_cwd0.1`` -- the
   codewords decayed like every other matrix (open_clip's rule, ``--codebook-wd 0.1``);
   ``codebook_pq0`` / ``codebook_pq1024`` -- no plan queue / a plan queue of 1024 rows;
+  ``codebook_warmup82`` -- the codebook terms off for the first epoch (82 steps);
   ``intra`` -- ClipLoss + the intra-modal directions without a codebook (``--codebook-weight 0
   --codis-intra --queue-size 1024``); ``codebook_intra`` -- + the codebook and the intra
   directions (CODIS's whole recipe); ``codebook_gaussian`` -- N(0, 1) initial codewords;
@@ -80,6 +81,7 @@ ROWS: Dict[str, Sequence[str]] = {
     'codebook_cwd0.1': ('--codebook-wd', '0.1'),
     'codebook_pq0': ('--codebook-plan-queue', '0'),
     'codebook_pq1024': ('--codebook-plan-queue', '1024'),
+    'codebook_warmup82': ('--codebook-warmup-steps', '82'),
     'intra': ('--codebook-weight', '0', '--codis-intra', '--queue-size', '1024'),
     'codebook_intra': ('--codis-intra', '--queue-size', '1024'),
     'codebook_gaussian': ('--codebook-init-norm', 'gaussian'),
@@ -89,6 +91,7 @@ ROW_TITLES = {'clip': "open_clip's ClipLoss", 'codebook': '+ codebook (defaults)
               'codebook_cwd0.1': "+ codebook, codewords decayed by open_clip's --wd 0.1",
               'codebook_pq0': '+ codebook, no plan queue',
               'codebook_pq1024': '+ codebook, plan queue 1024',
+              'codebook_warmup82': '+ codebook, off for the first 82 steps (1 epoch)',
               'intra': '+ intra directions, no codebook',
               'codebook_intra': '+ codebook + intra directions',
               'codebook_gaussian': '+ codebook, N(0, 1) codewords',
