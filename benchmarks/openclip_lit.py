@@ -301,6 +301,8 @@ def parse_args(argv=None):
     parser.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS))
     parser.add_argument('--seeds', type=int, default=10, help='paired seeds 0..N-1 (default 10)')
+    parser.add_argument('--first-seed', type=int, default=0,
+                        help='run only seeds FIRST..N-1 (e.g. a second process beside one running the first ones)')
     parser.add_argument('--quick', action='store_true', help='3 seeds')
     parser.add_argument('--smoke', action='store_true',
                         help='CI: 1 seed, setting lit, rows clip + codebook, 200 images, 2 epochs')
@@ -338,9 +340,10 @@ def main(argv=None) -> dict:
           f"{len(splits['val']['captions'])} captions, test {len(splits['test']['images'])} / "
           f"{len(splits['test']['captions'])}; {args.epochs} epochs, batch {args.batch}, {args.image_size} px",
           flush=True)
-    for seed in range(args.seeds):        # built once per seed, before any parallel run reads it
+    seeds = range(args.first_seed, args.seeds)
+    for seed in seeds:        # built once per seed, before any parallel run reads it
         initial_checkpoint(seed, args.config_dir, osp.join(args.results_dir, 'init'))
-    jobs = [(setting, row, seed) for seed in range(args.seeds) for setting in args.settings for row in args.rows]
+    jobs = [(setting, row, seed) for seed in seeds for setting in args.settings for row in args.rows]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         finished = list(pool.map(lambda job: run_one(*job, args, splits, csv), jobs))
     results: Dict[str, Dict[str, Dict[int, dict]]] = {}
@@ -350,7 +353,7 @@ def main(argv=None) -> dict:
         per_row = {row: results[setting][row] for row in args.rows}
         cpu = statistics.fmean(r['cpu_seconds'] for rows in per_row.values() for r in rows.values())
         for split in ('val', 'test'):
-            print(f'\n### {setting} ({" ".join(SETTINGS[setting])}), {split}, {args.seeds} paired seeds\n')
+            print(f'\n### {setting} ({" ".join(SETTINGS[setting])}), {split}, {len(seeds)} paired seeds\n')
             print(format_table(per_row, split))
         print(f'\nmean CPU time of one training run: {cpu:.0f} s')
     if args.json:
