@@ -56,6 +56,8 @@ ROWS: Dict[str, Row] = {
                               dict(K1024, plan_queue_size=1024), teacher_plans=False),
     'clip_cb1024_warmup': Row('(c) + codebook K=1024, student plans, codebook off for the first 80 steps (about 1 epoch)', 'clip',
                               dict(K1024, warmup_steps=80), teacher_plans=False),
+    'clip_cb1024_pq1024_warmup': Row('(c) + codebook K=1024, student plans, plan queue 1024, off for the first 80 steps',
+                                     'clip', dict(K1024, plan_queue_size=1024, warmup_steps=80), teacher_plans=False),
     'clip_cb128_pq1024': Row('(c) + codebook K=128, student plans, plan queue 1024', 'clip',
                              dict(K128, plan_queue_size=1024), teacher_plans=False),
 }
@@ -65,7 +67,8 @@ ROW_GROUPS = {
     'decomposition': ['a', 'b', 'clip', 'b_cb128', 'a_cb128', 'clip_cb128_teacher', 'clip_cb128', 'b_cb1024',
                       'clip_cb1024', 'b_cb128_cwd0', 'b_cb128_cwd0.1', 'clip_cb1024_cwd0.1'],
     'schedule': ['b', 'clip', 'b_cb128', 'clip_cb1024_cwd0.1'],
-    'remedies': ['clip', 'clip_cb1024', 'clip_cb1024_pq1024', 'clip_cb1024_warmup', 'clip_cb128', 'clip_cb128_pq1024'],
+    'remedies': ['clip', 'clip_cb1024', 'clip_cb1024_pq1024', 'clip_cb1024_warmup', 'clip_cb1024_pq1024_warmup',
+                 'clip_cb128', 'clip_cb128_pq1024'],
 }
 BASELINE = 'b'
 # The row that builds CodebookOTLoss with its defaults (only K given): what a user gets.
