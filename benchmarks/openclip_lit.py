@@ -21,6 +21,7 @@ with the towers inside the model (no cached features):
   codewords decayed like every other matrix (open_clip's rule, ``--codebook-wd 0.1``);
   ``codebook_pq0`` / ``codebook_pq1024`` -- no plan queue / a plan queue of 1024 rows;
   ``codebook_warmup82`` -- the codebook terms off for the first epoch (82 steps);
+  ``codebook_recipe`` -- that warm-up and a plan queue of 1024 rows;
   ``intra`` -- ClipLoss + the intra-modal directions without a codebook (``--codebook-weight 0
   --codis-intra --queue-size 1024``); ``codebook_intra`` -- + the codebook and the intra
   directions (CODIS's whole recipe); ``codebook_gaussian`` -- N(0, 1) initial codewords;
@@ -82,6 +83,7 @@ ROWS: Dict[str, Sequence[str]] = {
     'codebook_pq0': ('--codebook-plan-queue', '0'),
     'codebook_pq1024': ('--codebook-plan-queue', '1024'),
     'codebook_warmup82': ('--codebook-warmup-steps', '82'),
+    'codebook_recipe': ('--codebook-warmup-steps', '82', '--codebook-plan-queue', '1024'),
     'intra': ('--codebook-weight', '0', '--codis-intra', '--queue-size', '1024'),
     'codebook_intra': ('--codis-intra', '--queue-size', '1024'),
     'codebook_gaussian': ('--codebook-init-norm', 'gaussian'),
@@ -92,6 +94,7 @@ ROW_TITLES = {'clip': "open_clip's ClipLoss", 'codebook': '+ codebook (defaults)
               'codebook_pq0': '+ codebook, no plan queue',
               'codebook_pq1024': '+ codebook, plan queue 1024',
               'codebook_warmup82': '+ codebook, off for the first 82 steps (1 epoch)',
+              'codebook_recipe': '+ codebook, warm-up 82 steps + plan queue 1024',
               'intra': '+ intra directions, no codebook',
               'codebook_intra': '+ codebook + intra directions',
               'codebook_gaussian': '+ codebook, N(0, 1) codewords',
