@@ -40,8 +40,9 @@ Usage::
     python benchmarks/openclip_lit.py --smoke         # CI: 1 seed, lit, rows clip + codebook, 200 images
     python benchmarks/openclip_lit.py --settings text2 --rows clip codebook --seeds 5
 
-Each finished (setting, row, seed) is saved under ``--results-dir`` and reused, so an interrupted
-run resumes. Tables: docs/openclip.md.
+Each finished (setting, row, seed) is saved under ``--scores-dir`` (in the repository:
+``benchmarks/results/openclip_lit``) and reused, so an interrupted benchmark resumes, also on
+another machine. Tables: docs/openclip.md.
 """
 from __future__ import annotations
 
@@ -246,7 +247,7 @@ def run_key(setting: str, row: str, seed: int) -> str:
 
 def run_one(setting: str, row: str, seed: int, args, splits: dict, csv: str) -> dict:
     """Train one (setting, row, seed) through the entry point and evaluate it (cached)."""
-    result_path = osp.join(args.results_dir, protocol_key(args), run_key(setting, row, seed) + '.json')
+    result_path = osp.join(args.scores_dir, protocol_key(args), run_key(setting, row, seed) + '.json')
     if osp.isfile(result_path):
         with open(result_path, encoding='utf-8') as handle:
             return json.load(handle)
@@ -300,7 +301,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data', default=osp.join(ROOT, 'data', 'emoji'), help='prepare_emoji output dir')
-    parser.add_argument('--results-dir', default=None, help='default DATA/_openclip_runs')
+    parser.add_argument('--results-dir', default=None, help='logs, checkpoints, initial models; default DATA/_openclip_runs')
+    parser.add_argument('--scores-dir', default=osp.join(ROOT, 'benchmarks', 'results', 'openclip_lit'),
+                        help="each finished run's scores (JSON, reused by later calls); default: kept in the "
+                             'repository, so a later sitting on another machine resumes (--smoke: in --results-dir)')
     parser.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS))
     parser.add_argument('--seeds', type=int, default=10, help='paired seeds 0..N-1 (default 10)')
@@ -327,6 +331,8 @@ def parse_args(argv=None):
         args.seeds, args.settings, args.rows = 1, ['lit'], ['clip', 'codebook']
         args.max_images, args.epochs = args.max_images or 200, 2
     args.results_dir = args.results_dir or osp.join(args.data, '_openclip_runs')
+    if args.smoke:
+        args.scores_dir = osp.join(args.results_dir, 'scores')
     args.config_dir = osp.join(args.results_dir, 'model_config', f'{args.image_size}px_ctx{args.context_length}')
     return args
 

@@ -275,7 +275,8 @@ def parse_args(argv=None):
     parser.add_argument('--workers', type=int, default=2, help='parallel single-thread runs (default 2)')
     parser.add_argument('--json', help='also write every per-seed result here')
     parser.add_argument('--results-dir', default=None,
-                        help='save each finished run here and reuse saved runs (resume); default DATA/_runs, '
+                        help='save each finished run here and reuse saved runs (resume); default benchmarks/results/'
+                             'real_data_ablation (in the repository, so a later sitting resumes), '
                              "'' to disable")
     args = parser.parse_args(argv)
     if args.quick:
@@ -295,7 +296,7 @@ def parse_args(argv=None):
     args.rows = [r for r in ROWS if r in rows]
     args.cache = args.cache or osp.join(args.data, '_features')
     if args.results_dir is None and not args.smoke:
-        args.results_dir = osp.join(args.data, '_runs')
+        args.results_dir = osp.join(ROOT, 'benchmarks', 'results', 'real_data_ablation')
     return args
 
 
