@@ -72,6 +72,20 @@ def rows(group: str, rank: int, world: int) -> slice:
     return slice(start, start + SIZES[group][rank])
 
 
+def _record_codebook_step(out: dict, prefix: str, loss_fn, inp: dict, cur: slice) -> None:
+    """One step of ``loss_fn`` on this rank's rows with teacher plans: its terms, the students'
+    gradients and the codewords' gradient, recorded under ``prefix``."""
+    zv = inp['zv'][cur].clone().requires_grad_()
+    zt = inp['zt'][cur].clone().requires_grad_()
+    terms = loss_fn(zv, zt, inp['zv_m'][cur], inp['zt_m'][cur])
+    sum(terms.values()).backward()
+    for name, value in terms.items():
+        out[f'{prefix}/{name}'] = ('mean', 'cur', value.detach())
+    out[f'{prefix}/grad_zv'] = ('rowgrad', 'cur', zv.grad)
+    out[f'{prefix}/grad_zt'] = ('rowgrad', 'cur', zt.grad)
+    out[f'{prefix}/grad_codewords'] = ('mean', 'cur', loss_fn.codebook.weight.grad)
+
+
 def pipeline(rank: int, world: int):
     """Returns {name: (kind, size group, tensor)}; kind says how ranks relate to the joint run."""
     inp = joint_inputs()
@@ -132,15 +146,7 @@ def pipeline(rank: int, world: int):
     # 4. CodebookOTLoss on teacher plans.
     torch.manual_seed(1)
     ot_loss = CodebookOTLoss(num_codewords=K, embed_dim=D, sinkhorn_tol=1e-6, sinkhorn_max_iters=5000)
-    zv3 = inp['zv'][cur].clone().requires_grad_()
-    zt3 = inp['zt'][cur].clone().requires_grad_()
-    terms = ot_loss(zv3, zt3, inp['zv_m'][cur], inp['zt_m'][cur])
-    sum(terms.values()).backward()
-    for name, value in terms.items():
-        out[f'codebook/{name}'] = ('mean', 'cur', value.detach())
-    out['codebook/grad_zv'] = ('rowgrad', 'cur', zv3.grad)
-    out['codebook/grad_zt'] = ('rowgrad', 'cur', zt3.grad)
-    out['codebook/grad_codewords'] = ('mean', 'cur', ot_loss.codebook.weight.grad)
+    _record_codebook_step(out, 'codebook', ot_loss, inp, cur)
     out['codebook/usage'] = ('same', 'cur', ot_loss.codebook.usage)
 
     # 4b. A plan queue (filled by the previous batch, student plans): every rank holds the joint
@@ -149,14 +155,7 @@ def pipeline(rank: int, world: int):
     queued = CodebookOTLoss(num_codewords=K, embed_dim=D, sinkhorn_tol=1e-6, sinkhorn_max_iters=5000,
                             plan_queue_size=QUEUE_SIZE)
     queued(inp['prev_v'][prev], inp['prev_t'][prev])
-    zv4 = inp['zv'][cur].clone().requires_grad_()
-    zt4 = inp['zt'][cur].clone().requires_grad_()
-    terms4 = queued(zv4, zt4, inp['zv_m'][cur], inp['zt_m'][cur])
-    sum(terms4.values()).backward()
-    for name, value in terms4.items():
-        out[f'codebook_queue/{name}'] = ('mean', 'cur', value.detach())
-    out['codebook_queue/grad_zv'] = ('rowgrad', 'cur', zv4.grad)
-    out['codebook_queue/grad_codewords'] = ('mean', 'cur', queued.codebook.weight.grad)
+    _record_codebook_step(out, 'codebook_queue', queued, inp, cur)
     out['codebook_queue/queue_v'] = ('same', 'cur', queued.plan_queues['image'].features())
 
     # 5. A DDP-wrapped student, its momentum teacher and two SGD steps, equal local batches.
@@ -254,7 +253,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_joint_batch():
         checked[kind] += 1
     step_grads = sum(name.startswith('codis_step/') for name in joint)
     assert step_grads > 10 and any('codebook' in name for name in joint if name.startswith('codis_step/'))
-    assert checked == {'wmean': 2, 'mean': 18, 'rowgrad': 9, 'rows': 2, 'same': 17 + 4 + 11 + 1 + step_grads}, checked
+    assert checked == {'wmean': 2, 'mean': 18, 'rowgrad': 10, 'rows': 2, 'same': 17 + 4 + 11 + 1 + step_grads}, checked
     # the plan queue changed the terms (same codebook, same rows): the comparison is not vacuous
     assert abs(joint['codebook_queue/loss_i2p'][2] - joint['codebook/loss_i2p'][2]) > 1e-4
 
