@@ -168,8 +168,9 @@ def initial_checkpoint(seed: int, config_dir: str, out_dir: str) -> str:
     model = open_clip.create_model(MODEL_NAME)
     model.visual.trunk.load_state_dict(efficientnet_lite0_trunk().state_dict())
     os.makedirs(out_dir, exist_ok=True)
-    torch.save({'state_dict': model.state_dict()}, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    tmp = f'{path}.{os.getpid()}.tmp'   # two processes (--first-seed) may build the same seed
+    torch.save({'state_dict': model.state_dict()}, tmp)
+    os.replace(tmp, path)
     return path
 
 

@@ -39,8 +39,9 @@ from mmengine.runner import CheckpointLoader  # noqa: E402
 
 import vlp_codebook.engine  # noqa: E402,F401
 from vlp_codebook.datasets import CaptionPretrainDataset, CaptionRetrievalDataset, clean_caption, load_image  # noqa: E402
-from vlp_codebook.engine.checkpoint import (TRUST_ENV, CorruptCheckpointError, UntrustedCheckpointError,  # noqa: E402
-                                            checkpoint_loading, load_checkpoint_file)
+from vlp_codebook.checkpoint_io import (TRUST_ENV, CorruptCheckpointError, UntrustedCheckpointError,  # noqa: E402
+                                        read_checkpoint)
+from vlp_codebook.engine.checkpoint import checkpoint_loading  # noqa: E402
 from vlp_codebook.engine.config import list_shipped_configs, load_config  # noqa: E402
 from vlp_codebook.tools import test as test_tool  # noqa: E402
 from vlp_codebook.tools import train as train_tool  # noqa: E402
@@ -342,7 +343,7 @@ def toy_checkpoint(tmp_path_factory):
 
 
 def _toy_state(toy_checkpoint):
-    return load_checkpoint_file(toy_checkpoint)['state_dict']
+    return read_checkpoint(toy_checkpoint)['state_dict']
 
 
 def test_checkpoints_the_project_writes_still_work(toy_checkpoint, tmp_path):
@@ -642,7 +643,7 @@ def test_corrupt_checkpoint_names_the_file_and_what_to_do(contents, words, tmp_p
     path.write_bytes(_truncated(tmp_path, toy_checkpoint) if contents == 'truncated' else contents)
     for trust in (False, True):
         with pytest.raises(CorruptCheckpointError) as error:
-            load_checkpoint_file(path, trust=trust)
+            read_checkpoint(path, trust=trust)
         assert str(path) in str(error.value) and words in str(error.value)
         assert 'Download or copy it again' in str(error.value)
     with pytest.raises(CorruptCheckpointError, match='broken.pth'):   # and through the test tool

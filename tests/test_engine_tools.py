@@ -30,8 +30,8 @@ from mmengine.runner import checkpoint as mmengine_checkpoint  # noqa: E402
 
 import vlp_codebook.engine  # noqa: E402,F401
 from vlp_codebook.engine import config as config_module  # noqa: E402
-from vlp_codebook.engine.checkpoint import (checkpoint_loading, load_checkpoint_file,  # noqa: E402
-                                            load_from_safe_local)
+from vlp_codebook.checkpoint_io import read_checkpoint  # noqa: E402
+from vlp_codebook.engine.checkpoint import checkpoint_loading, load_from_safe_local  # noqa: E402
 from vlp_codebook.engine.distributed import cpu_model_wrapper_cfg, init_cpu_process_group, setup_launcher  # noqa: E402
 from vlp_codebook.engine.hooks import ModelScalarsLoggerHook  # noqa: E402
 from vlp_codebook.engine.optim_wrapper import BF16AutocastOptimWrapper  # noqa: E402
@@ -84,7 +84,7 @@ def test_checkpoint_loader_missing_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(missing)), checkpoint_loading():
         CheckpointLoader.load_checkpoint(str(missing))
     with pytest.raises(FileNotFoundError, match='directory'):
-        load_checkpoint_file(str(tmp_path))
+        read_checkpoint(str(tmp_path))
 
 
 # ---------------------------------------------------------------- training run + hooks
@@ -170,8 +170,8 @@ def test_resume_gives_the_same_next_losses(full_run, tmp_path):
     # the first 4 come from the checkpoint's message hub, the last 4 were computed again
     assert len(resumed) == MAX_ITERS
     np.testing.assert_allclose(resumed, full_run.losses, rtol=1e-6, atol=0)
-    final_full = load_checkpoint_file(full_run.work_dir / 'iter_8.pth')['state_dict']
-    final_resumed = load_checkpoint_file(tmp_path / 'iter_8.pth')['state_dict']
+    final_full = read_checkpoint(full_run.work_dir / 'iter_8.pth')['state_dict']
+    final_resumed = read_checkpoint(tmp_path / 'iter_8.pth')['state_dict']
     for name, value in final_full.items():
         torch.testing.assert_close(final_resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
@@ -255,8 +255,8 @@ def test_sigkill_during_a_save_then_resume_equals_the_uninterrupted_run(full_run
 
     runner = train_tool.main([TOY_CONFIG, '--work-dir', str(work_dir), '--resume'])
     np.testing.assert_allclose(train_losses(runner), full_run.losses, rtol=1e-6, atol=0)
-    final_full = load_checkpoint_file(full_run.work_dir / 'iter_8.pth')['state_dict']
-    final_resumed = load_checkpoint_file(work_dir / 'iter_8.pth')['state_dict']
+    final_full = read_checkpoint(full_run.work_dir / 'iter_8.pth')['state_dict']
+    final_resumed = read_checkpoint(work_dir / 'iter_8.pth')['state_dict']
     for name, value in final_full.items():
         torch.testing.assert_close(final_resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
@@ -269,7 +269,7 @@ def test_test_tool_evaluates_the_checkpoint(full_run, tmp_path):
     checkpoint = full_run.work_dir / 'iter_8.pth'
     metrics = test_tool.main([TOY_CONFIG, str(checkpoint), '--work-dir', str(tmp_path)])
     # the same number by hand: the checkpoint's student weights on the test split (seed 1)
-    state = load_checkpoint_file(checkpoint)['state_dict']
+    state = read_checkpoint(checkpoint)['state_dict']
     data = ToyRegressionDataset(num_samples=16, seed=1)
     hidden = torch.relu(data.inputs @ state['student.0.weight'].T + state['student.0.bias'])
     prediction = (hidden @ state['student.3.weight'].T + state['student.3.bias']).squeeze(-1)
@@ -399,8 +399,8 @@ def test_two_cpu_processes_match_one_process_on_the_joint_batch(tmp_path):
     returncode, output = run_process_group(command, env=env, timeout=180)
     assert returncode == 0, output[-5000:]
     assert 'Distributed training is not used' not in output
-    weights_one = load_checkpoint_file(tmp_path / 'one' / 'iter_4.pth')['state_dict']
-    weights_two = load_checkpoint_file(tmp_path / 'two' / 'iter_4.pth')['state_dict']
+    weights_one = read_checkpoint(tmp_path / 'one' / 'iter_4.pth')['state_dict']
+    weights_two = read_checkpoint(tmp_path / 'two' / 'iter_4.pth')['state_dict']
     for name, value in weights_one.items():
         torch.testing.assert_close(weights_two[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -437,8 +437,8 @@ def test_two_nodes_on_loopback_train_as_one_process_on_the_joint_batch(tmp_path)
                 node.communicate()
     assert [node.returncode for node in nodes] == [0, 0], '\n'.join(o[-3000:] for o in outputs)
     assert 'Distributed training is not used' not in outputs[0]
-    weights_one = load_checkpoint_file(tmp_path / 'one' / 'iter_4.pth')['state_dict']
-    weights_two = load_checkpoint_file(tmp_path / 'two' / 'iter_4.pth')['state_dict']
+    weights_one = read_checkpoint(tmp_path / 'one' / 'iter_4.pth')['state_dict']
+    weights_two = read_checkpoint(tmp_path / 'two' / 'iter_4.pth')['state_dict']
     for name, value in weights_one.items():
         torch.testing.assert_close(weights_two[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -450,7 +450,7 @@ def test_reading_leaves_torchs_safe_globals_as_they_were(full_run):
     try:
         before = set(torch.serialization.get_safe_globals())
         with checkpoint_loading():
-            load_checkpoint_file(full_run.work_dir / 'iter_4.pth')
+            read_checkpoint(full_run.work_dir / 'iter_4.pth')
         assert set(torch.serialization.get_safe_globals()) == before
     finally:
         torch.serialization.clear_safe_globals()

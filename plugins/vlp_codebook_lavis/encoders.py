@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from vlp_codebook.engine.checkpoint import load_checkpoint_file
+from vlp_codebook.checkpoint_io import read_checkpoint
 from vlp_codebook_lavis.paths import default_tokenizer_path, resolve_path
 
 __all__ = ['load_bert_tokenizer', 'add_blip_special_tokens', 'build_vision_encoder',
@@ -91,7 +91,7 @@ def build_vision_encoder(cfg: Mapping) -> nn.Module:
     if checkpoint:
         path = resolve_path(checkpoint, what='vit_pretrained')
         # as data (weights_only=True + allow-list); VLP_CODEBOOK_TRUST_CHECKPOINTS=1 to unpickle freely
-        state = load_checkpoint_file(path, map_location='cpu', what='vit_pretrained')
+        state = read_checkpoint(path, map_location='cpu', what='vit_pretrained')
         if not isinstance(state, Mapping):
             raise ValueError(f'vit_pretrained {path}: expected a state dict (or {{"model": state dict}}), '
                              f'got a {type(state).__name__}')

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from vlp_codebook.models.encoders.pretrained import minilm_l6_dir
-from vlp_codebook.engine.checkpoint import load_checkpoint_file
+from vlp_codebook.checkpoint_io import read_checkpoint
 from vlp_codebook.registry import MODELS
 from vlp_codebook.tools import convert_albef
 
@@ -69,7 +69,7 @@ def test_converted_albef_computes_the_albef_features(lavis_plugin, name, tiny_co
 
     from vlp_codebook.engine.config import load_config
     codis = MODELS.build(load_config(tiny_config).model).eval()
-    missing, unexpected = codis.load_state_dict(load_checkpoint_file(dst)['state_dict'], strict=False)
+    missing, unexpected = codis.load_state_dict(read_checkpoint(dst)['state_dict'], strict=False)
     assert not unexpected and set(missing) == set(result['fresh'])
 
     bert = albef.text_encoder.bert if name == 'codis_pretrain' else albef.text_encoder

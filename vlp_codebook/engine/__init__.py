@@ -9,8 +9,7 @@ Importing it changes nothing in mmengine's checkpoint loading: the tools load ch
 inside :func:`~vlp_codebook.engine.checkpoint.checkpoint_loading` (read against a schema; see
 :mod:`vlp_codebook.checkpoint_io` and docs/security.md).
 """
-from .checkpoint import (CorruptCheckpointError, UntrustedCheckpointError, checkpoint_loading,
-                         load_checkpoint_file)
+from .checkpoint import checkpoint_loading
 from .checkpoint_saving import AtomicCheckpointHook, atomic_write
 from .checkpoint_coverage import CheckpointCoverageHook, load_model_weights, state_dict_coverage
 from .distributed import init_cpu_process_group, setup_launcher
@@ -20,7 +19,6 @@ from .iteration_seed import IterationSeedHook
 from .plot_hook import TrainingPlotsHook
 from .itm_rerank_loop import ITMRerankTestLoop, ITMRerankValLoop
 
-__all__ = ['checkpoint_loading', 'load_checkpoint_file', 'UntrustedCheckpointError', 'CorruptCheckpointError',
-           'AtomicCheckpointHook', 'atomic_write', 'CheckpointCoverageHook', 'load_model_weights', 'state_dict_coverage', 'init_cpu_process_group',
+__all__ = ['checkpoint_loading', 'AtomicCheckpointHook', 'atomic_write', 'CheckpointCoverageHook', 'load_model_weights', 'state_dict_coverage', 'init_cpu_process_group',
            'setup_launcher', 'ModelScalarsLoggerHook', 'BF16AutocastOptimWrapper',
            'IterationSeedHook', 'ITMRerankValLoop', 'ITMRerankTestLoop', 'TrainingPlotsHook']

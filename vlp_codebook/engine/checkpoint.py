@@ -21,17 +21,12 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from vlp_codebook.checkpoint_io import (TRUST_ENV, TRUST_FLAG, CheckpointError, CorruptCheckpointError,
-                                        UntrustedCheckpointError, read_checkpoint, trust_requested, trusting)
+from vlp_codebook.checkpoint_io import read_checkpoint, trusting
 
-__all__ = ['TRUST_ENV', 'TRUST_FLAG', 'CheckpointError', 'UntrustedCheckpointError', 'CorruptCheckpointError',
-           'trust_requested', 'load_checkpoint_file', 'load_from_safe_local', 'checkpoint_loading', 'to_mmengine',
-           'LOCAL_PREFIX', 'is_url']
+__all__ = ['load_from_safe_local', 'checkpoint_loading', 'to_mmengine', 'LOCAL_PREFIX', 'is_url']
 
 #: the prefix mmengine matches (as a regular expression) for plain local paths
 LOCAL_PREFIX = ''
-
-load_checkpoint_file = read_checkpoint   # the former name
 
 
 def to_mmengine(checkpoint: Any) -> Any:

@@ -29,7 +29,8 @@ from typing import List, Optional
 import vlp_codebook.engine  # noqa: F401  (import for its registrations)
 from mmengine.config import Config, DictAction
 
-from vlp_codebook.engine.checkpoint import TRUST_ENV, checkpoint_loading
+from vlp_codebook.checkpoint_io import TRUST_ENV
+from vlp_codebook.engine.checkpoint import checkpoint_loading
 from vlp_codebook.engine.checkpoint_saving import use_atomic_checkpoint_hook
 from vlp_codebook.engine.config import load_config
 from vlp_codebook.engine.distributed import LAUNCHERS, setup_launcher
