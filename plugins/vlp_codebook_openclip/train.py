@@ -25,7 +25,8 @@ Nothing of open_clip_train is copied or forked. For the duration of the call, th
 * ``parse_args``: refuses, naming the flag, settings the plugin does not support;
 * ``setup_logging``: the console shows progress and numbers (``Train Epoch``, ``codebook step``
   ..., warnings); the model printout and the arguments go to the log file only (``--verbose``:
-  everything on the console too); torch's loggers stay at WARNING;
+  everything on the console too); torch's loggers stay at WARNING; when ``main`` returns, the
+  logging set-up (open_clip's handlers and levels, and ours) is undone;
 * ``optim`` (the ``torch.optim`` module it builds AdamW from): the codewords get a parameter
   group of their own, with weight decay ``--codebook-wd`` (default 0: open_clip decays every
   matrix, and decay only shrinks codewords that are normalised when used);
@@ -81,6 +82,9 @@ def load_checkpoint_data(file_path: str, map_location=None):
         return read_checkpoint(handle, map_location=map_location, label=str(file_path))
 
 
+# open_clip reads these --pretrained files without unpickling (safetensors; numpy without allow_pickle);
+# every other file goes to torch.load, whatever its name, so it passes the schema reader first
+PICKLE_FREE_SUFFIXES = ('.safetensors', '.npz', '.npy')
 _REPLACED = ('create_model_and_transforms', 'create_loss', 'train_one_epoch', 'pt_load', 'parse_args', 'optim',
              'setup_logging')
 # What the console shows without --verbose: progress and numbers (the rest is in the log file).
@@ -94,9 +98,11 @@ def _console_record(record: logging.LogRecord) -> bool:
 @contextlib.contextmanager
 def injected(options) -> Iterator[None]:
     """Replace open_clip_train.main's factories for the duration of one ``main`` call; every
-    replaced name (and torch's DDP class, open_clip's BERT architecture names) is restored."""
+    replaced name (and torch's DDP class, open_clip's BERT architecture names) is restored, and so
+    is the logging set-up (open_clip's ``setup_logging`` adds handlers and sets every logger's level)."""
     import open_clip_train.main as oc_main
 
+    logging_state = _logging_state()
     originals = {name: getattr(oc_main, name) for name in _REPLACED}
     for name, value in _replacements(options, originals).items():
         setattr(oc_main, name, value)
@@ -111,6 +117,29 @@ def injected(options) -> Iterator[None]:
         torch.nn.parallel.DistributedDataParallel = ddp_class
         for names, key in added_names:
             names.pop(key, None)
+        _restore_logging(logging_state)
+
+
+def _logging_state() -> tuple:
+    """The root logger's level and handlers, and the level of every logger that exists now."""
+    levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
+              if isinstance(logger, logging.Logger)}
+    return logging.root.level, list(logging.root.handlers), levels
+
+
+def _restore_logging(state: tuple) -> None:
+    """Undo a ``setup_logging`` call: handlers added since ``state`` are closed and removed, and
+    every logger's level is set back (loggers made since then go back to NOTSET)."""
+    root_level, handlers, levels = state
+    for handler in [h for h in logging.root.handlers if h not in handlers]:
+        logging.root.removeHandler(handler)
+        handler.close()
+    for handler in handlers:
+        handler.filters = [f for f in handler.filters if f is not _console_record]
+    logging.root.setLevel(root_level)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger):
+            logger.setLevel(levels.get(name, logging.NOTSET))
 
 
 def _replacements(options, originals) -> dict:
@@ -126,7 +155,7 @@ def _replacements(options, originals) -> dict:
 
     def create_model_and_transforms(*args, **kwargs):
         pretrained = kwargs.get('pretrained', args[1] if len(args) > 1 else None)
-        if isinstance(pretrained, str) and osp.isfile(pretrained) and pretrained.endswith(('.pt', '.pth', '.bin')):
+        if isinstance(pretrained, str) and osp.isfile(pretrained) and not pretrained.endswith(PICKLE_FREE_SUFFIXES):
             # --pretrained FILE passes the schema reader before open_clip's own torch.load sees it
             load_checkpoint_data(pretrained, map_location='cpu')
         model, preprocess_train, preprocess_val = originals['create_model_and_transforms'](*args, **kwargs)

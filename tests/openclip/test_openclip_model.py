@@ -193,6 +193,30 @@ def test_codewords_get_their_own_weight_decay_group_and_the_patch_is_undone(open
     assert 'codebook_loss.codebook.weight' in model.no_weight_decay()
 
 
+def test_logging_set_up_is_undone_after_the_call(openclip_plugin, tmp_path):
+    """open_clip's setup_logging (called by main) sets every logger's level and adds a console
+    and a file handler; the plugin quiets torch's loggers. After the call all of it is undone."""
+    import logging
+
+    import open_clip_train.main as oc_main
+
+    from vlp_codebook_openclip.options import parse_codebook_args
+    from vlp_codebook_openclip.train import injected
+    torch_logger, other = logging.getLogger('torch._dynamo'), logging.getLogger('someone.else')
+    other.setLevel(logging.ERROR)
+    before = (logging.root.level, list(logging.root.handlers), torch_logger.level, other.level)
+    options, _ = parse_codebook_args(['--codebook-size', '16'])
+    with injected(options):
+        oc_main.setup_logging(str(tmp_path / 'out.log'), logging.DEBUG)
+        added = [h for h in logging.root.handlers if h not in before[1]]
+        assert len(added) == 2 and torch_logger.level == logging.WARNING and other.level == logging.DEBUG
+        logging.getLogger('made.during.the.call')
+    assert (logging.root.level, logging.root.handlers, torch_logger.level, other.level) == before
+    assert logging.getLogger('made.during.the.call').level == logging.NOTSET
+    file_handler = next(h for h in added if isinstance(h, logging.FileHandler))
+    assert file_handler.stream is None            # closed, the log file is not held open
+
+
 def test_codebook_weight_zero_with_intra_is_open_clip_plus_intra_directions(openclip_plugin):
     from vlp_codebook_openclip import CodebookCLIP, CodebookClipLoss
     import open_clip

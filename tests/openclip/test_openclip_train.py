@@ -169,19 +169,21 @@ def test_checkpoint_reader_refuses_code(openclip_plugin, tmp_path):
     assert marker.exists()
 
 
-def test_pretrained_file_passes_the_schema_reader_first(openclip_plugin, tmp_path):
-    """--pretrained FILE: a zero-stride tensor (a memory bomb when expanded) is refused by our
-    reader, naming the file, before open_clip's torch.load sees it."""
+@pytest.mark.parametrize('name', ['bomb.pt', 'bomb.ckpt', 'bomb'])
+def test_pretrained_file_passes_the_schema_reader_first(openclip_plugin, tmp_path, name):
+    """--pretrained FILE, whatever its name (open_clip torch.loads every suffix but .safetensors and
+    numpy's): a zero-stride tensor (a memory bomb when expanded) is refused by our reader, naming the
+    file, before open_clip's torch.load sees it."""
     import open_clip_train.main as oc_main
 
     from vlp_codebook_openclip.options import parse_codebook_args
     from vlp_codebook_openclip.train import injected
-    path = tmp_path / 'bomb.pt'
+    path = tmp_path / name
     torch.save({'state_dict': {'visual.proj': torch.zeros(1).expand(1000, 1000)}}, path)
     options, _ = parse_codebook_args(['--codebook-size', '16'])
     with injected(options), pytest.raises(Exception) as error:
         oc_main.create_model_and_transforms('codis-tiny-vit', str(path), output_dict=True)
-    assert 'bomb.pt' in str(error.value) and 'stride' in str(error.value)
+    assert str(path) in str(error.value) and 'stride' in str(error.value)
 
 
 @pytest.mark.parametrize('argv, message', [
