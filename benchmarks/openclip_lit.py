@@ -17,11 +17,12 @@ with the towers inside the model (no cached features):
   (batch norm + ReLU6) by a plain ``FrozenBatchNorm2d``, dropping the activation, and the
   trunk's features explode (about 1e10); the locked trunk's batch norm uses batch statistics.
 * **Rows:** ``clip`` -- open_clip's ClipLoss alone (``--no-codebook``, through the same entry
-  point); ``codebook`` -- + the codebook with the plugin's defaults; ``codebook_cwd0.1`` -- the
-  codewords decayed like every other matrix (open_clip's rule, ``--codebook-wd 0.1``);
-  ``codebook_pq0`` / ``codebook_pq1024`` -- no plan queue / a plan queue of 1024 rows;
-  ``codebook_warmup82`` -- the codebook terms off for the first epoch (82 steps);
-  ``codebook_recipe`` -- that warm-up and a plan queue of 1024 rows;
+  point); ``codebook`` -- + the codebook with the plugin's defaults (a plan queue of K = 1024 rows,
+  the terms off for the first epoch); ``codebook_plain`` -- without either;
+  ``codebook_cwd0.1`` -- the codewords decayed like every other matrix (open_clip's rule,
+  ``--codebook-wd 0.1``); ``codebook_pq1024`` -- only a plan queue of 1024 rows;
+  ``codebook_warmup82`` -- only the terms off for the first epoch (82 steps);
+  ``codebook_recipe`` -- both, spelled out (on this data the same run as ``codebook``);
   ``intra`` -- ClipLoss + the intra-modal directions without a codebook (``--codebook-weight 0
   --codis-intra --queue-size 1024``); ``codebook_intra`` -- + the codebook and the intra
   directions (CODIS's whole recipe); ``codebook_gaussian`` -- N(0, 1) initial codewords;
@@ -35,7 +36,8 @@ with the towers inside the model (no cached features):
 
 Usage::
 
-    python benchmarks/openclip_lit.py                 # 10 seeds, 2 settings x 3 rows
+    python benchmarks/openclip_lit.py                 # 10 seeds, both settings, rows clip + codebook
+    python benchmarks/openclip_lit.py --settings text2 --rows clip codebook_recipe --epochs 6
     python benchmarks/openclip_lit.py --quick         # 3 seeds
     python benchmarks/openclip_lit.py --smoke         # CI: 1 seed, lit, rows clip + codebook, 200 images
     python benchmarks/openclip_lit.py --settings text2 --rows clip codebook --seeds 5
@@ -80,21 +82,22 @@ SETTINGS: Dict[str, Sequence[str]] = {
 ROWS: Dict[str, Sequence[str]] = {
     'clip': ('--no-codebook',),
     'codebook': (),
+    'codebook_plain': ('--codebook-plan-queue', '0', '--codebook-warmup-steps', '0'),
     'codebook_cwd0.1': ('--codebook-wd', '0.1'),
-    'codebook_pq0': ('--codebook-plan-queue', '0'),
-    'codebook_pq1024': ('--codebook-plan-queue', '1024'),
-    'codebook_warmup82': ('--codebook-warmup-steps', '82'),
+    'codebook_pq1024': ('--codebook-plan-queue', '1024', '--codebook-warmup-steps', '0'),
+    'codebook_warmup82': ('--codebook-warmup-steps', '82', '--codebook-plan-queue', '0'),
     'codebook_recipe': ('--codebook-warmup-steps', '82', '--codebook-plan-queue', '1024'),
     'intra': ('--codebook-weight', '0', '--codis-intra', '--queue-size', '1024'),
     'codebook_intra': ('--codis-intra', '--queue-size', '1024'),
     'codebook_gaussian': ('--codebook-init-norm', 'gaussian'),
     'codebook_k128': ('--codebook-size', '128'),
 }
-ROW_TITLES = {'clip': "open_clip's ClipLoss", 'codebook': '+ codebook (defaults)',
+ROW_TITLES = {'clip': "open_clip's ClipLoss",
+              'codebook': '+ codebook (defaults: plan queue K, off for the first epoch)',
+              'codebook_plain': '+ codebook, no plan queue, no warm-up',
               'codebook_cwd0.1': "+ codebook, codewords decayed by open_clip's --wd 0.1",
-              'codebook_pq0': '+ codebook, no plan queue',
-              'codebook_pq1024': '+ codebook, plan queue 1024',
-              'codebook_warmup82': '+ codebook, off for the first 82 steps (1 epoch)',
+              'codebook_pq1024': '+ codebook, plan queue 1024, no warm-up',
+              'codebook_warmup82': '+ codebook, off for the first 82 steps (1 epoch), no plan queue',
               'codebook_recipe': '+ codebook, warm-up 82 steps + plan queue 1024',
               'intra': '+ intra directions, no codebook',
               'codebook_intra': '+ codebook + intra directions',
@@ -307,7 +310,8 @@ def parse_args(argv=None):
                         help="each finished run's scores (JSON, reused by later calls); default: kept in the "
                              'repository, so a later sitting on another machine resumes (--smoke: in --results-dir)')
     parser.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS))
+    parser.add_argument('--rows', nargs='+', default=['clip', 'codebook'], choices=list(ROWS),
+                        help='rows to train (default: clip codebook)')
     parser.add_argument('--seeds', type=int, default=10, help='paired seeds 0..N-1 (default 10)')
     parser.add_argument('--first-seed', type=int, default=0,
                         help='run only seeds FIRST..N-1 (e.g. a second process beside one running the first ones)')

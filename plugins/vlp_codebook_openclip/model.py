@@ -98,6 +98,13 @@ class CodebookCLIP(nn.Module):
         plan_features: ``'student'`` (default): the OT plans come from the student features of
             the batch, no teacher needed; ``'teacher'``: from a momentum teacher's (the paper's
             choice; one more forward of both towers per step).
+        plan_queue_size: past plan features per modality each Sinkhorn solve also transports, so
+            that a batch smaller than K still gets peaked targets (0: off). Default None: K.
+        codebook_warmup_steps: training steps at the start with every codebook term at zero
+            (0: off). Default None: one epoch, whose length :meth:`set_steps_per_epoch` gives
+            (``vlp_codebook_openclip.train`` calls it; in your own loop call it before training,
+            or a training forward raises). The defaults of both follow docs/openclip.md's
+            paired-seed measurements.
         intra: add the intra-modal distillation directions i2i and t2t (needs ``queue_size``).
         momentum: the teacher's EMA momentum (ALBEF: 0.995).
         queue_size: rows of past teacher features per modality for the intra directions.
@@ -115,6 +122,8 @@ class CodebookCLIP(nn.Module):
                  codebook_size: int = 1024,
                  codebook_weight: float = 1.0,
                  plan_features: str = 'student',
+                 plan_queue_size: Optional[int] = None,
+                 codebook_warmup_steps: Optional[int] = None,
                  intra: bool = False,
                  momentum: float = 0.995,
                  queue_size: int = 0,
@@ -141,6 +150,13 @@ class CodebookCLIP(nn.Module):
                              f'got {queue_size!r}')
         if alpha_warmup_steps < 0:
             raise ValueError(f'alpha_warmup_steps must be >= 0, got {alpha_warmup_steps}')
+        for name, value in (('plan_queue_size', plan_queue_size), ('codebook_warmup_steps', codebook_warmup_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f'{name} must be None or an integer >= 0, got {value!r}')
+        clash = {'plan_queue_size', 'warmup_steps'} & set(codebook_kwargs or {})
+        if clash:
+            raise ValueError(f'codebook_kwargs {sorted(clash)}: pass plan_queue_size / codebook_warmup_steps '
+                             'as CodebookCLIP arguments')
         if embed_dim is None:
             embed_dim = infer_embed_dim(clip)
             if embed_dim is None:
@@ -153,9 +169,15 @@ class CodebookCLIP(nn.Module):
         self.alpha = float(alpha)
         self.alpha_warmup_steps = int(alpha_warmup_steps)
         self.codebook_loss = None
+        # None: one epoch, set by set_steps_per_epoch (1 here only registers the loss's step counter)
+        self.warmup_one_epoch = codebook_warmup_steps is None and codebook_weight > 0
+        self.steps_per_epoch: Optional[int] = None
         if codebook_weight > 0:
-            self.codebook_loss = CodebookOTLoss(num_codewords=codebook_size, embed_dim=self.embed_dim,
-                                                loss_weight=float(codebook_weight), **dict(codebook_kwargs or {}))
+            self.codebook_loss = CodebookOTLoss(
+                num_codewords=codebook_size, embed_dim=self.embed_dim, loss_weight=float(codebook_weight),
+                plan_queue_size=codebook_size if plan_queue_size is None else plan_queue_size,
+                warmup_steps=1 if codebook_warmup_steps is None else codebook_warmup_steps,
+                **dict(codebook_kwargs or {}))
         # Built at the first training forward (or checkpoint load), after open_clip_train has
         # locked towers: --lock-image-freeze-bn-stats replaces the trunk's BatchNorm modules.
         self.needs_teacher = plan_features == 'teacher' or self.intra
@@ -179,6 +201,16 @@ class CodebookCLIP(nn.Module):
             if clip is None:
                 raise
             return getattr(clip, name)
+
+    def set_steps_per_epoch(self, steps: int) -> None:
+        """The training steps of one epoch: the alpha ramp of the intra targets lasts one epoch,
+        and so does the codebook warm-up when ``codebook_warmup_steps`` was None."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f'steps must be a positive integer (training steps per epoch), got {steps!r}')
+        self.steps_per_epoch = steps
+        self.alpha_warmup_steps = steps
+        if self.warmup_one_epoch:
+            self.codebook_loss.warmup_steps = steps
 
     def _ensure_teacher(self) -> MomentumTeacher:
         if self.teacher is None:
@@ -222,6 +254,10 @@ class CodebookCLIP(nn.Module):
                             f'(it returned {type(out).__name__})')
         if not self.training or image is None or text is None:
             return out
+        if self.warmup_one_epoch and self.steps_per_epoch is None:
+            raise RuntimeError('CodebookCLIP(codebook_warmup_steps=None) warms the codebook up for one epoch: '
+                               'call model.set_steps_per_epoch(N) before training, or pass '
+                               'codebook_warmup_steps (0: no warm-up)')
         image_feats, text_feats = out['image_features'], out['text_features']
         image_m = text_m = None
         if self.needs_teacher:

@@ -69,11 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--codebook-wd', type=_nonnegative_float('--codebook-wd'), default=0.0,
                        help="weight decay of the codewords (default 0; open_clip's --wd decays every "
                             'other matrix). Codewords are normalised when used: decay only shrinks them')
-    group.add_argument('--codebook-plan-queue', type=_nonnegative_int('--codebook-plan-queue'), default=0,
+    group.add_argument('--codebook-plan-queue', type=_nonnegative_int('--codebook-plan-queue'), default=None,
                        help='past plan features per modality that each Sinkhorn solve also transports, so '
-                            'that batches smaller than the codebook get peaked targets (default 0: off)')
-    group.add_argument('--codebook-warmup-steps', type=_nonnegative_int('--codebook-warmup-steps'), default=0,
-                       help='training steps at the start with the codebook terms at zero (default 0)')
+                            'that batches smaller than the codebook get peaked targets (default: '
+                            '--codebook-size; 0: off)')
+    group.add_argument('--codebook-warmup-steps', type=_nonnegative_int('--codebook-warmup-steps'), default=None,
+                       help='training steps at the start with the codebook terms at zero (default: one '
+                            'epoch; 0: off)')
     group.add_argument('--codebook-plan-features', choices=PLAN_FEATURES, default='student',
                        help="features the OT plans are computed from: 'student' (default, no extra "
                             "forward) or 'teacher' (a momentum teacher of the whole model)")
@@ -146,8 +148,9 @@ def codebook_model_kwargs(options: argparse.Namespace) -> dict:
     kwargs = dict(codebook_size=options.codebook_size, codebook_weight=options.codebook_weight,
                   plan_features=options.codebook_plan_features, intra=options.codis_intra,
                   momentum=options.codis_momentum, queue_size=options.queue_size or 0,
-                  intra_weight=options.codis_intra_weight)
-    codebook_kwargs = dict(plan_queue_size=options.codebook_plan_queue, warmup_steps=options.codebook_warmup_steps)
+                  intra_weight=options.codis_intra_weight, plan_queue_size=options.codebook_plan_queue,
+                  codebook_warmup_steps=options.codebook_warmup_steps)
+    codebook_kwargs = {}
     if options.codebook_init_norm is not None:
         codebook_kwargs['codeword_init_norm'] = (None if options.codebook_init_norm == 'gaussian'
                                                  else options.codebook_init_norm)

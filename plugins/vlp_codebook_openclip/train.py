@@ -180,7 +180,7 @@ def _replacements(options, originals) -> dict:
         steps_per_epoch = data['train'].dataloader.num_batches // args.accum_freq
         core = unwrap_model(model)
         if isinstance(core, CodebookCLIP):
-            core.alpha_warmup_steps = steps_per_epoch
+            core.set_steps_per_epoch(steps_per_epoch)
         if isinstance(loss, CodebookClipLoss):
             loss.bind_logging(tb_writer, args.log_every_n_steps, first_step=epoch * steps_per_epoch,
                               is_master=is_master(args))

@@ -9,11 +9,12 @@ from openclip_helpers import PLUGIN_CONFIGS
 from ddp_utils import init_gloo, run_workers
 
 JOINT, STEPS = 8, 2
+PLAIN = dict(plan_queue_size=0, codebook_warmup_steps=0)
 CONFIGS = {
-    'student_plans': dict(codebook_size=16),
-    'teacher_plans_intra': dict(codebook_size=16, plan_features='teacher', intra=True, queue_size=8),
+    'student_plans': dict(codebook_size=16, **PLAIN),
+    'teacher_plans_intra': dict(codebook_size=16, plan_features='teacher', intra=True, queue_size=8, **PLAIN),
     # the second step's plans also transport the 8 queued rows of the first
-    'student_plans_plan_queue': dict(codebook_size=16, codebook_kwargs=dict(plan_queue_size=8)),
+    'student_plans_plan_queue': dict(codebook_size=16, plan_queue_size=8, codebook_warmup_steps=0),
 }
 
 

@@ -48,12 +48,26 @@ def test_rows_of_a_seed_share_init_and_flags_differ_only_by_row(openclip_plugin,
         assert '--seed' in command and command[command.index('--seed') + 1] == '0'
 
 
+def test_every_saved_run_belongs_to_a_row_with_the_options_it_ran_with(openclip_plugin):
+    """A saved run is reused only while its row's effective options (flags over the plugin's
+    defaults) are those it ran with: each committed result file is some row's key and names that
+    row, so a change of the defaults cannot leave runs behind under a row they no longer match."""
+    import glob
+    import json
+    saved = glob.glob(osp.join(ROOT, 'benchmarks', 'results', 'openclip_lit', '*', '*.json'))
+    assert saved
+    for path in saved:
+        result = json.loads(open(path).read())
+        stem = osp.basename(path)[:-len('.json')]
+        assert stem == bench.run_key(result['setting'], result['row'], result['seed']), path
+
+
 @pytest.mark.skipif(not osp.isfile(osp.join(ROOT, 'data', 'emoji', 'train.json')) and
                     __import__('shutil').which('npm') is None, reason='needs data/emoji or npm to build it')
 def test_smoke_run_learns_through_open_clips_loop(openclip_plugin, tmp_path, capsys):
     results = bench.main(['--smoke', '--results-dir', str(tmp_path)])
     out = capsys.readouterr().out
-    assert "| open_clip's ClipLoss |" in out and '| + codebook (defaults) |' in out
+    assert "| open_clip's ClipLoss |" in out and '| + codebook (defaults: plan queue K, off for the first epoch) |' in out
     for row in ('clip', 'codebook'):
         result = results['lit'][row][0]
         # 2 epochs of 200 images move the training loss far below log(64) = 4.16; so few steps do

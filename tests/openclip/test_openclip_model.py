@@ -5,6 +5,10 @@ import pytest
 import torch
 
 
+# the codebook without its plan queue and warm-up (the defaults), for tests of the terms themselves
+PLAIN = dict(plan_queue_size=0, codebook_warmup_steps=0)
+
+
 def _clip(seed=0):
     import open_clip
     torch.manual_seed(seed)
@@ -34,7 +38,7 @@ def test_loss_keeps_open_clips_term_exactly_and_adds_ours(openclip_plugin):
     import open_clip
 
     from vlp_codebook_openclip import CodebookCLIP, CodebookClipLoss
-    model = CodebookCLIP(_clip(), codebook_size=32)
+    model = CodebookCLIP(_clip(), codebook_size=32, **PLAIN)
     loss = CodebookClipLoss(open_clip.ClipLoss())
     out = model(*_batch())
     losses = loss(**out, output_dict=True)
@@ -63,7 +67,7 @@ def test_training_step_with_locked_image_tower(openclip_plugin):
     import open_clip
 
     from vlp_codebook_openclip import CodebookCLIP, CodebookClipLoss
-    model = CodebookCLIP(_clip(), codebook_size=32, intra=True, queue_size=8, plan_features='teacher')
+    model = CodebookCLIP(_clip(), codebook_size=32, intra=True, queue_size=8, plan_features='teacher', **PLAIN)
     model.lock_image_tower()
     visual_before = {k: v.clone() for k, v in model.clip.visual.state_dict().items()}
     codebook_before = model.codebook.weight.detach().clone()
@@ -90,7 +94,7 @@ def test_training_step_with_locked_image_tower(openclip_plugin):
 
 def test_bf16_autocast_keeps_codebook_terms_fp32(openclip_plugin):
     from vlp_codebook_openclip import CodebookCLIP
-    model = CodebookCLIP(_clip(), codebook_size=32)
+    model = CodebookCLIP(_clip(), codebook_size=32, **PLAIN)
     images, texts = _batch()
     reference = {k: v.detach() for k, v in model(images, texts)['codis_losses'].items()}
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -103,9 +107,9 @@ def test_bf16_autocast_keeps_codebook_terms_fp32(openclip_plugin):
 
 def test_state_dict_roundtrip_builds_the_teacher(openclip_plugin):
     from vlp_codebook_openclip import CodebookCLIP
-    trained = CodebookCLIP(_clip(0), codebook_size=32, intra=True, queue_size=8)
+    trained = CodebookCLIP(_clip(0), codebook_size=32, intra=True, queue_size=8, **PLAIN)
     trained(*_batch())
-    fresh = CodebookCLIP(_clip(1), codebook_size=32, intra=True, queue_size=8)
+    fresh = CodebookCLIP(_clip(1), codebook_size=32, intra=True, queue_size=8, **PLAIN)
     assert fresh.teacher is None
     fresh.load_state_dict(trained.state_dict())
     assert fresh.teacher is not None and fresh.teacher.counter('num_updates') == 1
@@ -119,6 +123,9 @@ def test_state_dict_roundtrip_builds_the_teacher(openclip_plugin):
     (dict(codebook_weight=-1.0), 'codebook_weight must be a finite number >= 0'),
     (dict(plan_features='momentum'), "plan_features must be one of ['student', 'teacher']"),
     (dict(intra=True), 'intra=True needs queue_size >= 1'),
+    (dict(plan_queue_size=-1), 'plan_queue_size must be None or an integer >= 0, got -1'),
+    (dict(codebook_warmup_steps=2.5), 'codebook_warmup_steps must be None or an integer >= 0, got 2.5'),
+    (dict(codebook_kwargs=dict(warmup_steps=3)), "codebook_kwargs ['warmup_steps']: pass plan_queue_size"),
 ])
 def test_bad_arguments_are_named(openclip_plugin, kwargs, message):
     from vlp_codebook_openclip import CodebookCLIP
@@ -242,3 +249,30 @@ def test_plan_queue_and_warmup_flags_reach_the_loss(openclip_plugin):
     assert all(v.item() == 0.0 for v in first.values())                 # the warm-up step
     second = model(*_batch(seed=2))['codis_losses']
     assert second['codebook_i2p'].item() > 0 and len(loss.plan_queues['text']) == 12
+
+
+def test_defaults_are_a_plan_queue_of_k_and_a_one_epoch_warmup(openclip_plugin):
+    """Without the flags: a plan queue of --codebook-size rows, and the codebook terms at zero for
+    the first epoch, whose length the entry point gives (set_steps_per_epoch); without it a
+    training forward says what to do instead of training with an unknown warm-up."""
+    from vlp_codebook_openclip import CodebookCLIP
+    from vlp_codebook_openclip.options import codebook_model_kwargs, parse_codebook_args
+    options, _ = parse_codebook_args(['--codebook-size', '16'])
+    model = CodebookCLIP(_clip(), **codebook_model_kwargs(options))
+    loss = model.codebook_loss
+    assert loss.plan_queues['image'].size == 16 and loss.plan_queues['text'].size == 16
+    with pytest.raises(RuntimeError, match=r'set_steps_per_epoch\(N\)'):
+        model(*_batch())
+    model.eval()
+    model(*_batch())                                   # evaluation needs no epoch length
+    model.train()
+    model.set_steps_per_epoch(2)
+    assert model.alpha_warmup_steps == 2 and loss.warmup_steps == 2
+    terms = [model(*_batch(seed=s))['codis_losses'] for s in range(3)]
+    assert all(v.item() == 0.0 for step in terms[:2] for v in step.values())
+    assert terms[2]['codebook_i2p'].item() > 0
+    fixed = CodebookCLIP(_clip(), codebook_size=16, codebook_warmup_steps=1)
+    fixed.set_steps_per_epoch(5)                       # an explicit warm-up stays as given
+    assert fixed.codebook_loss.warmup_steps == 1 and fixed.alpha_warmup_steps == 5
+    with pytest.raises(ValueError, match='steps must be a positive integer'):
+        model.set_steps_per_epoch(0)

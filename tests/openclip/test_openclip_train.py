@@ -21,7 +21,7 @@ def _train_args(csv, logs, name, *extra):
             '--precision', 'fp32', '--seed', '0', '--log-every-n-steps', '2', '--logs', str(logs), '--name', name,
             '--report-to', 'tensorboard', '--save-frequency', '1',
             '--codebook-size', '64', '--codebook-plan-features', 'teacher', '--codis-intra', '--queue-size', '64',
-            '--codebook-plan-queue', '64', *extra)
+            *extra)     # the codebook's defaults: a plan queue of K = 64 rows, a warm-up of one epoch (8 steps)
 
 
 @pytest.fixture(scope='module')
@@ -72,11 +72,14 @@ def test_console_shows_progress_and_the_log_file_everything(trained):
     assert 'TorchDynamo' not in console and 'out.log' in trained['stdout']
 
 
-def test_the_losses_fall(trained):
-    for term in ('Loss', 'Contrastive_loss', 'Codebook_i2p', 'Codebook_t2p'):
+def test_the_losses_fall_after_the_one_epoch_codebook_warmup(trained):
+    contrastive = _epoch_means(trained['log'], 'Contrastive_loss')
+    assert len(contrastive) == EPOCHS and contrastive[-1] < contrastive[0] - 0.05, contrastive
+    for term in ('Codebook_i2p', 'Codebook_t2p'):     # zero through epoch 0 (the default warm-up), then on
         means = _epoch_means(trained['log'], term)
-        assert len(means) == EPOCHS, (term, means)
-        assert means[-1] < means[0] - 0.05, (term, means)
+        assert means[0] == 0.0 and means[1] > 0.5 and means[-1] < means[1], (term, means)
+    total = _epoch_means(trained['log'], 'Loss')      # the codebook terms join it after epoch 0
+    assert total[1] > total[0] and total[-1] < total[1], total
 
 
 def test_codebook_and_teacher_move_and_checkpoints_are_data(trained):
@@ -93,6 +96,7 @@ def test_codebook_and_teacher_move_and_checkpoints_are_data(trained):
     assert torch.equal(last['state_dict']['teacher.num_updates'], torch.tensor(8 * EPOCHS))
     assert int(last['state_dict']['image_queue.num_valid']) == 64
     assert int(last['state_dict']['codebook_loss.plan_queues.text.num_valid']) == 64
+    assert int(last['state_dict']['codebook_loss.num_steps']) == 8 * EPOCHS      # the warm-up's step count
     # open_clip's AdamW groups (its --wd default 0.2) plus the codewords' own, undecayed
     # (--codebook-wd 0, the default)
     groups = last['optimizer']['param_groups']
@@ -136,8 +140,7 @@ def test_export_loads_in_plain_open_clip(trained, tmp_path):
     assert not any(k.startswith(('codebook_loss', 'teacher', 'image_queue', 'clip.')) for k in exported)
     plain, _, _ = open_clip.create_model_and_transforms('codis-tiny-vit', pretrained=str(out))
     clip, _, _ = open_clip.create_model_and_transforms('codis-tiny-vit', output_dict=True)
-    wrapped = CodebookCLIP(clip, codebook_size=64, plan_features='teacher', intra=True, queue_size=64,
-                           codebook_kwargs=dict(plan_queue_size=64))
+    wrapped = CodebookCLIP(clip, codebook_size=64, plan_features='teacher', intra=True, queue_size=64)
     wrapped.load_state_dict(_load(source)['state_dict'])
     images = torch.randn(3, 3, 32, 32)
     plain.eval(), wrapped.eval()
