@@ -60,6 +60,12 @@ ROWS: Dict[str, Row] = {
                                      'clip', dict(K1024, plan_queue_size=1024, warmup_steps=80), teacher_plans=False),
     'clip_cb128_pq1024': Row('(c) + codebook K=128, student plans, plan queue 1024', 'clip',
                              dict(K128, plan_queue_size=1024), teacher_plans=False),
+    # the same remedies on the default codebook row (the toolkit's own defaults)
+    'b_cb128_pq128': Row('(b) + codebook K=128, plan queue 128 (= K)', 'all', dict(K128, plan_queue_size=128)),
+    'b_cb128_warmup': Row('(b) + codebook K=128, off for the first 80 steps (about 1 epoch)', 'all',
+                          dict(K128, warmup_steps=80)),
+    'b_cb128_pq128_warmup': Row('(b) + codebook K=128, plan queue 128, off for the first 80 steps', 'all',
+                                dict(K128, plan_queue_size=128, warmup_steps=80)),
 }
 ROW_GROUPS = {
     'default': ['a', 'b', 'b_cb128', 'b_cb512', 'b_cb128_student_plans', 'b_cb128_w0.5', 'b_cb128_w2',
@@ -69,6 +75,7 @@ ROW_GROUPS = {
     'schedule': ['b', 'clip', 'b_cb128', 'clip_cb1024_cwd0.1'],
     'remedies': ['clip', 'clip_cb1024', 'clip_cb1024_pq1024', 'clip_cb1024_warmup', 'clip_cb1024_pq1024_warmup',
                  'clip_cb128', 'clip_cb128_pq1024'],
+    'toolkit_remedies': ['b', 'b_cb128', 'b_cb128_pq128', 'b_cb128_warmup', 'b_cb128_pq128_warmup'],
 }
 BASELINE = 'b'
 # The row that builds CodebookOTLoss with its defaults (only K given): what a user gets.

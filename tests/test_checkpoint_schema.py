@@ -362,3 +362,39 @@ def test_an_archive_with_a_second_pickle_is_refused(tmp_path):
             target.writestr(info, source.read(info))
     with pytest.raises(UntrustedCheckpointError, match='2 data.pkl members'):
         read_checkpoint(two)
+
+
+def test_every_dense_dtype_and_plain_value_of_the_schema_reads_back(tmp_path):
+    """What our files hold reads back as written: tensors of the 12 dense dtypes, a parameter,
+    dtypes, a device, a size, bytes."""
+    from vlp_codebook.checkpoint_io import SCHEMA_GLOBALS
+    dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+              torch.int8, torch.uint8, torch.bool, torch.complex128, torch.complex64]
+    state = {str(d): torch.ones(3, dtype=d) for d in dtypes}
+    state.update(param=torch.nn.Parameter(torch.arange(4.0)), dtype=torch.bfloat16, device=torch.device('cpu'),
+                 size=torch.Size([2, 3]), raw=b'\x00\xff')
+    path = tmp_path / 'all.pth'
+    torch.save({'state_dict': state}, path)
+    loaded = read_checkpoint(path)['state_dict']
+    for d in dtypes:
+        assert loaded[str(d)].dtype == d and torch.equal(loaded[str(d)], state[str(d)])
+    assert torch.equal(loaded['param'], state['param'])
+    assert (loaded['dtype'], loaded['device'], loaded['size'], loaded['raw']) == \
+        (torch.bfloat16, torch.device('cpu'), torch.Size([2, 3]), b'\x00\xff')
+    assert len(SCHEMA_GLOBALS) == 30
+
+
+@pytest.mark.parametrize('value, name', [
+    (torch.zeros(4).to_sparse(), 'torch._utils._rebuild_sparse_tensor'),
+    ({1, 2}, 'builtins.set'),
+    (torch.quantize_per_tensor(torch.zeros(2), 0.1, 0, torch.quint8), 'torch._utils._rebuild_qtensor'),
+    (torch.zeros(2, dtype=torch.float8_e4m3fn), 'torch._utils._rebuild_tensor_v3'),
+])
+def test_what_torch_accepts_but_our_files_never_hold_is_refused_by_name(value, name, tmp_path):
+    """torch's weights_only=True would build these; a checkpoint of this project never holds them,
+    so the schema refuses them before anything is built, naming the global."""
+    path = tmp_path / 'foreign.pth'
+    torch.save({'state_dict': {'x': value}}, path)
+    with pytest.raises(UntrustedCheckpointError) as error:
+        read_checkpoint(path)
+    assert name in str(error.value) and 'no checkpoint of this project holds' in str(error.value)

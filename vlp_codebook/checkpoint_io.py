@@ -6,8 +6,10 @@ its size. :func:`read_checkpoint` reads what a checkpoint of this project *is*, 
 rest before it is built (docs/security.md has the cases):
 
 * the archive: members stored uncompressed, exactly one ``data.pkl``;
-* the pickle, scanned first: only torch's own tensor and container globals (``weights_only=True``,
-  nothing added); no integer beyond 2**61 (such dict keys collide at will); ``numpy``,
+* the pickle, scanned first: only the globals our files name (:data:`SCHEMA_GLOBALS`: ordered
+  dicts, dense tensors and their storages, dtypes, devices, sizes; a subset of what torch's
+  ``weights_only=True`` accepts, which then builds them); no integer beyond 2**61 (such dict
+  keys collide at will); ``numpy``,
   ``mmengine`` and ``getattr`` globals become inert placeholders and their entries are dropped,
   with one line saying so;
 * the objects, walked once: dict, list, tuple, str, numbers, None, dense tensors (storage at least
@@ -37,7 +39,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-__all__ = ['TRUST_ENV', 'TRUST_FLAG', 'MAX_HISTORY', 'MAX_DEPTH', 'CheckpointError', 'UntrustedCheckpointError',
+__all__ = ['TRUST_ENV', 'TRUST_FLAG', 'MAX_HISTORY', 'MAX_DEPTH', 'SCHEMA_GLOBALS', 'CheckpointError', 'UntrustedCheckpointError',
            'CorruptCheckpointError', 'trust_requested', 'trusting', 'read_checkpoint', 'conform_mmengine']
 
 TRUST_ENV = 'VLP_CODEBOOK_TRUST_CHECKPOINTS'
@@ -48,6 +50,16 @@ MAX_HISTORY = 1_000_000
 MAX_DEPTH = 64
 _MAX_INT = 2 ** 61          # Python hashes an int modulo 2**61 - 1: larger ones collide at will
 _FOREIGN = ('numpy.', 'mmengine.', 'builtins.getattr')
+_DENSE = (('Double', 'float64'), ('Float', 'float32'), ('Half', 'float16'), ('BFloat16', 'bfloat16'),
+          ('Long', 'int64'), ('Int', 'int32'), ('Short', 'int16'), ('Char', 'int8'), ('Byte', 'uint8'),
+          ('Bool', 'bool'), ('ComplexDouble', 'complex128'), ('ComplexFloat', 'complex64'))
+#: every global a checkpoint of this project names: containers, the dense-tensor rebuilders and the
+#: storages of dense dtypes (torch.save's names), dtypes, devices, sizes, and the byte-string codec
+#: of pickle protocol 2. Not sparse, quantized, nested or meta tensors, tensor subclasses, sets.
+SCHEMA_GLOBALS = frozenset({
+    'collections.OrderedDict', 'torch._utils._rebuild_tensor_v2', 'torch._utils._rebuild_parameter',
+    'torch.device', 'torch.Size', '_codecs.encode',
+    *(f'torch.{storage}Storage' for storage, _ in _DENSE), *(f'torch.{dtype}' for _, dtype in _DENSE)})
 _META_KEYS = ('epoch', 'iter', 'cfg', 'seed', 'experiment_name', 'time', 'mmengine_version', 'dataset_meta')
 _INFO_KEYS = ('epoch', 'iter', 'max_epochs', 'max_iters', 'loop_stage', 'seed', 'experiment_name',
               'mmengine_version', 'cfg', 'eta', 'best_score')
@@ -122,10 +134,8 @@ class _Dropped:
 
 
 def _scan_pickle(data: bytes, what: str, label: str) -> List[str]:
-    """The pickle's global names, checked before anything is built: refused when torch would not
-    rebuild them and they are not ours to drop, or when an integer is large enough to collide."""
-    from torch._weights_only_unpickler import _get_allowed_globals
-
+    """The pickle's global names, checked before anything is built: refused when they are not in
+    :data:`SCHEMA_GLOBALS` and not ours to drop, or when an integer is large enough to collide."""
     names: List[str] = []
     try:
         for opcode, arg, _ in pickletools.genops(data):
@@ -139,9 +149,10 @@ def _scan_pickle(data: bytes, what: str, label: str) -> List[str]:
                                  'can be made to collide as dictionary keys, making the load take minutes)')
     except ValueError as error:
         raise _corrupt(what, label, error) from None
-    foreign = sorted({n for n in names if n not in _get_allowed_globals() and not n.startswith(_FOREIGN)})
+    foreign = sorted({n for n in names if n not in SCHEMA_GLOBALS and not n.startswith(_FOREIGN)})
     if foreign:
-        raise _untrusted(what, label, f'it needs {len(foreign)} type(s) no checkpoint needs: {", ".join(foreign)}')
+        raise _untrusted(what, label, f'it needs {len(foreign)} type(s) no checkpoint of this project holds: '
+                         f'{", ".join(foreign)}')
     return sorted({n for n in names if n.startswith(_FOREIGN)})
 
 
