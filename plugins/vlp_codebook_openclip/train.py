@@ -181,6 +181,11 @@ def _replacements(options, originals) -> dict:
         core = unwrap_model(model)
         if isinstance(core, CodebookCLIP):
             core.set_steps_per_epoch(steps_per_epoch)
+            warmup = core.codebook_loss.warmup_steps if core.codebook_loss is not None else 0
+            if warmup and epoch == 0 and is_master(args):
+                logging.info('vlp_codebook_openclip: the codebook terms are 0 for the first %d steps%s '
+                             '(--codebook-warmup-steps N to change, 0: none)', warmup,
+                             ' (one epoch)' if core.warmup_one_epoch else '')
         if isinstance(loss, CodebookClipLoss):
             loss.bind_logging(tb_writer, args.log_every_n_steps, first_step=epoch * steps_per_epoch,
                               is_master=is_master(args))

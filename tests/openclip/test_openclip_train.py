@@ -70,6 +70,7 @@ def test_console_shows_progress_and_the_log_file_everything(trained):
     assert 'Params:' not in console and 'VisionTransformer(' not in console     # model printout: log only
     assert 'Params:' in trained['log'] and 'VisionTransformer(' in trained['log']
     assert 'TorchDynamo' not in console and 'out.log' in trained['stdout']
+    assert 'the codebook terms are 0 for the first 8 steps (one epoch)' in console
 
 
 def test_the_losses_fall_after_the_one_epoch_codebook_warmup(trained):
