@@ -86,6 +86,33 @@ class CodisStats:
         return out
 
 
+def _check_arguments(codebook_size, codebook_weight, plan_features, plan_queue_size, codebook_warmup_steps,
+                     intra, queue_size, alpha_warmup_steps, codebook_kwargs) -> None:
+    """CodebookCLIP's arguments, each named in the error when wrong."""
+    if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 1:
+        raise ValueError(f'codebook_size must be a positive integer, got {codebook_size!r}')
+    if not (isinstance(codebook_weight, (int, float)) and math.isfinite(codebook_weight)
+            and codebook_weight >= 0):
+        raise ValueError(f'codebook_weight must be a finite number >= 0, got {codebook_weight!r}')
+    if codebook_weight == 0 and not intra:
+        raise ValueError('codebook_weight=0 without intra=True adds nothing to open_clip: '
+                         'train the open_clip model alone')
+    if plan_features not in PLAN_FEATURES:
+        raise ValueError(f'plan_features must be one of {list(PLAN_FEATURES)}, got {plan_features!r}')
+    if intra and (isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1):
+        raise ValueError(f'intra=True needs queue_size >= 1 (past teacher features per modality), '
+                         f'got {queue_size!r}')
+    if alpha_warmup_steps < 0:
+        raise ValueError(f'alpha_warmup_steps must be >= 0, got {alpha_warmup_steps}')
+    for name, value in (('plan_queue_size', plan_queue_size), ('codebook_warmup_steps', codebook_warmup_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f'{name} must be None or an integer >= 0, got {value!r}')
+    clash = {'plan_queue_size', 'warmup_steps'} & set(codebook_kwargs or {})
+    if clash:
+        raise ValueError(f'codebook_kwargs {sorted(clash)}: pass plan_queue_size / codebook_warmup_steps '
+                         'as CodebookCLIP arguments')
+
+
 class CodebookCLIP(nn.Module):
     r"""An open_clip model with the CODIS codebook terms (and optional intra-modal distillation).
 
@@ -135,28 +162,8 @@ class CodebookCLIP(nn.Module):
         super().__init__()
         if not isinstance(clip, nn.Module):
             raise TypeError(f'clip must be an open_clip model (nn.Module), got {type(clip).__name__}')
-        if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 1:
-            raise ValueError(f'codebook_size must be a positive integer, got {codebook_size!r}')
-        if not (isinstance(codebook_weight, (int, float)) and math.isfinite(codebook_weight)
-                and codebook_weight >= 0):
-            raise ValueError(f'codebook_weight must be a finite number >= 0, got {codebook_weight!r}')
-        if codebook_weight == 0 and not intra:
-            raise ValueError('codebook_weight=0 without intra=True adds nothing to open_clip: '
-                             'train the open_clip model alone')
-        if plan_features not in PLAN_FEATURES:
-            raise ValueError(f'plan_features must be one of {list(PLAN_FEATURES)}, got {plan_features!r}')
-        if intra and (isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1):
-            raise ValueError(f'intra=True needs queue_size >= 1 (past teacher features per modality), '
-                             f'got {queue_size!r}')
-        if alpha_warmup_steps < 0:
-            raise ValueError(f'alpha_warmup_steps must be >= 0, got {alpha_warmup_steps}')
-        for name, value in (('plan_queue_size', plan_queue_size), ('codebook_warmup_steps', codebook_warmup_steps)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f'{name} must be None or an integer >= 0, got {value!r}')
-        clash = {'plan_queue_size', 'warmup_steps'} & set(codebook_kwargs or {})
-        if clash:
-            raise ValueError(f'codebook_kwargs {sorted(clash)}: pass plan_queue_size / codebook_warmup_steps '
-                             'as CodebookCLIP arguments')
+        _check_arguments(codebook_size, codebook_weight, plan_features, plan_queue_size, codebook_warmup_steps,
+                         intra, queue_size, alpha_warmup_steps, codebook_kwargs)
         if embed_dim is None:
             embed_dim = infer_embed_dim(clip)
             if embed_dim is None:
