@@ -23,6 +23,7 @@ Example::
     >>> from vlp_codebook_openclip import CodebookCLIP, CodebookClipLoss
     >>> clip, _, _ = open_clip.create_model_and_transforms('codis-tiny-vit', output_dict=True)
     >>> model = CodebookCLIP(clip, codebook_size=128)
+    >>> model.set_steps_per_epoch(1)   # the steps of one epoch: the codebook terms start after it
     >>> loss = CodebookClipLoss(open_clip.ClipLoss())
     >>> out = model(torch.randn(4, 3, 32, 32), torch.randint(0, 49408, (4, 16)))
     >>> losses = loss(**out, output_dict=True)     # contrastive_loss + codebook_* terms
