@@ -186,6 +186,10 @@ def _replacements(options, originals) -> dict:
                 logging.info('vlp_codebook_openclip: the codebook terms are 0 for the first %d steps%s '
                              '(--codebook-warmup-steps N to change, 0: none)', warmup,
                              ' (one epoch)' if core.warmup_one_epoch else '')
+                if warmup >= args.epochs * steps_per_epoch:
+                    logging.warning('vlp_codebook_openclip: the codebook warm-up (%d steps) lasts the whole run '
+                                    '(%d epochs of %d steps): the codebook never trains; set '
+                                    '--codebook-warmup-steps below that', warmup, args.epochs, steps_per_epoch)
         if isinstance(loss, CodebookClipLoss):
             loss.bind_logging(tb_writer, args.log_every_n_steps, first_step=epoch * steps_per_epoch,
                               is_master=is_master(args))

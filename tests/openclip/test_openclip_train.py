@@ -190,6 +190,15 @@ def test_pretrained_file_passes_the_schema_reader_first(openclip_plugin, tmp_pat
     assert str(path) in str(error.value) and 'stride' in str(error.value)
 
 
+def test_a_warmup_as_long_as_the_run_is_named(openclip_plugin, emoji_csv, tmp_path):
+    """--epochs 1 with the default one-epoch warm-up: the codebook would never train; the console says so."""
+    args = list(_train_args(emoji_csv, tmp_path, 'one_epoch'))
+    args[args.index('--epochs') + 1] = '1'
+    proc = run_entry_point(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'the codebook warm-up (8 steps) lasts the whole run (1 epochs of 8 steps)' in proc.stderr
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--codebook-size', '0'], '--codebook-size must be a positive integer, got 0'),
     (['--codebook-weight', 'nan'], '--codebook-weight must be a finite number >= 0'),
