@@ -54,6 +54,7 @@ import json
 import os
 import os.path as osp
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -186,6 +187,7 @@ def train_command(setting: str, row: str, seed: int, args, csv: str, init: str, 
             '--wd', str(args.wd), '--warmup', str(args.warmup), '--workers', '0', '--precision', 'fp32',
             '--seed', str(seed), '--image-mean', *[str(IMAGE_MEAN)] * 3, '--image-std', *[str(IMAGE_STD)] * 3,
             '--log-every-n-steps', '20', '--logs', logs, '--name', name, '--report-to', '',
+            '--save-frequency', '0',  # only the last epoch's checkpoint: the one evaluated
             *SETTINGS[setting], *ROWS[row]]
 
 
@@ -271,6 +273,8 @@ def run_one(setting: str, row: str, seed: int, args, splits: dict, csv: str) -> 
     result = dict(setting=setting, row=row, seed=seed, train_seconds=time.perf_counter() - start, cpu_seconds=cpu,
                   contrastive_loss=contrastive_losses(osp.join(logs, name, 'out.log')),
                   **evaluate_checkpoint(checkpoint, {k: splits[k] for k in ('val', 'test')}, args.data, args))
+    # the scores are the cached result; a kept checkpoint would cost ~90 MB a run (logs stay)
+    shutil.rmtree(osp.dirname(checkpoint))
     os.makedirs(osp.dirname(result_path), exist_ok=True)
     with open(result_path, 'w', encoding='utf-8') as handle:
         json.dump(result, handle)

@@ -1,6 +1,7 @@
 """benchmarks/openclip_lit.py: the mapped EfficientNet-Lite0 tower, paired seeds, and its CI smoke run."""
 from __future__ import annotations
 
+import glob
 import os.path as osp
 import sys
 
@@ -52,7 +53,6 @@ def test_every_saved_run_belongs_to_a_row_with_the_options_it_ran_with(openclip_
     """A saved run is reused only while its row's effective options (flags over the plugin's
     defaults) are those it ran with: each committed result file is some row's key and names that
     row, so a change of the defaults cannot leave runs behind under a row they no longer match."""
-    import glob
     import json
     saved = glob.glob(osp.join(ROOT, 'benchmarks', 'results', 'openclip_lit', '*', '*.json'))
     assert saved
@@ -78,3 +78,6 @@ def test_smoke_run_learns_through_open_clips_loop(openclip_plugin, tmp_path, cap
             assert all(0.0 <= result[split][m] <= 100.0 for m in ('txt_r1', 'img_r10', 'r_mean')), (row, split)
     assert results['lit']['clip'][0]['contrastive_loss'][0] == pytest.approx(
         results['lit']['codebook'][0]['contrastive_loss'][0], abs=1e-3)      # paired: same init, same first batch
+    # a run keeps its scores and logs, not its checkpoints (~90 MB each at the full protocol)
+    assert glob.glob(osp.join(str(tmp_path), '*', 'logs', '*', 'out.log'))
+    assert glob.glob(osp.join(str(tmp_path), '*', 'logs', '*', 'checkpoints', '*')) == []
