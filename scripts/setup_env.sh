@@ -39,6 +39,13 @@ case "$flavour" in main|test) ;; *) echo "usage: bash scripts/setup_env.sh [main
 log="$venv/setup_env.log"
 : >"$log"
 say "flavour '$flavour' into $venv (pip's output: $log)"
+# The test flavour takes ~7 GB (torch's CUDA wheels) and a test session writes ~2 GB of temporary
+# files: name a short disk now rather than fail with "No space left on device" half-way.
+free_kb=$(df -Pk "$venv" | awk 'NR == 2 {print $4}')
+need_gb=$([ "$flavour" = test ] && echo 10 || echo 2)
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
+  say "warning: $((free_kb / 1024 / 1024)) GB free on the disk of $venv; flavour '$flavour' needs about $need_gb GB" >&2
+fi
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
 # setuptools < 80.9: mim imports pkg_resources, which warns on every import from 80.9 on
 step "pip, setuptools, wheel" "${pip[@]}" --upgrade pip 'setuptools>=77.0.3,<80.9' wheel

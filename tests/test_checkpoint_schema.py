@@ -398,3 +398,23 @@ def test_what_torch_accepts_but_our_files_never_hold_is_refused_by_name(value, n
     with pytest.raises(UntrustedCheckpointError) as error:
         read_checkpoint(path)
     assert name in str(error.value) and 'no checkpoint of this project holds' in str(error.value)
+
+
+def test_torch_load_as_data_routes_another_librarys_load_and_restores_it(tmp_path):
+    """Inside the block a library's own ``torch.load`` call reads against the schema (a set, which
+    torch's weights_only accepts, is refused, named with the label and the path); the real
+    ``torch.load`` is back after the block, also when the load raised."""
+    from vlp_codebook.checkpoint_io import torch_load_as_data
+    real_load = torch.load
+    path = tmp_path / 'foreign.pth'
+    torch.save({'x': {1, 2}}, path)
+    with pytest.raises(UntrustedCheckpointError) as error, torch_load_as_data(label='https://host/w.pth'):
+        torch.load(str(path), map_location='cpu', weights_only=True, mmap=False)
+    assert 'builtins.set' in str(error.value) and f'https://host/w.pth ({path})' in str(error.value)
+    assert torch.load is real_load
+    assert torch.load(path, weights_only=True)['x'] == {1, 2}      # torch's own loader again
+    good = tmp_path / 'good.pth'
+    torch.save({'w': torch.arange(3.0)}, good)
+    with torch_load_as_data():
+        assert torch.equal(torch.load(good)['w'], torch.arange(3.0))
+    assert torch.load is real_load

@@ -40,7 +40,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 
 __all__ = ['TRUST_ENV', 'TRUST_FLAG', 'MAX_HISTORY', 'MAX_DEPTH', 'SCHEMA_GLOBALS', 'CheckpointError', 'UntrustedCheckpointError',
-           'CorruptCheckpointError', 'trust_requested', 'trusting', 'read_checkpoint', 'conform_mmengine']
+           'CorruptCheckpointError', 'trust_requested', 'trusting', 'read_checkpoint', 'torch_load_as_data',
+           'conform_mmengine']
 
 TRUST_ENV = 'VLP_CODEBOOK_TRUST_CHECKPOINTS'
 TRUST_FLAG = '--trust-checkpoint'
@@ -233,6 +234,36 @@ def read_checkpoint(source: Union[str, os.PathLike, io.IOBase], map_location: An
         print(f'{what} {label}: ignored {len(ignored)} entr{"y" if len(ignored) == 1 else "ies"} a checkpoint of '
               f'this project does not read: {"; ".join(ignored[:10])}{" ..." if len(ignored) > 10 else ""}', flush=True)
     return loaded
+
+
+@contextlib.contextmanager
+def torch_load_as_data(label: Optional[str] = None) -> Iterator[None]:
+    """Within the block, ``torch.load`` is :func:`read_checkpoint`: another library's loader
+    (mmengine's schemes, torch.hub, open_clip's ``load_checkpoint``, LAVIS's model loaders) reads
+    its file against the schema, once. ``torch.load`` is restored on exit; blocks nest.
+
+    Args:
+        label: how the file is called in messages (e.g. the URL a downloaded file came from);
+            default the path ``torch.load`` was given.
+
+    Usage::
+
+        >>> with torch_load_as_data():                  # doctest: +SKIP
+        ...     model = open_clip.create_model('RN50', pretrained='/path/to/weights.pt')
+    """
+    real_load = torch.load
+
+    def load_as_data(source: Any, map_location: Any = None, *unused: Any, **ignored: Any) -> Any:
+        # torch.load's other arguments (pickle_module, weights_only, mmap) do not apply to a schema read
+        name = label if label is None or not isinstance(source, (str, os.PathLike)) or os.fspath(source) == label \
+            else f'{label} ({os.fspath(source)})'
+        return read_checkpoint(source, map_location=map_location, label=name)
+
+    torch.load = load_as_data
+    try:
+        yield
+    finally:
+        torch.load = real_load
 
 
 def _path(node: Optional[Tuple]) -> str:

@@ -30,6 +30,7 @@ from typing import Any, Dict, Mapping, Optional, Set
 import torch
 from torch.nn import functional as F
 
+from vlp_codebook.checkpoint_io import torch_load_as_data
 from vlp_codebook.checks import deferred_checks
 from vlp_codebook.registry import MODELS
 from vlp_codebook_lavis.encoders import build_vision_encoder, build_xbert_encoder, load_bert_tokenizer
@@ -230,20 +231,24 @@ def load_weights_from_config(model, cfg: Mapping, pretrained_loader=None) -> Opt
       ``pretrained_loader`` (default ``model.load_from_pretrained``: position embeddings interpolated);
     * else nothing: random initialisation.
 
-    A URL is downloaded by LAVIS; a local path never touches the network. Returns the
-    ``load_state_dict`` result (or None).
+    A URL is downloaded by LAVIS; a local path never touches the network. Either file is read
+    against the schema (:func:`vlp_codebook.checkpoint_io.torch_load_as_data` around LAVIS's
+    loader): tensors and plain data only, nothing in it runs. Returns the ``load_state_dict``
+    result (or None).
     """
     if cfg.get('load_finetuned', False):
         path = cfg.get('finetuned')
         if not path:
             raise ValueError('model.load_finetuned is true but model.finetuned is empty')
-        msg = model.load_checkpoint(path)
+        with torch_load_as_data():
+            msg = model.load_checkpoint(path)
         source = path
     elif cfg.get('load_pretrained', False):
         path = cfg.get('pretrained')
         if not path:
             raise ValueError('model.load_pretrained is true but model.pretrained is empty')
-        msg = (pretrained_loader or model.load_from_pretrained)(path)
+        with torch_load_as_data():
+            msg = (pretrained_loader or model.load_from_pretrained)(path)
         source = path
     else:
         return None

@@ -17,6 +17,10 @@ raises:
   without a process group (the runner calls it unguarded after every epoch);
 * ``lavis.runners.runner_base.PrefetchLoader`` -> :class:`CpuLoader` for ``run.device: cpu``
   (LAVIS's wrapper creates a CUDA stream).
+
+and, by :func:`vlp_codebook.checkpoint_io.torch_load_as_data`, ``torch.load`` -> the schema
+reader: every checkpoint the run loads (models' ``finetuned`` / ``pretrained``, ``run.resume_ckpt_path``,
+the best model reloaded for testing) is read as tensors and plain data.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 
 import vlp_codebook_lavis
+from vlp_codebook.checkpoint_io import torch_load_as_data
 from lavis.common.config import Config
 from lavis.common.dist_utils import get_rank, init_distributed_mode
 from lavis.common.logger import setup_logger
@@ -131,7 +136,7 @@ def main(argv: Optional[List[str]] = None):
     job_id = now()
     cfg = build_config(args)
     init_distributed_mode(cfg.run_cfg)
-    with adapted_runner_module(cfg):
+    with adapted_runner_module(cfg), torch_load_as_data():
         return _run(cfg, job_id)
 
 

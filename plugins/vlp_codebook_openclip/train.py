@@ -10,9 +10,10 @@ Usage (every open_clip_train flag, plus the plugin's: ``--help`` lists both)::
 Nothing of open_clip_train is copied or forked. For the duration of the call, the names that
 ``open_clip_train.main`` looks up below are replaced by thin wrappers around the originals:
 
-* ``create_model_and_transforms``: a ``--pretrained`` file is first read by the schema reader
-  (:func:`vlp_codebook.checkpoint_io.read_checkpoint`: refused, naming the file, unless it holds
-  tensors and plain containers only), then open_clip loads it; the model it returns is wrapped in
+* ``create_model_and_transforms``: runs inside :func:`vlp_codebook.checkpoint_io.torch_load_as_data`,
+  so the ``torch.load`` of open_clip's loader reads a ``--pretrained`` file against the schema
+  (refused, naming the file, unless it holds tensors and plain containers only; safetensors and
+  numpy files hold no pickle and open_clip reads them itself); the model it returns is wrapped in
   :class:`~vlp_codebook_openclip.model.CodebookCLIP` (so open_clip's optimizer, grad scaler,
   DDP, checkpoints and ``--lock-*`` flags see the codebook, teacher and queues);
 * ``create_loss``: open_clip's loss, wrapped in :class:`~vlp_codebook_openclip.loss.CodebookClipLoss`;
@@ -48,6 +49,7 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from vlp_codebook.checkpoint_io import torch_load_as_data
 from vlp_codebook_openclip.loss import CodebookClipLoss
 from vlp_codebook_openclip.model import CodebookCLIP
 from vlp_codebook_openclip.options import (build_parser, check_compatible, codebook_model_kwargs,
@@ -82,9 +84,6 @@ def load_checkpoint_data(file_path: str, map_location=None):
         return read_checkpoint(handle, map_location=map_location, label=str(file_path))
 
 
-# open_clip reads these --pretrained files without unpickling (safetensors; numpy without allow_pickle);
-# every other file goes to torch.load, whatever its name, so it passes the schema reader first
-PICKLE_FREE_SUFFIXES = ('.safetensors', '.npz', '.npy')
 _REPLACED = ('create_model_and_transforms', 'create_loss', 'train_one_epoch', 'pt_load', 'parse_args', 'optim',
              'setup_logging')
 # What the console shows without --verbose: progress and numbers (the rest is in the log file).
@@ -154,11 +153,8 @@ def _replacements(options, originals) -> dict:
         return parsed
 
     def create_model_and_transforms(*args, **kwargs):
-        pretrained = kwargs.get('pretrained', args[1] if len(args) > 1 else None)
-        if isinstance(pretrained, str) and osp.isfile(pretrained) and not pretrained.endswith(PICKLE_FREE_SUFFIXES):
-            # --pretrained FILE passes the schema reader before open_clip's own torch.load sees it
-            load_checkpoint_data(pretrained, map_location='cpu')
-        model, preprocess_train, preprocess_val = originals['create_model_and_transforms'](*args, **kwargs)
+        with torch_load_as_data():   # --pretrained (and every torch.load open_clip makes) read as data, once
+            model, preprocess_train, preprocess_val = originals['create_model_and_transforms'](*args, **kwargs)
         if options.no_codebook or wrapped_models:      # the baseline, or a --distill-model
             return model, preprocess_train, preprocess_val
         model = CodebookCLIP(model, **codebook_model_kwargs(options))

@@ -174,10 +174,10 @@ def test_checkpoint_reader_refuses_code(openclip_plugin, tmp_path):
 
 
 @pytest.mark.parametrize('name', ['bomb.pt', 'bomb.ckpt', 'bomb'])
-def test_pretrained_file_passes_the_schema_reader_first(openclip_plugin, tmp_path, name):
+def test_pretrained_file_is_read_against_the_schema(openclip_plugin, tmp_path, name):
     """--pretrained FILE, whatever its name (open_clip torch.loads every suffix but .safetensors and
-    numpy's): a zero-stride tensor (a memory bomb when expanded) is refused by our reader, naming the
-    file, before open_clip's torch.load sees it."""
+    numpy's): a zero-stride tensor (a memory bomb when expanded; torch's weights_only builds it) is
+    refused inside open_clip's own loader, naming the file."""
     import open_clip_train.main as oc_main
 
     from vlp_codebook_openclip.options import parse_codebook_args
@@ -188,6 +188,31 @@ def test_pretrained_file_passes_the_schema_reader_first(openclip_plugin, tmp_pat
     with injected(options), pytest.raises(Exception) as error:
         oc_main.create_model_and_transforms('codis-tiny-vit', str(path), output_dict=True)
     assert str(path) in str(error.value) and 'stride' in str(error.value)
+
+
+def test_pretrained_file_is_read_once(openclip_plugin, tmp_path, monkeypatch):
+    """A good --pretrained file is read once, by the schema reader (torch's own loader never sees
+    it), and its weights reach the model."""
+    import open_clip
+    import open_clip_train.main as oc_main
+
+    import vlp_codebook.checkpoint_io as checkpoint_io
+    from vlp_codebook_openclip.options import parse_codebook_args
+    from vlp_codebook_openclip.train import injected
+    source, _, _ = open_clip.create_model_and_transforms('codis-tiny-vit')
+    path = tmp_path / 'weights.bin'
+    torch.save({'state_dict': source.state_dict()}, path)
+    reads = []
+    real_read = checkpoint_io.read_checkpoint
+    monkeypatch.setattr(checkpoint_io, 'read_checkpoint', lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    torch_reads = []
+    real_torch_load = torch.load
+    monkeypatch.setattr(torch, 'load', lambda *a, **k: torch_reads.append(a[0]) or real_torch_load(*a, **k))
+    options, _ = parse_codebook_args(['--codebook-size', '16'])
+    with injected(options):
+        model, _, _ = oc_main.create_model_and_transforms('codis-tiny-vit', str(path), output_dict=True)
+    assert [str(r) for r in reads] == [str(path)] and torch_reads == []
+    assert torch.equal(model.clip.text_projection, source.text_projection)
 
 
 def test_a_warmup_as_long_as_the_run_is_named(openclip_plugin, emoji_csv, tmp_path):

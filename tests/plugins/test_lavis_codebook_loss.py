@@ -160,6 +160,25 @@ def test_lavis_state_dict_loads_with_only_codis_keys_missing(lavis_plugin, tmp_p
         torch.testing.assert_close(loaded.visual_encoder.pos_embed, plain.visual_encoder.pos_embed)
 
 
+@pytest.mark.parametrize('switch', ['finetuned', 'pretrained'])
+def test_lavis_checkpoint_switches_read_against_the_schema(lavis_plugin, tmp_path, switch):
+    """``finetuned:`` / ``pretrained:`` of a codis_* model go through LAVIS's loader with its
+    ``torch.load`` reading as data: a file torch's weights_only accepts but no checkpoint of ours
+    holds (a set) is refused, naming the file; the same weights without it load."""
+    from vlp_codebook.checkpoint_io import UntrustedCheckpointError
+    cls = lavis_plugin.MODEL_NAMES['codis_retrieval']
+    cfg = tiny_cfg(cls)
+    state = cls.from_config(cfg).state_dict()
+    foreign, plain = tmp_path / 'foreign.pth', tmp_path / 'plain.pth'
+    torch.save({'model': state, 'seen': {1, 2}}, foreign)
+    torch.save({'model': state}, plain)
+    with pytest.raises(UntrustedCheckpointError) as error:
+        cls.from_config(OmegaConf.merge(cfg, {f'load_{switch}': True, switch: str(foreign)}))
+    assert 'builtins.set' in str(error.value) and str(foreign) in str(error.value)
+    loaded = cls.from_config(OmegaConf.merge(cfg, {f'load_{switch}': True, switch: str(plain)}))
+    torch.testing.assert_close(loaded.text_proj.weight, state['text_proj.weight'])
+
+
 @pytest.mark.parametrize('arch', ['codis_retrieval', 'codis_blip_retrieval', 'codis_pretrain'])
 def test_codebook_block_options_reach_the_loss(lavis_plugin, arch):
     """The shipped YAMLs use the measured defaults; a `codebook_loss:` block can switch them."""

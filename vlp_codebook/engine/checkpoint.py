@@ -18,10 +18,9 @@ import re
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
-import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from vlp_codebook.checkpoint_io import read_checkpoint, trusting
+from vlp_codebook.checkpoint_io import read_checkpoint, torch_load_as_data, trusting
 
 __all__ = ['load_from_safe_local', 'checkpoint_loading', 'to_mmengine', 'LOCAL_PREFIX', 'is_url']
 
@@ -60,17 +59,8 @@ def _as_data_scheme(loader: Callable) -> Callable:
         return loader
 
     def load(filename: str, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
-        real_load = torch.load
-
-        def load_as_data(source: Any, map_location: Any = None, *unused: Any, **ignored: Any) -> Any:
-            label = filename if not isinstance(source, str) or source == filename else f'{filename} ({source})'
-            return read_checkpoint(source, map_location=map_location, label=label)
-
-        torch.load = load_as_data
-        try:
+        with torch_load_as_data(label=filename):
             return to_mmengine(loader(filename, map_location, *args, **kwargs))
-        finally:
-            torch.load = real_load
 
     load._vlp_codebook_as_data = True   # type: ignore[attr-defined]
     load.__wrapped__ = loader   # type: ignore[attr-defined]
