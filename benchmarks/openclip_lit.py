@@ -23,6 +23,8 @@ with the towers inside the model (no cached features):
   ``--codebook-wd 0.1``); ``codebook_pq1024`` -- only a plan queue of 1024 rows;
   ``codebook_warmup82`` -- only the terms off for the first epoch (82 steps);
   ``codebook_recipe`` -- both, spelled out (on this data the same run as ``codebook``);
+  ``codebook_teacher`` -- the recipe with plans from the momentum teacher's features (the
+  toolkit's default) instead of the students';
   ``intra`` -- ClipLoss + the intra-modal directions without a codebook (``--codebook-weight 0
   --codis-intra --queue-size 1024``); ``codebook_intra`` -- + the codebook and the intra
   directions (CODIS's whole recipe); ``codebook_gaussian`` -- N(0, 1) initial codewords;
@@ -88,6 +90,8 @@ ROWS: Dict[str, Sequence[str]] = {
     'codebook_pq1024': ('--codebook-plan-queue', '1024', '--codebook-warmup-steps', '0'),
     'codebook_warmup82': ('--codebook-warmup-steps', '82', '--codebook-plan-queue', '0'),
     'codebook_recipe': ('--codebook-warmup-steps', '82', '--codebook-plan-queue', '1024'),
+    'codebook_teacher': ('--codebook-warmup-steps', '82', '--codebook-plan-queue', '1024',
+                         '--codebook-plan-features', 'teacher'),
     'intra': ('--codebook-weight', '0', '--codis-intra', '--queue-size', '1024'),
     'codebook_intra': ('--codis-intra', '--queue-size', '1024'),
     'codebook_gaussian': ('--codebook-init-norm', 'gaussian'),
@@ -100,6 +104,7 @@ ROW_TITLES = {'clip': "open_clip's ClipLoss",
               'codebook_pq1024': '+ codebook, plan queue 1024, no warm-up',
               'codebook_warmup82': '+ codebook, off for the first 82 steps (1 epoch), no plan queue',
               'codebook_recipe': '+ codebook, warm-up 82 steps + plan queue 1024',
+              'codebook_teacher': '+ codebook, recipe with teacher plans',
               'intra': '+ intra directions, no codebook',
               'codebook_intra': '+ codebook + intra directions',
               'codebook_gaussian': '+ codebook, N(0, 1) codewords',
