@@ -76,12 +76,19 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def load_checkpoint_data(file_path: str, map_location=None):
     """open_clip_train's ``pt_load`` (local or fsspec paths) through the schema reader
-    (:func:`vlp_codebook.checkpoint_io.read_checkpoint`; opt-in: ``VLP_CODEBOOK_TRUST_CHECKPOINTS=1``)."""
+    (:func:`vlp_codebook.checkpoint_io.read_checkpoint`; opt-in: ``VLP_CODEBOOK_TRUST_CHECKPOINTS=1``).
+    A resume checkpoint's ``epoch`` must be an integer >= 0: open_clip resumes its loop from it and,
+    with ``--delete-previous-checkpoint``, removes the run's ``epoch_{epoch}.pt`` after the next one."""
     import fsspec
 
-    from vlp_codebook.checkpoint_io import read_checkpoint
+    from vlp_codebook.checkpoint_io import UntrustedCheckpointError, read_checkpoint
     with fsspec.open(file_path, 'rb') as handle:
-        return read_checkpoint(handle, map_location=map_location, label=str(file_path))
+        checkpoint = read_checkpoint(handle, map_location=map_location, label=str(file_path))
+    epoch = checkpoint.get('epoch', 0) if isinstance(checkpoint, dict) else 0
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise UntrustedCheckpointError(f'refusing to resume from {file_path}: its "epoch" is {epoch!r}, '
+                                       'not an integer >= 0 (open_clip_train resumes and prunes checkpoints by it)')
+    return checkpoint
 
 
 _REPLACED = ('create_model_and_transforms', 'create_loss', 'train_one_epoch', 'pt_load', 'parse_args', 'optim',

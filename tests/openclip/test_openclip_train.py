@@ -173,6 +173,19 @@ def test_checkpoint_reader_refuses_code(openclip_plugin, tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.parametrize('epoch', [-1, '3', 2.0, True])
+def test_resume_refuses_an_epoch_that_is_not_a_count(openclip_plugin, tmp_path, epoch):
+    """open_clip resumes its epoch loop from the file's ``epoch`` and prunes ``epoch_{N}.pt`` by it."""
+    from vlp_codebook.checkpoint_io import UntrustedCheckpointError
+    from vlp_codebook_openclip.train import load_checkpoint_data
+    path = tmp_path / 'epoch_3.pt'
+    torch.save({'epoch': epoch, 'state_dict': {}}, path)
+    with pytest.raises(UntrustedCheckpointError, match='"epoch" is'):
+        load_checkpoint_data(str(path))
+    torch.save({'epoch': 3, 'state_dict': {}}, path)
+    assert load_checkpoint_data(str(path))['epoch'] == 3
+
+
 @pytest.mark.parametrize('name', ['bomb.pt', 'bomb.ckpt', 'bomb'])
 def test_pretrained_file_is_read_against_the_schema(openclip_plugin, tmp_path, name):
     """--pretrained FILE, whatever its name (open_clip torch.loads every suffix but .safetensors and
