@@ -289,10 +289,11 @@ def run_one(setting: str, row: str, seed: int, args, splits: dict, csv: str) -> 
 
 
 # ------------------------------------------------------------------------------------- tables
-def format_table(results: Mapping[str, Mapping[int, dict]], split: str) -> str:
+def format_table(results: Mapping[str, Mapping[int, dict]], split: str, baseline: str = BASELINE) -> str:
     """Markdown table of one setting and split: mean ± std per metric, paired Δ of ``r_mean`` to
-    the ClipLoss row with its 95 % t-interval, and the seeds ahead."""
-    lines = ['| row | TR@1 | TR@5 | TR@10 | IR@1 | IR@5 | IR@10 | mean of six | Δ vs ClipLoss, 95 % CI | seeds ahead |',
+    the ``baseline`` row (default ClipLoss) with its 95 % t-interval, and the seeds ahead."""
+    lines = ['| row | TR@1 | TR@5 | TR@10 | IR@1 | IR@5 | IR@10 | mean of six | '
+             f'Δ vs {ROW_TITLES[baseline]}, 95 % CI | seeds ahead |',
              '|' + '---|' * 10]
     seeds = sorted(next(iter(results.values())))
     for row, per_seed in results.items():
@@ -300,11 +301,11 @@ def format_table(results: Mapping[str, Mapping[int, dict]], split: str) -> str:
         for metric in METRICS:
             values = [per_seed[s][split][metric] for s in seeds]
             cells.append(f'{statistics.fmean(values):.1f}' + (f' ± {statistics.stdev(values):.1f}' if len(values) > 1 else ''))
-        if row == BASELINE or BASELINE not in results:
+        if row == baseline or baseline not in results:
             diff, ahead = '—', '—'
         else:
             p = paired_difference([per_seed[s][split]['r_mean'] for s in seeds],
-                                  [results[BASELINE][s][split]['r_mean'] for s in seeds])
+                                  [results[baseline][s][split]['r_mean'] for s in seeds])
             diff, ahead = f"{p['mean']:+.2f} ± {p['half_width']:.2f}", f"{p['positive']}/{p['n']}"
         lines.append(f'| {ROW_TITLES[row]} | ' + ' | '.join(cells) + f' | {diff} | {ahead} |')
     return '\n'.join(lines)
@@ -321,6 +322,8 @@ def parse_args(argv=None):
     parser.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument('--rows', nargs='+', default=['clip', 'codebook'], choices=list(ROWS),
                         help='rows to train (default: clip codebook)')
+    parser.add_argument('--baseline', default=BASELINE, choices=list(ROWS),
+                        help='the row every Δ is paired against (default: clip); e.g. intra, for codebook_intra')
     parser.add_argument('--seeds', type=int, default=10, help='paired seeds 0..N-1 (default 10)')
     parser.add_argument('--first-seed', type=int, default=0,
                         help='run only seeds FIRST..N-1 (e.g. a second process beside one running the first ones)')
@@ -344,6 +347,8 @@ def parse_args(argv=None):
     if args.smoke:
         args.seeds, args.settings, args.rows = 1, ['lit'], ['clip', 'codebook']
         args.max_images, args.epochs = args.max_images or 200, 2
+    if args.baseline != BASELINE and args.baseline not in args.rows:
+        parser.error(f'--baseline {args.baseline} is not one of --rows {" ".join(args.rows)}')
     args.results_dir = args.results_dir or osp.join(args.data, '_openclip_runs')
     if args.smoke:
         args.scores_dir = osp.join(args.results_dir, 'scores')
@@ -377,7 +382,7 @@ def main(argv=None) -> dict:
         cpu = statistics.fmean(r['cpu_seconds'] for rows in per_row.values() for r in rows.values())
         for split in ('val', 'test'):
             print(f'\n### {setting} ({" ".join(SETTINGS[setting])}), {split}, {len(seeds)} paired seeds\n')
-            print(format_table(per_row, split))
+            print(format_table(per_row, split, args.baseline))
         print(f'\nmean CPU time of one training run: {cpu:.0f} s')
     if args.json:
         with open(args.json, 'w', encoding='utf-8') as handle:

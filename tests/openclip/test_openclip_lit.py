@@ -49,6 +49,18 @@ def test_rows_of_a_seed_share_init_and_flags_differ_only_by_row(openclip_plugin,
         assert '--seed' in command and command[command.index('--seed') + 1] == '0'
 
 
+def test_the_baseline_row_is_one_of_the_rows_and_heads_the_delta_column():
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--rows', 'intra', 'codebook_intra', '--baseline', 'clip_missing'])
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--rows', 'clip', 'codebook_intra', '--baseline', 'intra'])
+    row = lambda value: {'val': {m: value for m in bench.METRICS}}  # noqa: E731
+    results = {'intra': {0: row(30.0), 1: row(31.0)}, 'codebook_intra': {0: row(31.0), 1: row(31.5)}}
+    table = bench.format_table(results, 'val', baseline='intra')
+    assert 'Δ vs + intra directions, no codebook' in table
+    assert '| + codebook + intra directions |' in table and '| +0.75 ± ' in table and '| 2/2 |' in table
+
+
 def test_every_saved_run_belongs_to_a_row_with_the_options_it_ran_with(openclip_plugin):
     """A saved run is reused only while its row's effective options (flags over the plugin's
     defaults) are those it ran with: each committed result file is some row's key and names that
