@@ -43,6 +43,7 @@ Usage::
     python benchmarks/openclip_lit.py --quick         # 3 seeds
     python benchmarks/openclip_lit.py --smoke         # CI: 1 seed, lit, rows clip + codebook, 200 images
     python benchmarks/openclip_lit.py --settings text2 --rows clip codebook --seeds 5
+    python benchmarks/openclip_lit.py --settings text2 --rows intra codebook_intra --baseline intra --epochs 6
 
 Each finished (setting, row, seed) is saved under ``--scores-dir`` (in the repository:
 ``benchmarks/results/openclip_lit``) and reused, so an interrupted benchmark resumes, also on
