@@ -61,9 +61,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -257,6 +258,18 @@ def run_key(setting: str, row: str, seed: int) -> str:
     return f'{setting}_{row}_seed{seed}_{flags}'
 
 
+def run_timed(command: Sequence[str], env: Mapping[str, str]) -> Tuple[int, str, float]:
+    """Run ``command``: its exit code, the last 3000 characters of its stderr, and the CPU seconds
+    of that process alone (its own rusage from ``os.wait4``; the clock of finished children would
+    also count a run beside it under ``--jobs``)."""
+    with tempfile.TemporaryFile('w+', encoding='utf-8') as err:
+        proc = subprocess.Popen(list(command), env=dict(env), stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return proc.returncode, err.read()[-3000:], usage.ru_utime + usage.ru_stime
+
+
 def run_one(setting: str, row: str, seed: int, args, splits: dict, csv: str) -> dict:
     """Train one (setting, row, seed) through the entry point and evaluate it (cached)."""
     result_path = osp.join(args.scores_dir, protocol_key(args), run_key(setting, row, seed) + '.json')
@@ -269,12 +282,9 @@ def run_one(setting: str, row: str, seed: int, args, splits: dict, csv: str) -> 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=os.pathsep.join(
         [osp.join(ROOT, 'plugins'), ROOT, os.environ.get('PYTHONPATH', '')]))
     start = time.perf_counter()
-    cpu_start = os.times()
-    proc = subprocess.run(train_command(setting, row, seed, args, csv, init, logs, name), env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f'{setting}/{row}/seed {seed} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}')
-    cpu = sum(os.times()[2:4]) - sum(cpu_start[2:4])
+    returncode, stderr, cpu = run_timed(train_command(setting, row, seed, args, csv, init, logs, name), env)
+    if returncode != 0:
+        raise RuntimeError(f'{setting}/{row}/seed {seed} failed (rc {returncode}):\n{stderr}')
     checkpoint = osp.join(logs, name, 'checkpoints', f'epoch_{args.epochs}.pt')
     result = dict(setting=setting, row=row, seed=seed, train_seconds=time.perf_counter() - start, cpu_seconds=cpu,
                   contrastive_loss=contrastive_losses(osp.join(logs, name, 'out.log')),

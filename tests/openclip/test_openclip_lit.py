@@ -49,6 +49,18 @@ def test_rows_of_a_seed_share_init_and_flags_differ_only_by_row(openclip_plugin,
         assert '--seed' in command and command[command.index('--seed') + 1] == '0'
 
 
+def test_a_runs_cpu_time_is_its_own_when_another_runs_beside_it():
+    """Under --jobs 2 the clock of finished children counted both runs; each run's own rusage does not."""
+    from concurrent.futures import ThreadPoolExecutor
+    busy = [sys.executable, '-c', 'import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass']
+    idle = [sys.executable, '-c', 'import time, sys\ntime.sleep(1.2)\nsys.stderr.write("x" * 5000); sys.exit(3)']
+    with ThreadPoolExecutor(2) as pool:
+        busy_run, idle_run = pool.map(lambda command: bench.run_timed(command, {}), [busy, idle])
+    assert busy_run[0] == 0 and busy_run[2] >= 0.6
+    assert idle_run[0] == 3 and idle_run[1] == 'x' * 3000
+    assert idle_run[2] < 0.4        # ~0.05 s of start-up; the busy run's 0.6 s is not counted
+
+
 def test_the_baseline_row_is_one_of_the_rows_and_heads_the_delta_column():
     with pytest.raises(SystemExit):
         bench.parse_args(['--rows', 'intra', 'codebook_intra', '--baseline', 'clip_missing'])
