@@ -263,7 +263,7 @@ def run_timed(command: Sequence[str], env: Mapping[str, str]) -> Tuple[int, str,
     of that process alone (its own rusage from ``os.wait4``; the clock of finished children would
     also count a run beside it under ``--jobs``)."""
     with tempfile.TemporaryFile('w+', encoding='utf-8') as err:
-        proc = subprocess.Popen(list(command), env=dict(env), stdout=subprocess.DEVNULL, stderr=err, text=True)
+        proc = subprocess.Popen(list(command), env=dict(env), stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)

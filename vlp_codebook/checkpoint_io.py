@@ -255,8 +255,9 @@ def torch_load_as_data(label: Optional[str] = None) -> Iterator[None]:
 
     def load_as_data(source: Any, map_location: Any = None, *unused: Any, **ignored: Any) -> Any:
         # torch.load's other arguments (pickle_module, weights_only, mmap) do not apply to a schema read
-        name = label if label is None or not isinstance(source, (str, os.PathLike)) or os.fspath(source) == label \
-            else f'{label} ({os.fspath(source)})'
+        name = label
+        if label is not None and isinstance(source, (str, os.PathLike)) and os.fspath(source) != label:
+            name = f'{label} ({os.fspath(source)})'     # e.g. the URL, then the cached file
         return read_checkpoint(source, map_location=map_location, label=name)
 
     torch.load = load_as_data

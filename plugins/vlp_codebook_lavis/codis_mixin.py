@@ -237,20 +237,16 @@ def load_weights_from_config(model, cfg: Mapping, pretrained_loader=None) -> Opt
     result (or None).
     """
     if cfg.get('load_finetuned', False):
-        path = cfg.get('finetuned')
+        path, load = cfg.get('finetuned'), model.load_checkpoint
         if not path:
             raise ValueError('model.load_finetuned is true but model.finetuned is empty')
-        with torch_load_as_data():
-            msg = model.load_checkpoint(path)
-        source = path
     elif cfg.get('load_pretrained', False):
-        path = cfg.get('pretrained')
+        path, load = cfg.get('pretrained'), pretrained_loader or model.load_from_pretrained
         if not path:
             raise ValueError('model.load_pretrained is true but model.pretrained is empty')
-        with torch_load_as_data():
-            msg = (pretrained_loader or model.load_from_pretrained)(path)
-        source = path
     else:
         return None
-    model.report_missing_keys(msg, source)
+    with torch_load_as_data():
+        msg = load(path)
+    model.report_missing_keys(msg, path)
     return msg
